@@ -1,0 +1,70 @@
+"""A disk cache of encoder grid features, as the papers' pipeline extracts ``block5_conv3`` once and
+trains the decoder on the stored grids.
+
+One ``.npy`` file (float16, memory-mapped on load, so COCO-sized caches need not fit in memory) per
+(encoder weights, image list); its name carries a fingerprint of both, so a changed encoder or image
+list never reads stale features. Written to a temporary file and renamed when complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..models.encoders import Encoder
+from .images import load_image, to_tensor
+
+
+def encoder_fingerprint(encoder: Encoder) -> str:
+    digest = hashlib.sha1(type(encoder).__name__.encode())
+    digest.update(str(encoder.image_size).encode())
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_pixels(paths: Sequence[Path], encoder: Encoder) -> torch.Tensor:
+    """The preprocessed images ``[N, 3, S, S]`` for ``encoder``."""
+    return torch.stack([to_tensor(load_image(p), encoder.image_size, encoder.mean, encoder.std) for p in paths])
+
+
+@torch.no_grad()
+def grid_features(
+    encoder: Encoder,
+    paths: Sequence[Path],
+    cache_dir: str | Path,
+    name: str,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
+    """Grid features ``[N, C, h, w]`` (float16) of the images at ``paths``, computed once and cached
+    in ``cache_dir`` as ``{name}-{fingerprint}.npy``."""
+    digest = hashlib.sha1(encoder_fingerprint(encoder).encode())
+    for path in paths:
+        digest.update(str(path).encode())
+    cache = Path(cache_dir) / f"{name}-{digest.hexdigest()[:16]}.npy"
+    if cache.is_file():
+        return np.load(cache, mmap_mode="r")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    shape = (len(paths), encoder.out_channels, encoder.grid_size, encoder.grid_size)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+    encoder = encoder.to(device).eval()
+    try:
+        for start in tqdm(range(0, len(paths), batch_size), desc=f"features {name}", disable=not progress):
+            pixels = load_pixels(paths[start: start + batch_size], encoder).to(device)
+            store[start: start + pixels.shape[0]] = encoder(pixels).cpu().numpy().astype(np.float16)
+        store.flush()
+        del store
+        os.replace(tmp, cache)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return np.load(cache, mmap_mode="r")

@@ -1,0 +1,6 @@
+"""Encoders, decoders and beam search. Importing this package registers every architecture and encoder."""
+from . import adaptive, encoders, gridtd  # noqa: F401  (registration side effects)
+from .captioner import Caption, Captioner, CaptionerConfig, CaptionModel, build_model
+from .registry import ARCHITECTURES, ENCODERS
+
+__all__ = ["ARCHITECTURES", "ENCODERS", "Caption", "CaptionModel", "Captioner", "CaptionerConfig", "build_model"]

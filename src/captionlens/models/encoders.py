@@ -1,0 +1,138 @@
+"""CNN encoders that turn an image into the grid features ``A = {a_1 .. a_L}`` (Section 4).
+
+* ``vgg16``: VGG16 (Simonyan & Zisserman 2015) up to ``block5_conv3`` and its ReLU, as the papers
+  use it: 14×14×512 at 224×224. Layer indices equal torchvision's ``vgg16().features[:30]`` so its
+  state dicts (``vgg16-397923af.pth``) load unchanged from a *local* file. Nothing is downloaded.
+* ``shapes``: a small VGG-style CNN (16-32-64-128, three max-pools; 8×8×128 at 64×64) for the
+  embedded shapes world, pretrained on multi-label presence of shapes and colours — the role that
+  ImageNet plays in the paper — and then frozen.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .registry import register_encoder
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+POOL = "M"
+
+
+def vgg_stack(layout: list[int | str], in_channels: int = 3) -> nn.Sequential:
+    """3×3 convolutions with ReLU and 2×2 max-pools, VGG style: ints are conv widths, "M" a pool."""
+    layers: list[nn.Module] = []
+    for item in layout:
+        if item == POOL:
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(in_channels, int(item), kernel_size=3, padding=1), nn.ReLU()]
+            in_channels = int(item)
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """An image -> grid feature map ``[B, C, h, w]``, with the preprocessing it expects."""
+
+    out_channels: int
+    downsampling: int  # image side / grid side
+
+    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.downsampling
+
+    def options(self) -> dict:
+        """The constructor arguments, for the run's config.json."""
+        return {"image_size": self.image_size}
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pixels [B, 3, H, W]
+        return self.features(pixels)  # [B, C, H/downsampling, W/downsampling]
+
+
+VGG16_BLOCK5_CONV3 = [64, 64, POOL, 128, 128, POOL, 256, 256, 256, POOL, 512, 512, 512, POOL, 512, 512, 512]
+
+
+@register_encoder("vgg16")
+class VGG16Encoder(Encoder):
+    out_channels = 512
+    downsampling = 16
+
+    def __init__(self, image_size: int = 224) -> None:
+        super().__init__(image_size, IMAGENET_MEAN, IMAGENET_STD)
+        self.features = vgg_stack(VGG16_BLOCK5_CONV3)  # indices 0..29: up to block5_conv3 + ReLU
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load a torchvision-format VGG16 state dict (``.pth``) or a ``.safetensors`` file.
+
+        Only ``features.0`` .. ``features.28`` are used; the classifier is ignored."""
+        state = load_state_dict_file(path)
+        wanted = self.state_dict()
+        missing = [key for key in wanted if key not in state]
+        if missing:
+            raise ValueError(
+                f"{path} is not a torchvision VGG16 state dict: missing {', '.join(missing[:4])}"
+                + (" ..." if len(missing) > 4 else "")
+            )
+        for key, tensor in wanted.items():
+            if state[key].shape != tensor.shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}")
+        self.load_state_dict({key: state[key] for key in wanted})
+
+
+SHAPES_LAYOUT = [16, 16, POOL, 32, 32, POOL, 64, 64, POOL, 128, 128]
+
+
+@register_encoder("shapes")
+class ShapesEncoder(Encoder):
+    out_channels = 128
+    downsampling = 8
+
+    def __init__(self, image_size: int = 64) -> None:
+        super().__init__(image_size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        self.features = vgg_stack(SHAPES_LAYOUT)
+        for module in self.features:
+            if isinstance(module, nn.Conv2d):  # without Kaiming init this plain CNN barely learns
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load weights saved by ``captionlens`` encoder pretraining (a ``.safetensors`` file)."""
+        state = load_state_dict_file(path)
+        self.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith("head.")})
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a local ``.safetensors`` or (tensor-only, ``weights_only``) ``.pth`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"encoder weights not found at {path}. captionlens never downloads weights: "
+            "download the file yourself (e.g. torchvision's vgg16-397923af.pth) and pass its local path."
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    return state
+
+
+def build_encoder(name: str, weights: str | Path | None = None, **options) -> Encoder:
+    """A registered encoder, with pretrained weights from a local file when given."""
+    from .registry import ENCODERS, lookup
+
+    encoder = lookup(ENCODERS, "encoder", name)(**options)
+    if weights is not None:
+        encoder.load_pretrained(weights)
+    return encoder

@@ -1,0 +1,168 @@
+"""Building blocks shared by the captioners, each a module of its own.
+
+Every operation that LRP treats with its own rule is a separate ``nn.Module`` here (the ⊕ sums, the
+gate products, the tanh on a signal path, the mean over grid cells, the attention's weighted sum).
+The models' forward passes use exactly these modules, so an explainer can attach a rule to each of
+them with hooks and run the *same* forward — never a second hand-written copy that could drift
+(NOTES.md, "what existing tools get wrong").
+
+Papers: Sun et al., "Understanding Image Captioning Models beyond Visualizing Attention" (the ICML
+paper, equations (1)-(8)) and its journal version (eq. (5)-(12)); Lu et al. 2017 (adaptive attention);
+Arras et al. 2017 (LRP for LSTMs: which paths count as signal and which as gates).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class Sum(nn.Module):
+    """Element-wise sum of several tensors of one shape: the ⊕ nodes of the papers' Fig. 2 and the
+    memory-cell update ``c_t = f ⊙ c_{t-1} + i ⊙ g_t``. LRP: ε-rule, each term in proportion."""
+
+    def forward(self, *terms: torch.Tensor) -> torch.Tensor:
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        return total
+
+
+class GateProduct(nn.Module):
+    """``gate ⊙ signal`` where ``gate`` is a sigmoid gate. LRP-LSTM (Arras et al. 2017): the gate
+    gets no relevance, the signal all of it."""
+
+    def forward(self, gate: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        return gate * signal
+
+
+class SignalTanh(nn.Tanh):
+    """tanh on a signal path (cell input, ``tanh(c_t)``). LRP passes relevance through unchanged."""
+
+
+class GridMean(nn.Module):
+    """Mean over the L grid cells, ``(1/L) Σ_i a_i`` (Section 4). LRP: ε-rule (it is linear)."""
+
+    def forward(self, cells: torch.Tensor) -> torch.Tensor:  # cells [B, L, C]
+        return cells.mean(dim=1)  # [B, C]
+
+
+class WeightedSum(nn.Module):
+    """``Σ_i w_i x_i`` with attention weights ``w``. LRP treats the weights as the constant
+    coefficients of a linear combination (eq. (8)): ε-rule on the values, nothing into the weights."""
+
+    def forward(self, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        # weights [B, N], values [B, N, D]
+        return torch.einsum("bn,bnd->bd", weights, values)  # [B, D]
+
+
+class LSTMState(NamedTuple):
+    hidden: torch.Tensor  # h_t [B, D]
+    memory: torch.Tensor  # m_t (the memory cell) [B, D]
+
+
+class LSTMCell(nn.Module):
+    """An LSTM cell written out gate by gate, optionally with the visual sentinel of eq. (1).
+
+    ``gates`` is one linear layer on ``[x_t; h_{t-1}]`` producing input, forget, output gates, the
+    cell input and — with ``sentinel=True`` — the sentinel gate ``σ(W_x x_t + W_h h_{t-1})``.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, sentinel: bool = False) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.sentinel = sentinel
+        chunks = 5 if sentinel else 4
+        self.gates = nn.Linear(input_size + hidden_size, chunks * hidden_size)
+        self.cell_input_tanh = SignalTanh()
+        self.input_gate_product = GateProduct()
+        self.forget_gate_product = GateProduct()
+        self.memory_sum = Sum()
+        self.memory_tanh = SignalTanh()
+        self.output_gate_product = GateProduct()
+        self.sentinel_gate_product = GateProduct() if sentinel else None
+
+    def initial_state(self, batch_size: int, like: torch.Tensor) -> LSTMState:
+        zeros = like.new_zeros(batch_size, self.hidden_size)
+        return LSTMState(zeros, zeros)
+
+    def forward(
+        self, x: torch.Tensor, state: LSTMState
+    ) -> tuple[LSTMState, torch.Tensor | None]:
+        # x [B, I]; returns the new state and the sentinel s_t [B, D] (None without sentinel)
+        pre = self.gates(torch.cat([x, state.hidden], dim=1))  # [B, chunks*D]
+        parts = pre.split(self.hidden_size, dim=1)
+        input_gate, forget_gate, output_gate = (torch.sigmoid(p) for p in parts[:3])
+        cell_input = self.cell_input_tanh(parts[3])  # g_t [B, D]
+        memory = self.memory_sum(
+            self.forget_gate_product(forget_gate, state.memory),  # f ⊙ m_{t-1}
+            self.input_gate_product(input_gate, cell_input),  # i ⊙ g_t
+        )  # m_t [B, D]
+        memory_signal = self.memory_tanh(memory)  # tanh(m_t) [B, D]
+        hidden = self.output_gate_product(output_gate, memory_signal)  # h_t [B, D]
+        sentinel = None
+        if self.sentinel_gate_product is not None:
+            # eq. (1): s_t = σ(W_x x_t + W_h h_{t-1}) ⊙ tanh(m_t)
+            sentinel = self.sentinel_gate_product(torch.sigmoid(parts[4]), memory_signal)
+        return LSTMState(hidden, memory), sentinel
+
+
+class AdaptiveAttention(nn.Module):
+    """The adaptive module (eq. (2)-(7); Lu et al. 2017): attention over the L grid cells and the
+    visual sentinel.
+
+    Since ``α̂ = softmax([a; b])`` gives ``α̂_i = (1-β_t) α_i`` for i ≤ L and ``α̂_{L+1} = β_t``, the
+    context ``ĉ_t = (1-β_t) Σ α_i v_i + β_t s_t`` (eq. (7)) is one weighted sum of ``[V; s_t]`` with
+    the weights ``α̂`` — exactly the linear combination that eq. (8) explains with the ε-rule.
+    """
+
+    def __init__(self, hidden_size: int, attention_size: int) -> None:
+        super().__init__()
+        self.feature_proj = nn.Linear(hidden_size, attention_size)  # W_v
+        self.sentinel_proj = nn.Linear(hidden_size, attention_size)  # W_s
+        self.hidden_proj = nn.Linear(hidden_size, attention_size)  # W_g
+        self.score = nn.Linear(attention_size, 1)  # w_a
+        self.score_tanh = nn.Tanh()
+        self.combine = WeightedSum()
+
+    def forward(
+        self, cells: torch.Tensor, sentinel: torch.Tensor, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # cells V [B, L, D], sentinel s_t [B, D], hidden h_t [B, D]
+        query = self.hidden_proj(hidden).unsqueeze(1)  # W_g h_t [B, 1, A]
+        cell_scores = self.score(self.score_tanh(self.feature_proj(cells) + query))  # eq. (2) [B, L, 1]
+        sentinel_score = self.score(
+            self.score_tanh(self.sentinel_proj(sentinel).unsqueeze(1) + query)
+        )  # eq. (5) [B, 1, 1]
+        scores = torch.cat([cell_scores, sentinel_score], dim=1).squeeze(2)  # [a; b] [B, L+1]
+        weights = torch.softmax(scores, dim=1)  # α̂ (eq. (6)) [B, L+1]
+        context = self.combine(weights, torch.cat([cells, sentinel.unsqueeze(1)], dim=1))  # ĉ_t [B, D]
+        alpha = torch.softmax(cell_scores.squeeze(2), dim=1)  # α (eq. (3)) [B, L]
+        beta = weights[:, -1]  # β_t [B]
+        return context, alpha, beta
+
+
+class GridMemory(NamedTuple):
+    """What the decoder attends to: ``V`` and ``v_g`` (Section 4)."""
+
+    cells: torch.Tensor  # V = {v_i} [B, L, D]
+    global_feature: torch.Tensor  # v_g [B, D]
+
+
+class GridProjection(nn.Module):
+    """``v_i = ReLU(W_a a_i)`` and ``v_g = ReLU(W_b (1/L) Σ_i a_i)`` on the encoder's grid (Section 4)."""
+
+    def __init__(self, feature_channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.cell_proj = nn.Linear(feature_channels, hidden_size)  # W_a
+        self.global_proj = nn.Linear(feature_channels, hidden_size)  # W_b
+        self.mean = GridMean()
+        self.relu = nn.ReLU()
+
+    def forward(self, grid: torch.Tensor) -> GridMemory:
+        # grid A [B, C, h, w] from the CNN encoder
+        cells = grid.flatten(2).transpose(1, 2)  # a_i [B, L=h*w, C]
+        v = self.relu(self.cell_proj(cells))  # [B, L, D]
+        v_g = self.relu(self.global_proj(self.mean(cells)))  # [B, D]
+        return GridMemory(v, v_g)

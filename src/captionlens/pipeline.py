@@ -1,0 +1,182 @@
+"""From a dataset folder to a trained captioner: pretrain the shapes encoder (where needed), cache
+grid features, train the decoder on them with teacher forcing, write the run folder."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.bundle import DataBundle, open_data
+from .data.features import grid_features, load_pixels
+from .data.shapes import COLOURS, SHAPES
+from .data.vocab import Vocabulary
+from .io import atomic_write
+from .models import Captioner, CaptionerConfig, build_model
+from .models.encoders import Encoder, ShapesEncoder, build_encoder
+from .train import Trainer, TrainConfig
+
+PRESENCE_LABELS = [*SHAPES, *COLOURS]
+
+
+# ------------------------------------------------------------------------ shapes encoder pretraining
+def presence_targets(data: DataBundle, split: str) -> torch.Tensor:
+    """Multi-label targets [N, 14]: which shapes and which colours an image contains."""
+    if data.objects is None:
+        raise ValueError(f"{data.root} has no instances_*.json: the shapes encoder needs object labels")
+    targets = torch.zeros(len(data.split(split)), len(PRESENCE_LABELS))
+    for row, record in enumerate(data.split(split)):
+        for box in data.objects.boxes.get(record.image_id, []):
+            targets[row, PRESENCE_LABELS.index(box.category)] = 1
+            targets[row, PRESENCE_LABELS.index(dict(box.attributes)["colour"])] = 1
+    return targets
+
+
+def pretrain_shapes_encoder(data: DataBundle, out_path: str | Path, config: TrainConfig | None = None,
+                            image_size: int = 64, progress: bool = True) -> ShapesEncoder:
+    """Train the shapes CNN on multi-label presence (the role ImageNet plays for VGG16), save it
+    (safetensors) and return it frozen."""
+    from safetensors.torch import save_file
+
+    config = config or TrainConfig(epochs=8, batch_size=64, learning_rate=1e-3, patience=2)
+    torch.manual_seed(config.seed)
+    encoder = ShapesEncoder(image_size)
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(encoder.out_channels, len(PRESENCE_LABELS)))
+    classifier = nn.ModuleDict({"encoder": encoder, "head": head})
+    splits = {s: (load_pixels([r.path for r in data.split(s)], encoder), presence_targets(data, s))
+              for s in ("train", "val")}
+
+    def batches(split: str, order: torch.Tensor):
+        pixels, targets = splits[split]
+        for i in range(0, len(order), config.batch_size):
+            index = order[i: i + config.batch_size]
+            yield pixels[index], targets[index]
+
+    def loss_fn(model: nn.ModuleDict, batch) -> torch.Tensor:
+        pixels, targets = batch
+        return nn.functional.binary_cross_entropy_with_logits(model["head"](model["encoder"](pixels)), targets)
+
+    out_path = Path(out_path)
+    save = lambda: atomic_write(out_path, lambda tmp: save_file(  # noqa: E731
+        {k: v.contiguous() for k, v in classifier.state_dict().items()}, str(tmp)))
+    trainer = Trainer(classifier, loss_fn, config, out_path.parent / f"{out_path.stem}-training", progress,
+                      name="encoder")
+    generator = lambda epoch: torch.Generator().manual_seed(config.seed * 1000 + epoch)  # noqa: E731
+    trainer.fit(lambda epoch: batches("train", torch.randperm(len(splits["train"][1]), generator=generator(epoch))),
+                lambda: batches("val", torch.arange(len(splits["val"][1]))), save)
+    encoder.load_pretrained(out_path)
+    return freeze(encoder)
+
+
+def freeze(encoder: Encoder) -> Encoder:
+    encoder.eval()
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
+    return encoder
+
+
+def shapes_encoder(data: DataBundle, weights: str | Path | None = None, seed: int = 0,
+                   progress: bool = True) -> ShapesEncoder:
+    """The pretrained shapes encoder: from ``weights``, else from the data's cache, else pretrained now."""
+    size = (data.shapes_config or {}).get("image_size", 64)
+    if weights is None:
+        weights = data.cache_dir / f"shapes_encoder-seed{seed}.safetensors"
+        if not Path(weights).is_file():
+            return pretrain_shapes_encoder(data, weights, replace(TrainConfig(epochs=8, batch_size=64,
+                                           learning_rate=1e-3, patience=2), seed=seed), size, progress)
+    encoder = ShapesEncoder(size)
+    encoder.load_pretrained(weights)
+    return freeze(encoder)
+
+
+# ---------------------------------------------------------------------------------- decoder
+def pad_captions(captions: list[list[int]], pad_id: int) -> torch.Tensor:
+    longest = max(len(c) for c in captions)
+    return torch.tensor([c + [pad_id] * (longest - len(c)) for c in captions])
+
+
+def caption_loss(decoder: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], pad_id: int) -> torch.Tensor:
+    """Teacher-forced cross-entropy: grids [B, C, h, w], tokens [B, T+1] (<start> .. <end> <pad>..)."""
+    grids, tokens = batch
+    logits = decoder(grids, tokens[:, :-1]).logits  # [B, T, V]
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                                       ignore_index=pad_id)
+
+
+def train_decoder(captioner: Captioner, data: DataBundle, features: dict[str, np.ndarray], out: str | Path,
+                  config: TrainConfig, resume: bool = False, progress: bool = True) -> Captioner:
+    """Train ``captioner.model.decoder`` on cached grids; the best weights (by validation loss) end up
+    in ``out/model.safetensors`` and in the returned captioner."""
+    vocab, device = captioner.vocab, captioner.device
+    max_words = captioner.config.max_length
+    encoded = {s: [[vocab.encode(c[:max_words]) for c in r.captions] for r in data.split(s)] for s in ("train", "val")}
+    decoder = captioner.model.decoder
+
+    def to_batch(split: str, rows: list[int], captions: list[list[int]]):
+        grids = torch.from_numpy(np.asarray(features[split][rows], dtype=np.float32)).to(device)
+        return grids, pad_captions(captions, vocab.pad_id).to(device)
+
+    def train_batches(epoch: int):
+        rng = np.random.default_rng([config.seed, epoch])
+        order = rng.permutation(len(encoded["train"]))  # each image once, with one of its captions
+        for i in range(0, len(order), config.batch_size):
+            rows = sorted(order[i: i + config.batch_size].tolist())
+            yield to_batch("train", rows, [encoded["train"][r][rng.integers(len(encoded["train"][r]))] for r in rows])
+
+    def val_batches():
+        pairs = [(r, c) for r, caps in enumerate(encoded["val"]) for c in caps]
+        for i in range(0, len(pairs), 4 * config.batch_size):
+            chunk = pairs[i: i + 4 * config.batch_size]
+            yield to_batch("val", [r for r, _ in chunk], [c for _, c in chunk])
+
+    out = Path(out)
+    captioner.model.encoder.requires_grad_(False)
+    trainer = Trainer(decoder, lambda model, batch: caption_loss(model, batch, vocab.pad_id), config, out, progress,
+                      name=captioner.config.architecture)
+    trainer.fit(train_batches, val_batches, lambda: captioner.save(out), resume=resume)
+    return Captioner.load(out, device)
+
+
+def train_captioner(
+    data: str | Path | DataBundle,
+    architecture: str,
+    out: str | Path,
+    encoder: str = "shapes",
+    encoder_weights: str | Path | None = None,
+    hidden_size: int = 512,
+    embed_size: int = 512,
+    dropout: float = 0.5,
+    min_count: int | None = None,
+    train_config: TrainConfig | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> Captioner:
+    """The whole recipe of Section 4: vocabulary from the training split, a frozen pretrained encoder,
+    cached grid features, a decoder trained with teacher forcing and early stopping."""
+    bundle = data if isinstance(data, DataBundle) else open_data(data)
+    config = train_config or TrainConfig()
+    out = Path(out)
+    if resume and (out / "vocab.json").is_file():
+        vocab = Vocabulary.from_json(out / "vocab.json")
+    else:
+        vocab = Vocabulary.build((c for r in bundle.split("train") for c in r.captions),
+                                 min_count if min_count is not None else bundle.default_min_count)
+    if encoder == "shapes":
+        cnn = shapes_encoder(bundle, encoder_weights, config.seed, progress)
+    elif encoder_weights is None:
+        raise ValueError(f"the {encoder!r} encoder needs pretrained weights: pass encoder_weights=<local file> "
+                         "(e.g. torchvision's vgg16-397923af.pth); captionlens never downloads them")
+    else:
+        cnn = freeze(build_encoder(encoder, encoder_weights))
+    torch.manual_seed(config.seed)
+    captioner_config = CaptionerConfig(architecture, encoder, len(vocab), hidden_size, embed_size, dropout=dropout,
+                                       encoder_options=cnn.options())
+    model = build_model(captioner_config)
+    model.encoder = cnn
+    captioner = Captioner(model, vocab, captioner_config, device)
+    features = {s: grid_features(cnn, [r.path for r in bundle.split(s)], bundle.cache_dir, f"{encoder}-{s}",
+                                 device=captioner.device, progress=progress) for s in ("train", "val")}
+    return train_decoder(captioner, bundle, features, out, config, resume, progress)

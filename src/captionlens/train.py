@@ -1,0 +1,153 @@
+"""A model-agnostic training loop: Adam, gradient clipping, validation every epoch with early
+stopping, a progress bar, a per-epoch JSONL log and resumable state — all written atomically and as
+data (safetensors + JSON), never pickles. It knows nothing about captioning: the caller passes a
+loss function and batch iterables."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .io import atomic_write, atomic_write_text, read_json, write_json
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 5e-4
+    grad_clip: float = 5.0  # max global gradient norm
+    patience: int = 3  # epochs without a better validation loss before stopping early
+    seed: int = 0
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    best_val_loss: float
+    seconds: float
+
+
+STATE_JSON = "training_state.json"
+STATE_TENSORS = "training_state.safetensors"
+LOG = "metrics.jsonl"
+
+
+class Trainer:
+    """``Trainer(model, loss_fn, config, out_dir).fit(train_batches, val_batches, on_best)``
+
+    * ``loss_fn(model, batch) -> scalar loss``
+    * ``train_batches(epoch) -> iterable of batches`` (epoch-dependent shuffling stays reproducible
+      after a resume)
+    * ``val_batches() -> iterable of batches``
+    * ``on_best()`` is called whenever the validation loss improves (e.g. to save the weights).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, object], torch.Tensor],
+                 config: TrainConfig, out_dir: str | Path, progress: bool = True, name: str = "train") -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.name = name
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.parameters, lr=config.learning_rate)
+
+    # ------------------------------------------------------------------------------------ loop
+    def fit(self, train_batches: Callable[[int], Iterable], val_batches: Callable[[], Iterable],
+            on_best: Callable[[], None], resume: bool = False) -> list[EpochLog]:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        history: list[EpochLog] = []
+        best, stale, start = math.inf, 0, 0
+        if resume:
+            history, best, stale, start = self._restore()
+        else:
+            torch.manual_seed(self.config.seed)
+            (self.out_dir / LOG).unlink(missing_ok=True)
+        for epoch in range(start, self.config.epochs):
+            if stale >= self.config.patience:
+                break
+            began = time.perf_counter()
+            train_loss = self._train_epoch(epoch, train_batches(epoch))
+            val_loss = self.evaluate(val_batches())
+            if val_loss < best:
+                best, stale = val_loss, 0
+                on_best()
+            else:
+                stale += 1
+            entry = EpochLog(epoch + 1, train_loss, val_loss, best, time.perf_counter() - began)
+            history.append(entry)
+            with open(self.out_dir / LOG, "a") as log:
+                log.write(json.dumps(asdict(entry)) + "\n")
+            self._checkpoint(epoch + 1, history, best, stale)
+        return history
+
+    def _train_epoch(self, epoch: int, batches: Iterable) -> float:
+        self.model.train()
+        total, count = 0.0, 0
+        bar = tqdm(batches, desc=f"{self.name} epoch {epoch + 1}/{self.config.epochs}", disable=not self.progress,
+                   leave=False)
+        for batch in bar:
+            loss = self.loss_fn(self.model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the training loss became {loss.item()} in epoch {epoch + 1}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
+            self.optimizer.step()
+            total, count = total + loss.item(), count + 1
+            bar.set_postfix(loss=f"{total / count:.3f}")
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable) -> float:
+        self.model.eval()
+        losses = [self.loss_fn(self.model, batch).item() for batch in batches]
+        return sum(losses) / max(len(losses), 1)
+
+    # ------------------------------------------------------------------------- resumable state
+    def _checkpoint(self, epochs_done: int, history: list[EpochLog], best: float, stale: int) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        optimizer = self.optimizer.state_dict()
+        for index, slots in optimizer["state"].items():
+            for slot, value in slots.items():
+                tensors[f"optimizer.{index}.{slot}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        tensors["rng.torch"] = torch.get_rng_state()
+        atomic_write(self.out_dir / STATE_TENSORS, lambda tmp: save_file(tensors, str(tmp)))
+        write_json(self.out_dir / STATE_JSON, {
+            "epochs_done": epochs_done, "best_val_loss": best, "stale_epochs": stale,
+            "param_groups": optimizer["param_groups"], "history": [asdict(h) for h in history],
+            "config": asdict(self.config),
+        })
+
+    def _restore(self) -> tuple[list[EpochLog], float, int, int]:
+        from safetensors.torch import load_file
+
+        state_path = self.out_dir / STATE_JSON
+        if not state_path.is_file():
+            raise FileNotFoundError(f"nothing to resume in {self.out_dir}: no {STATE_JSON}")
+        state = read_json(state_path)
+        tensors = load_file(str(self.out_dir / STATE_TENSORS))
+        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        slots: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, slot = key.split(".", 2)
+                slots.setdefault(int(index), {})[slot] = value
+        self.optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        history = [EpochLog(**h) for h in state["history"]]
+        atomic_write_text(self.out_dir / LOG, "".join(json.dumps(asdict(h)) + "\n" for h in history))
+        return history, state["best_val_loss"], state["stale_epochs"], state["epochs_done"]
