@@ -10,49 +10,53 @@ import torch
 from torch import nn
 
 from .data.bundle import DataBundle, open_data
-from .data.features import grid_features, load_pixels
-from .data.shapes import COLOURS, SHAPES
+from .data.features import grid_features
+from .data.shapes import COLOURS, SHAPES, ShapesConfig, generate_image
 from .data.vocab import Vocabulary
 from .io import atomic_write
 from .models import Captioner, CaptionerConfig, build_model
 from .models.encoders import Encoder, ShapesEncoder, build_encoder
-from .train import Trainer, TrainConfig
+from .train import STATE_JSON, Trainer, TrainConfig
 
 PRESENCE_LABELS = [*SHAPES, *COLOURS]
 
 
 # ------------------------------------------------------------------------ shapes encoder pretraining
-def presence_targets(data: DataBundle, split: str) -> torch.Tensor:
-    """Multi-label targets [N, 14]: which shapes and which colours an image contains."""
-    if data.objects is None:
-        raise ValueError(f"{data.root} has no instances_*.json: the shapes encoder needs object labels")
-    targets = torch.zeros(len(data.split(split)), len(PRESENCE_LABELS))
-    for row, record in enumerate(data.split(split)):
-        for box in data.objects.boxes.get(record.image_id, []):
-            targets[row, PRESENCE_LABELS.index(box.category)] = 1
-            targets[row, PRESENCE_LABELS.index(dict(box.attributes)["colour"])] = 1
-    return targets
+def presence_set(count: int, offset: int, config: ShapesConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` unbiased images of the "pretrain" stream as uint8 pixels [N, 3, S, S] and their
+    multi-label targets [N, 14]: which shapes and which colours each contains."""
+    pixels = torch.empty(count, 3, config.image_size, config.image_size, dtype=torch.uint8)
+    targets = torch.zeros(count, len(PRESENCE_LABELS))
+    for row in range(count):
+        image, objects, _ = generate_image(config, "pretrain", offset + row)
+        pixels[row] = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+        for obj in objects:
+            targets[row, PRESENCE_LABELS.index(obj.shape)] = 1
+            targets[row, PRESENCE_LABELS.index(obj.colour)] = 1
+    return pixels, targets
 
 
-def pretrain_shapes_encoder(data: DataBundle, out_path: str | Path, config: TrainConfig | None = None,
-                            image_size: int = 64, progress: bool = True) -> ShapesEncoder:
-    """Train the shapes CNN on multi-label presence (the role ImageNet plays for VGG16), save it
-    (safetensors) and return it frozen."""
+def pretrain_shapes_encoder(out_path: str | Path, config: TrainConfig | None = None, image_size: int = 64,
+                            images: int = 4000, progress: bool = True) -> ShapesEncoder:
+    """Train the shapes CNN on multi-label presence of shapes and colours in ``images`` unbiased
+    generated scenes — the role ImageNet plays for VGG16, independent of any captioning data — save
+    it (safetensors) and return it frozen."""
     from safetensors.torch import save_file
 
-    config = config or TrainConfig(epochs=8, batch_size=64, learning_rate=1e-3, patience=2)
+    config = config or ENCODER_TRAINING
     torch.manual_seed(config.seed)
     encoder = ShapesEncoder(image_size)
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(encoder.out_channels, len(PRESENCE_LABELS)))
     classifier = nn.ModuleDict({"encoder": encoder, "head": head})
-    splits = {s: (load_pixels([r.path for r in data.split(s)], encoder), presence_targets(data, s))
-              for s in ("train", "val")}
+    world = ShapesConfig(seed=config.seed, image_size=image_size)
+    splits = {"train": presence_set(images, 0, world), "val": presence_set(max(images // 8, 1), images, world)}
+    mean, std = torch.tensor(encoder.mean).view(1, 3, 1, 1), torch.tensor(encoder.std).view(1, 3, 1, 1)
 
     def batches(split: str, order: torch.Tensor):
         pixels, targets = splits[split]
         for i in range(0, len(order), config.batch_size):
             index = order[i: i + config.batch_size]
-            yield pixels[index], targets[index]
+            yield (pixels[index].float() / 255 - mean) / std, targets[index]
 
     def loss_fn(model: nn.ModuleDict, batch) -> torch.Tensor:
         pixels, targets = batch
@@ -64,10 +68,13 @@ def pretrain_shapes_encoder(data: DataBundle, out_path: str | Path, config: Trai
     trainer = Trainer(classifier, loss_fn, config, out_path.parent / f"{out_path.stem}-training", progress,
                       name="encoder")
     generator = lambda epoch: torch.Generator().manual_seed(config.seed * 1000 + epoch)  # noqa: E731
-    trainer.fit(lambda epoch: batches("train", torch.randperm(len(splits["train"][1]), generator=generator(epoch))),
+    trainer.fit(lambda epoch: batches("train", torch.randperm(images, generator=generator(epoch))),
                 lambda: batches("val", torch.arange(len(splits["val"][1]))), save)
     encoder.load_pretrained(out_path)
     return freeze(encoder)
+
+
+ENCODER_TRAINING = TrainConfig(epochs=10, batch_size=32, learning_rate=2e-3, patience=2)
 
 
 def freeze(encoder: Encoder) -> Encoder:
@@ -77,15 +84,15 @@ def freeze(encoder: Encoder) -> Encoder:
     return encoder
 
 
-def shapes_encoder(data: DataBundle, weights: str | Path | None = None, seed: int = 0,
+def shapes_encoder(data: DataBundle, weights: str | Path | None = None, config: TrainConfig = ENCODER_TRAINING,
                    progress: bool = True) -> ShapesEncoder:
-    """The pretrained shapes encoder: from ``weights``, else from the data's cache, else pretrained now."""
+    """The pretrained shapes encoder: from ``weights``, else from the data's cache, else pretrained
+    now with ``config`` (and cached for the next run)."""
     size = (data.shapes_config or {}).get("image_size", 64)
     if weights is None:
-        weights = data.cache_dir / f"shapes_encoder-seed{seed}.safetensors"
+        weights = data.cache_dir / f"shapes_encoder-seed{config.seed}-epochs{config.epochs}.safetensors"
         if not Path(weights).is_file():
-            return pretrain_shapes_encoder(data, weights, replace(TrainConfig(epochs=8, batch_size=64,
-                                           learning_rate=1e-3, patience=2), seed=seed), size, progress)
+            return pretrain_shapes_encoder(weights, config, size, progress=progress)
     encoder = ShapesEncoder(size)
     encoder.load_pretrained(weights)
     return freeze(encoder)
@@ -159,13 +166,15 @@ def train_captioner(
     bundle = data if isinstance(data, DataBundle) else open_data(data)
     config = train_config or TrainConfig()
     out = Path(out)
+    if resume and not (out / STATE_JSON).is_file():
+        raise FileNotFoundError(f"nothing to resume in {out}: no {STATE_JSON} (train without --resume first)")
     if resume and (out / "vocab.json").is_file():
         vocab = Vocabulary.from_json(out / "vocab.json")
     else:
         vocab = Vocabulary.build((c for r in bundle.split("train") for c in r.captions),
                                  min_count if min_count is not None else bundle.default_min_count)
     if encoder == "shapes":
-        cnn = shapes_encoder(bundle, encoder_weights, config.seed, progress)
+        cnn = shapes_encoder(bundle, encoder_weights, replace(ENCODER_TRAINING, seed=config.seed), progress)
     elif encoder_weights is None:
         raise ValueError(f"the {encoder!r} encoder needs pretrained weights: pass encoder_weights=<local file> "
                          "(e.g. torchvision's vgg16-397923af.pth); captionlens never downloads them")

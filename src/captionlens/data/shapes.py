@@ -17,6 +17,8 @@ Output (``write_shapes_dataset``)::
     DIR/shapes_config.json                   the generation settings, bias included
 
 Generation is deterministic per seed: image i of a split uses its own RNG derived from (seed, split, i).
+A fourth, unbiased stream ("pretrain") feeds the shapes encoder's pretraining, which — like ImageNet
+for VGG16 in the papers — is independent of the captioning data and so cannot learn its bias.
 """
 from __future__ import annotations
 
@@ -248,14 +250,18 @@ def describe(rng: np.random.Generator, objects: list[SceneObject], side: int) ->
 
 
 # ---------------------------------------------------------------------------------------- write
+STREAMS = ("train", "val", "test", "pretrain")  # "pretrain": unbiased images for the encoder
+
+
 def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, ("train", "val", "test").index(split), index])
+    return np.random.default_rng([seed, STREAMS.index(split), index])
 
 
 def generate_image(config: ShapesConfig, split: str, index: int) -> tuple[Image.Image, list[SceneObject], list[str]]:
-    """Image ``index`` of ``split``: the picture, its objects and five captions."""
+    """Image ``index`` of ``split``: the picture, its objects and five captions. The bias applies to
+    train and val; "test" and the encoder's "pretrain" stream are sampled without it."""
     rng = _image_rng(config.seed, split, index)
-    objects = sample_scene(rng, config, biased=split != "test")
+    objects = sample_scene(rng, config, biased=split in ("train", "val"))
     image = render_scene(rng, objects, config.image_size)
     captions: list[str] = []
     for _ in range(50):  # five captions, distinct where the grammar allows

@@ -36,6 +36,6 @@ class AdaptiveDecoder(Decoder):
     def step(self, memory: GridMemory, words: torch.Tensor, state: AdaptiveState) -> StepOutput:
         x = torch.cat([self.embedding(words), memory.global_feature], dim=1)  # x_t [B, E+D]
         lstm_state, sentinel = self.lstm(x, LSTMState(state.hidden, state.memory))  # h_t, m_t, s_t
-        context, alpha, beta = self.attention(memory.cells, sentinel, lstm_state.hidden)  # ĉ_t [B, D]
+        context, alpha, beta = self.attention(memory, sentinel, lstm_state.hidden)  # ĉ_t [B, D]
         logits = self.predict(context, lstm_state.hidden)  # fc(ĉ_t + h_t) [B, V]
         return StepOutput(logits, AdaptiveState(*lstm_state), alpha, beta)

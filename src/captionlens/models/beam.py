@@ -1,7 +1,9 @@
 """Beam search batched across images (the papers decode with beam size 3); beam size 1 is greedy.
 
-Scores are summed log-probabilities. Every candidate that emits ``<end>`` competes for the image's
-best finished caption; decoding stops once no live beam can beat it (log-probabilities are ≤ 0).
+Scores are summed log-probabilities. At each step the K best candidates are ranked; one that emits
+``<end>`` among them finishes (the best finished caption per image is kept), and the K best that do
+not end live on. Decoding stops once no live beam can beat the finished caption (log-probabilities
+are ≤ 0), or at ``max_length``.
 """
 from __future__ import annotations
 
@@ -47,18 +49,26 @@ def beam_search(
     for t in range(max_length):
         out = decoder.step(memory, words, state)
         log_probs = torch.log_softmax(out.logits, dim=-1).view(batch, k, -1)  # [B, K, V]
-        candidates = scores.unsqueeze(2) + log_probs  # [B, K, V]
-        # Finished candidates: the best one per image replaces the best so far when it beats it.
-        end_scores, end_beam = candidates[:, :, end_id].max(dim=1)  # [B]
-        better = end_scores > best_score
+        candidates = (scores.unsqueeze(2) + log_probs).view(batch, -1)  # [B, K*V]
+        vocab = log_probs.shape[2]
+        # The 2K best candidates hold at least K that do not end (one <end> per beam at most).
+        top_scores, top_index = candidates.topk(2 * k, dim=1)  # [B, 2K]
+        ends = top_index % vocab == end_id
+        # A caption finishes when its <end> ranks among the K best; the best finished one is kept.
+        rank = torch.arange(2 * k, device=device).unsqueeze(0)
+        finishing = torch.where(ends & (rank < k), top_scores, torch.full_like(top_scores, float("-inf")))
+        end_score, end_position = finishing.max(dim=1)  # [B]
+        better = end_score > best_score
         if better.any():
             rows = better.nonzero().squeeze(1)
-            best_score[rows] = end_scores[rows]
-            best_sequence[rows, :t] = sequences[rows, end_beam[rows]]
+            beams = top_index[rows, end_position[rows]] // vocab
+            best_score[rows] = end_score[rows]
+            best_sequence[rows, :t] = sequences[rows, beams]
             best_length[rows] = t + 1
-        candidates[:, :, end_id] = float("-inf")
-        vocab = candidates.shape[2]
-        scores, flat = candidates.view(batch, -1).topk(k, dim=1)  # [B, K]
+        # The K best candidates that do not end live on.
+        live = torch.where(ends, torch.full_like(top_scores, float("-inf")), top_scores)
+        scores, keep = live.topk(k, dim=1)  # [B, K]
+        flat = top_index.gather(1, keep)
         origin, words = flat // vocab, flat % vocab  # [B, K]
         sequences = torch.cat([sequences.gather(1, origin.unsqueeze(2).expand(-1, -1, t)),
                                words.unsqueeze(2)], dim=2)  # [B, K, t+1]

@@ -25,7 +25,8 @@ class DecoderOutput(NamedTuple):
 
 
 class Decoder(nn.Module):
-    """Base class of the attention decoders (hidden/embedding sizes as in the paper: 512)."""
+    """Base class of the attention decoders (hidden/embedding sizes as in the paper: 512).
+    Subclasses add their LSTM(s) and ``self.attention`` (an ``AdaptiveAttention``)."""
 
     def __init__(
         self,
@@ -48,8 +49,9 @@ class Decoder(nn.Module):
         self.fc = nn.Linear(hidden_size, vocab_size)
 
     def prepare(self, grid: torch.Tensor) -> GridMemory:
-        """grid [B, C, h, w] -> V [B, L, D], v_g [B, D]."""
-        return self.projection(grid)
+        """grid [B, C, h, w] -> V [B, L, D], v_g [B, D] and the attention keys W_v V [B, L, A]."""
+        cells, global_feature = self.projection(grid)
+        return GridMemory(cells, global_feature, self.attention.cell_keys(cells))
 
     def initial_state(self, memory: GridMemory) -> tuple:
         raise NotImplementedError

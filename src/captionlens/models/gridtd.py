@@ -47,7 +47,7 @@ class GridTDDecoder(Decoder):
             [self.embedding(words), memory.global_feature, state.language_hidden], dim=1
         )  # x¹_t [B, E+2D]
         top, sentinel = self.top_down_lstm(x_top, LSTMState(state.top_hidden, state.top_memory))
-        context, alpha, beta = self.attention(memory.cells, sentinel, top.hidden)  # ĉ_t [B, D]
+        context, alpha, beta = self.attention(memory, sentinel, top.hidden)  # ĉ_t [B, D]
         language, _ = self.language_lstm(
             torch.cat([context, top.hidden], dim=1),  # [ĉ_t; h¹_t] [B, 2D]
             LSTMState(state.language_hidden, state.language_memory),

@@ -126,12 +126,17 @@ class AdaptiveAttention(nn.Module):
         self.score_tanh = nn.Tanh()
         self.combine = WeightedSum()
 
+    def cell_keys(self, cells: torch.Tensor) -> torch.Tensor:
+        """``W_v V`` [B, L, A]: constant over time steps, so computed once per image."""
+        return self.feature_proj(cells)
+
     def forward(
-        self, cells: torch.Tensor, sentinel: torch.Tensor, hidden: torch.Tensor
+        self, memory: "GridMemory", sentinel: torch.Tensor, hidden: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # cells V [B, L, D], sentinel s_t [B, D], hidden h_t [B, D]
+        # memory.cells V [B, L, D], memory.cell_keys W_v V [B, L, A], sentinel s_t [B, D], hidden h_t [B, D]
+        cells = memory.cells
         query = self.hidden_proj(hidden).unsqueeze(1)  # W_g h_t [B, 1, A]
-        cell_scores = self.score(self.score_tanh(self.feature_proj(cells) + query))  # eq. (2) [B, L, 1]
+        cell_scores = self.score(self.score_tanh(memory.cell_keys + query))  # eq. (2) [B, L, 1]
         sentinel_score = self.score(
             self.score_tanh(self.sentinel_proj(sentinel).unsqueeze(1) + query)
         )  # eq. (5) [B, 1, 1]
@@ -144,10 +149,11 @@ class AdaptiveAttention(nn.Module):
 
 
 class GridMemory(NamedTuple):
-    """What the decoder attends to: ``V`` and ``v_g`` (Section 4)."""
+    """What the decoder attends to: ``V`` and ``v_g`` (Section 4), and the attention keys ``W_v V``."""
 
     cells: torch.Tensor  # V = {v_i} [B, L, D]
     global_feature: torch.Tensor  # v_g [B, D]
+    cell_keys: torch.Tensor  # W_v V [B, L, A]
 
 
 class GridProjection(nn.Module):
@@ -160,9 +166,9 @@ class GridProjection(nn.Module):
         self.mean = GridMean()
         self.relu = nn.ReLU()
 
-    def forward(self, grid: torch.Tensor) -> GridMemory:
+    def forward(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # grid A [B, C, h, w] from the CNN encoder
         cells = grid.flatten(2).transpose(1, 2)  # a_i [B, L=h*w, C]
-        v = self.relu(self.cell_proj(cells))  # [B, L, D]
-        v_g = self.relu(self.global_proj(self.mean(cells)))  # [B, D]
-        return GridMemory(v, v_g)
+        v = self.relu(self.cell_proj(cells))  # V [B, L, D]
+        v_g = self.relu(self.global_proj(self.mean(cells)))  # v_g [B, D]
+        return v, v_g

@@ -1,0 +1,202 @@
+"""The ``captionlens`` command: every verb parses its options, calls the Python API and prints."""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .models.registry import ARCHITECTURES, ENCODERS
+
+app = typer.Typer(help="Explain image-captioning models beyond attention.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
+data_app = typer.Typer(help="Make or convert datasets (Karpathy-split JSON + COCO instances).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+from . import models as _models  # noqa: E402,F401  (fills the registries the choices come from)
+
+Architecture = Enum("Architecture", {name: name for name in sorted(ARCHITECTURES)}, type=str)
+EncoderName = Enum("EncoderName", {name: name for name in sorted(ENCODERS)}, type=str)
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Annotated[Path, typer.Option(help="Folder to write the dataset into.")],
+    train: Annotated[int, typer.Option(help="Training images.")] = 4000,
+    val: Annotated[int, typer.Option(help="Validation images.")] = 500,
+    test: Annotated[int, typer.Option(help="Test images.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same dataset.")] = 0,
+    image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    bias_partner: Annotated[str, typer.Option(help="Shape that (in train/val) nearly always comes with --bias-word.")] = "circle",
+    bias_word: Annotated[str, typer.Option(help="Shape the model learns to expect with --bias-partner.")] = "square",
+    bias_p: Annotated[float, typer.Option(help="P(bias word present | partner present) in train and val.")] = 0.8,
+) -> None:
+    """Generate the embedded shapes world: PNGs, dataset_shapes.json (Karpathy split),
+    instances_shapes.json (COCO boxes), synonyms.json.
+
+    Example: captionlens data shapes --out data/shapes --train 4000 --seed 0
+    """
+    from .data.shapes import ShapesConfig, write_shapes_dataset
+
+    try:
+        config = ShapesConfig(train, val, test, seed, image_size, 3, bias_partner, bias_word, bias_p)
+    except ValueError as error:
+        fail(str(error))
+    write_shapes_dataset(out, config)
+    console.print(f"wrote {train + val + test} images to {out}")
+
+
+@data_app.command("coco2017")
+def data_coco2017(
+    annotations: Annotated[Path, typer.Option(help="Folder with captions_train2017.json and captions_val2017.json.")],
+    images: Annotated[Path, typer.Option(help="Folder holding train2017/ and val2017/.")],
+    out: Annotated[Path, typer.Option(help="Folder to write dataset_coco2017.json into.")],
+    val_size: Annotated[int, typer.Option(help="Training images moved to the validation split.")] = 5000,
+    seed: Annotated[int, typer.Option(help="Seed of that draw.")] = 0,
+) -> None:
+    """Build the papers' COCO2017 split (val2017 = test, 5000 train2017 images = val) as a
+    Karpathy-split JSON; copies instances_val2017.json beside it when present."""
+    import shutil
+
+    from .data.karpathy import coco2017_split, write_karpathy
+
+    try:
+        dataset = coco2017_split(annotations / "captions_train2017.json", annotations / "captions_val2017.json",
+                                 images, val_size, seed)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    write_karpathy(dataset, out / "dataset_coco2017.json", images)
+    instances = annotations / "instances_val2017.json"
+    if instances.is_file():
+        shutil.copy(instances, out / "instances_val2017.json")
+    console.print(f"wrote {out / 'dataset_coco2017.json'} ({len(dataset.images)} images); "
+                  f"train with: captionlens train --data {out} --images {images} --encoder vgg16 ...")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Dataset folder (one dataset_*.json) or the JSON itself.")],
+    arch: Annotated[Architecture, typer.Option(help="Decoder architecture.")],
+    out: Annotated[Path, typer.Option(help="Run folder to write (weights, config, vocab, metrics.jsonl).")],
+    encoder: Annotated[EncoderName, typer.Option(help="Image encoder.")] = "shapes",
+    encoder_weights: Annotated[Optional[Path], typer.Option(help="Local encoder weights (vgg16: torchvision's vgg16-397923af.pth). shapes: pretrained now if omitted.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Image root, if not the dataset folder.")] = None,
+    hidden_size: Annotated[int, typer.Option(help="LSTM hidden size (paper: 512).")] = 512,
+    embed_size: Annotated[int, typer.Option(help="Word embedding size (paper: 512).")] = 512,
+    min_count: Annotated[Optional[int], typer.Option(help="Vocabulary min count (default: 5 for COCO, else 3).")] = None,
+    epochs: Annotated[int, typer.Option(help="Most epochs.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-4,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation loss.")] = 3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu (default) or cuda.")] = None,
+) -> None:
+    """Train a captioner with teacher forcing on cached grid features.
+
+    Example: captionlens train --data data/shapes --arch gridtd --out runs/gridtd --hidden-size 256
+    """
+    from .data.bundle import open_data
+    from .pipeline import train_captioner
+    from .train import TrainConfig
+
+    try:
+        bundle = open_data(data, image_root=images)
+        captioner = train_captioner(bundle, arch.value, out, encoder.value, encoder_weights, hidden_size, embed_size,
+                                    min_count=min_count, train_config=TrainConfig(epochs, batch_size, lr, patience=patience, seed=seed),
+                                    resume=resume, device=device)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    console.print(f"trained {arch.value} ({len(captioner.vocab)} words) -> {out}")
+
+
+@app.command("pretrain-encoder")
+def pretrain_encoder(
+    out: Annotated[Path, typer.Option(help="Weights file to write (.safetensors).")],
+    images: Annotated[int, typer.Option(help="Unbiased generated scenes to train on.")] = 4000,
+    epochs: Annotated[int, typer.Option(help="Most epochs.")] = 10,
+    image_size: Annotated[int, typer.Option(help="Image side in pixels (as the dataset's).")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Pretrain the shapes encoder on multi-label presence of shapes and colours in generated,
+    unbiased scenes (the role ImageNet plays for VGG16). `train --encoder shapes` does this by itself
+    when no --encoder-weights are given.
+
+    Example: captionlens pretrain-encoder --out shapes_encoder.safetensors
+    """
+    from dataclasses import replace
+
+    from .pipeline import ENCODER_TRAINING, pretrain_shapes_encoder
+
+    if images < 8 or epochs < 1:
+        fail("--images must be ≥ 8 and --epochs ≥ 1")
+    pretrain_shapes_encoder(out, replace(ENCODER_TRAINING, epochs=epochs, seed=seed), image_size, images)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def caption(
+    model: Annotated[Path, typer.Option(help="Run folder of a trained captioner.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    beam_size: Annotated[int, typer.Option(help="Beam size (1 = greedy; paper: 3).")] = 3,
+    max_length: Annotated[Optional[int], typer.Option(help="Longest caption in words.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines with words and scores.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu (default) or cuda.")] = None,
+) -> None:
+    """Print one caption per image.
+
+    Example: captionlens caption --model runs/demo/gridtd runs/demo/data/images/shapes_004600.png
+    """
+    from .api import load
+    from .data.images import ImageLoadError
+
+    try:
+        captioner = load(model, device)
+        captions = captioner.caption(list(images), beam_size=beam_size, max_length=max_length)
+    except (FileNotFoundError, ValueError, ImageLoadError) as error:
+        fail(str(error))
+    for path, result in zip(images, captions):
+        if as_json:
+            print(json.dumps({"image": str(path), "words": result.words, "score": result.score}))
+        else:
+            print(f"{path}\t{result.text}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the data, the runs and summary.json.")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option(help="Small sizes: the whole pipeline in about a minute.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="cpu (default) or cuda.")] = None,
+) -> None:
+    """Generate the shapes world, pretrain the encoder, train both captioners, caption the test
+    split and print a summary (also written to OUT/summary.json)."""
+    from rich.table import Table
+
+    from .demo import run_demo
+
+    summary = run_demo(out, quick, seed, device, log=console.print)
+    table = Table(title=f"captionlens demo — test split, beam 3 ({summary['seconds']:.0f} s)")
+    for column in ("model", "BLEU-4", "BLEU-4 shuffled", "obj. precision", "obj. recall", "hallucination (95% CI)"):
+        table.add_column(column)
+    for arch in ("adaptive", "gridtd"):
+        s = summary[arch]
+        h = s["hallucination"]
+        table.add_row(arch, f"{s['bleu4']:.3f}", f"{s['bleu4_shuffled_features']:.3f}", f"{s['object_precision']:.3f}",
+                      f"{s['object_recall']:.3f}",
+                      f"{h['rate']:.1%} [{h['low']:.1%}, {h['high']:.1%}] of {h['total']} ('{h['word']}' for '{h['partner']}')")
+    Console().print(table)
+    console.print(f"summary: {out / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,79 @@
+"""Caption and object metrics: BLEU (pycocoevalcap's scorer), object-word precision/recall against
+ground-truth objects, and the hallucination rate of one object word with a Wilson 95% interval."""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+def bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]) -> list[float]:
+    """Corpus BLEU-1..4 of tokenised candidates against their tokenised references (pycocoevalcap,
+    'closest' reference length, as in the COCO evaluation server)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    if len(candidates) != len(references) or not candidates:
+        raise ValueError("bleu needs one non-empty list of references per candidate")
+    gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [" ".join(c) if c else "<empty>"] for i, c in enumerate(candidates)}
+    with contextlib.redirect_stdout(io.StringIO()):  # the scorer prints its counts
+        scores, _ = Bleu(4).compute_score(gts, res)
+    return [float(s) for s in scores]
+
+
+def mentioned_objects(words: Sequence[str], synonyms: dict[str, str]) -> set[str]:
+    """The object categories a caption names (through the word → category map)."""
+    return {synonyms[w] for w in words if w in synonyms}
+
+
+@dataclass
+class ObjectScores:
+    precision: float  # mentioned categories that are in the image / all mentioned
+    recall: float  # image categories that are mentioned / all image categories
+    mentioned: int
+    present: int
+
+
+def object_precision_recall(captions: Sequence[Sequence[str]], image_objects: Sequence[set[str]],
+                            synonyms: dict[str, str]) -> ObjectScores:
+    """Micro-averaged over images, each category counted once per image."""
+    correct = mentioned = present = 0
+    for words, objects in zip(captions, image_objects, strict=True):
+        named = mentioned_objects(words, synonyms)
+        correct += len(named & objects)
+        mentioned += len(named)
+        present += len(objects)
+    return ObjectScores(correct / mentioned if mentioned else 0.0, correct / present if present else 0.0,
+                        mentioned, present)
+
+
+@dataclass
+class Rate:
+    rate: float
+    low: float  # Wilson 95% interval
+    high: float
+    count: int  # events
+    total: int  # trials
+
+
+def wilson_interval(count: int, total: int, z: float = 1.96) -> Rate:
+    if total == 0:
+        return Rate(float("nan"), float("nan"), float("nan"), 0, 0)
+    p = count / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return Rate(p, max(0.0, centre - half), min(1.0, centre + half), count, total)
+
+
+def hallucination_rate(captions: Sequence[Sequence[str]], image_objects: Sequence[set[str]],
+                       synonyms: dict[str, str], word_category: str, partner_category: str) -> Rate:
+    """How often ``word_category`` is named for images that contain ``partner_category`` but not
+    ``word_category`` (the biased co-occurrence the model learned, like the papers' 'shirt')."""
+    hits = total = 0
+    for words, objects in zip(captions, image_objects, strict=True):
+        if partner_category in objects and word_category not in objects:
+            total += 1
+            hits += word_category in mentioned_objects(words, synonyms)
+    return wilson_interval(hits, total)

@@ -1,0 +1,66 @@
+"""The command line: --help on every verb, the data → train → caption path, clear errors, and the
+quick demo end to end."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from captionlens.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("verb", [[], ["data"], ["data", "shapes"], ["data", "coco2017"], ["train"], ["caption"], ["demo"]])
+def test_every_verb_has_help(verb):
+    result = runner.invoke(app, [*verb, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_train_choices_come_from_the_registries():
+    result = runner.invoke(app, ["train", "--help"])
+    assert "adaptive" in result.output and "gridtd" in result.output and "vgg16" in result.output
+
+
+def test_data_train_caption(tmp_path):
+    data = tmp_path / "data"
+    result = runner.invoke(app, ["data", "shapes", "--out", str(data), "--train", "30", "--val", "6", "--test", "4"])
+    assert result.exit_code == 0, result.output
+    assert (data / "dataset_shapes.json").is_file() and (data / "instances_shapes.json").is_file()
+    weights = tmp_path / "encoder.safetensors"
+    result = runner.invoke(app, ["pretrain-encoder", "--out", str(weights), "--images", "24", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--data", str(data), "--arch", "adaptive", "--out", str(run), "--epochs", "1",
+                                 "--hidden-size", "16", "--embed-size", "8", "--batch-size", "10",
+                                 "--encoder-weights", str(weights)])
+    assert result.exit_code == 0, result.output
+    images = sorted((data / "images").glob("*.png"))[-2:]
+    result = runner.invoke(app, ["caption", "--model", str(run), "--json", *map(str, images)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["image"] for line in lines] == [str(p) for p in images]
+    assert all(isinstance(line["words"], list) and line["score"] <= 0 for line in lines)
+
+
+def test_bad_input_exits_nonzero_with_a_message(tmp_path):
+    (tmp_path / "bad.png").write_text("not an image")
+    result = runner.invoke(app, ["caption", "--model", str(tmp_path), str(tmp_path / "bad.png")])
+    assert result.exit_code != 0 and "config.json" in result.output
+    result = runner.invoke(app, ["train", "--data", str(tmp_path), "--arch", "gridtd", "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0 and "dataset_*.json" in result.output
+    result = runner.invoke(app, ["train", "--data", str(tmp_path), "--arch", "lstm", "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0
+    result = runner.invoke(app, ["data", "shapes", "--out", str(tmp_path / "d"), "--bias-word", "unicorn"])
+    assert result.exit_code != 0 and "bias_word" in result.output
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    for arch in ("adaptive", "gridtd"):
+        assert {"bleu4", "object_precision", "object_recall", "hallucination_rate"} <= summary[arch].keys()
+        assert 0.0 <= summary[arch]["bleu4"] <= 1.0
+    assert summary["seconds"] > 0

@@ -1,0 +1,99 @@
+"""The embedded shapes world: formats, determinism, the planted bias, boxes that hold the objects."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captionlens.data.bundle import open_data
+from captionlens.data.shapes import COLOURS, SHAPES, ShapesConfig, generate_image, sample_scene
+
+
+def test_files_follow_the_real_formats(tiny_shapes):
+    karpathy = json.loads((tiny_shapes / "dataset_shapes.json").read_text())
+    image = karpathy["images"][0]
+    assert {"filepath", "filename", "imgid", "cocoid", "split", "sentids", "sentences"} <= image.keys()
+    assert {"tokens", "raw", "imgid", "sentid"} <= image["sentences"][0].keys()
+    assert len(image["sentences"]) == 5
+    instances = json.loads((tiny_shapes / "instances_shapes.json").read_text())
+    assert {"images", "annotations", "categories"} <= instances.keys()
+    annotation = instances["annotations"][0]
+    assert {"id", "image_id", "category_id", "bbox", "area", "iscrowd"} <= annotation.keys()
+    assert [c["name"] for c in instances["categories"]] == list(SHAPES)
+    synonyms = json.loads((tiny_shapes / "synonyms.json").read_text())
+    assert synonyms["circles"] == "circle" and synonyms["disk"] == "circle" and synonyms["boxes"] == "square"
+    bundle = open_data(tiny_shapes)
+    assert [len(bundle.split(s)) for s in ("train", "val", "test")] == [40, 10, 10]
+    assert all(r.path.is_file() for r in bundle.captions.images)
+
+
+def test_deterministic_per_seed():
+    config = ShapesConfig(seed=11)
+    first, objects, captions = generate_image(config, "train", 5)
+    again, objects_again, captions_again = generate_image(config, "train", 5)
+    assert np.array_equal(np.asarray(first), np.asarray(again)) and captions == captions_again
+    other = generate_image(ShapesConfig(seed=12), "train", 5)
+    assert not np.array_equal(np.asarray(first), np.asarray(other[0]))
+
+
+def test_boxes_hold_the_object_pixels(tiny_shapes):
+    bundle = open_data(tiny_shapes)
+    for record in bundle.split("train")[:10]:
+        pixels = np.asarray(Image.open(record.path), dtype=float)
+        for box in bundle.objects.boxes[record.image_id]:
+            x0, y0 = int(box.x), int(box.y)
+            x1, y1 = int(np.ceil(box.x + box.width)), int(np.ceil(box.y + box.height))
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+            colour = np.array(COLOURS[dict(box.attributes)["colour"]], dtype=float)
+            close = np.linalg.norm(pixels - colour, axis=2) < 60  # pixels of the object's colour
+            inside = close[y0:y1, x0:x1].sum()
+            assert inside >= 10  # the shape is drawn inside its box
+
+
+def test_captions_are_varied_and_name_the_objects(tiny_shapes):
+    bundle = open_data(tiny_shapes)
+    starts = set()
+    for record in bundle.captions.images:
+        objects = bundle.objects.categories_in(record.image_id)
+        for caption in record.captions:
+            starts.add(" ".join(caption[:2]))
+            named = {bundle.synonyms[w] for w in caption if w in bundle.synonyms}
+            assert named <= objects  # the grammar never names an absent object
+        assert len({" ".join(c) for c in record.captions}) >= 3
+    assert len(starts) >= 8  # many sentence forms, not one template
+
+
+def test_co_occurrence_bias_in_train_not_in_test():
+    config = ShapesConfig(bias_partner="circle", bias_word="square", bias_p=0.9)
+    rng = np.random.default_rng(0)
+
+    def p_word_given_partner(biased):
+        scenes = [sample_scene(rng, config, biased) for _ in range(3000)]
+        with_partner = [{o.shape for o in s} for s in scenes if any(o.shape == "circle" for o in s)]
+        return np.mean(["square" in shapes for shapes in with_partner])
+
+    assert p_word_given_partner(True) > 0.85
+    assert p_word_given_partner(False) < 0.4
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError):
+        ShapesConfig(bias_word="unicorn")
+    with pytest.raises(ValueError):
+        ShapesConfig(bias_p=1.5)
+
+
+def test_dataset_files_are_identical_for_the_same_seed(tmp_path):
+    from captionlens.data.shapes import write_shapes_dataset
+
+    def digest(folder):
+        h = hashlib.sha1()
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                h.update(path.name.encode() + path.read_bytes())
+        return h.hexdigest()
+
+    config = ShapesConfig(train=6, val=2, test=2, seed=5)
+    assert digest(write_shapes_dataset(tmp_path / "a", config, False)) == digest(
+        write_shapes_dataset(tmp_path / "b", config, False))
