@@ -38,7 +38,7 @@ def data_shapes(
     image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
     bias_partner: Annotated[str, typer.Option(help="Shape that (in train/val) nearly always comes with --bias-word.")] = "circle",
     bias_word: Annotated[str, typer.Option(help="Shape the model learns to expect with --bias-partner.")] = "square",
-    bias_p: Annotated[float, typer.Option(help="P(bias word present | partner present) in train and val.")] = 0.8,
+    bias_p: Annotated[float, typer.Option(help="P(bias word present | partner present) in train and val.")] = 0.95,
 ) -> None:
     """Generate the embedded shapes world: PNGs, dataset_shapes.json (Karpathy split),
     instances_shapes.json (COCO boxes), synonyms.json.

@@ -29,7 +29,7 @@ def presence_set(count: int, offset: int, config: ShapesConfig) -> tuple[torch.T
     targets = torch.zeros(count, len(PRESENCE_LABELS))
     for row in range(count):
         image, objects, _ = generate_image(config, "pretrain", offset + row)
-        pixels[row] = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+        pixels[row] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
         for obj in objects:
             targets[row, PRESENCE_LABELS.index(obj.shape)] = 1
             targets[row, PRESENCE_LABELS.index(obj.colour)] = 1

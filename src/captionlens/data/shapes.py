@@ -59,7 +59,7 @@ class ShapesConfig:
     max_objects: int = 3
     bias_partner: str = "circle"
     bias_word: str = "square"
-    bias_p: float = 0.8  # P(bias_word present | bias_partner present) in train and val
+    bias_p: float = 0.95  # P(bias_word present | bias_partner present) in train and val
 
     def __post_init__(self) -> None:
         for name in ("bias_partner", "bias_word"):

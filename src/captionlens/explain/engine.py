@@ -1,0 +1,102 @@
+"""The shared machinery of every explanation method: hooks that live only inside ``with`` blocks,
+one traced forward of the *unchanged* model, and one batched backward for all explained words.
+
+The forward runs once for a batch of images; the backward carries one seed per explained word,
+batched through ``torch.autograd.grad(..., is_grads_batched=True)``. Words never share a backward,
+so nothing accumulates from one word into the next.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.captioner import CaptionModel
+from ..models.decoder import DecoderOutput
+
+ForwardHook = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]
+
+
+@contextlib.contextmanager
+def forward_hooks(modules: list[tuple[nn.Module, ForwardHook]]) -> Iterator[None]:
+    """Attach forward hooks for the duration of the block; they are removed even on errors."""
+    handles = [module.register_forward_hook(hook) for module, hook in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class Trace:
+    """One forward of ``model.run`` with the tensors explanations are read at."""
+
+    pixels: torch.Tensor  # [B, 3, H, W], requires grad
+    grid: torch.Tensor  # encoder output A [B, C, h, w]
+    embeddings: list[torch.Tensor]  # word embedding fed at step j, [B, E] each
+    output: DecoderOutput  # logits [B, S, V], alpha [B, S, L], beta [B, S]
+
+
+def trace(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
+          extra_hooks: list[tuple[nn.Module, ForwardHook]] = ()) -> Trace:
+    """Run ``model`` (teacher forcing on ``token_ids`` [B, S]) and keep the grid and the embeddings."""
+    pixels = pixels.detach().requires_grad_(True)
+    captured: dict[str, list[torch.Tensor]] = {"grid": [], "embeddings": []}
+
+    def keep(name: str) -> ForwardHook:
+        def hook(module, inputs, output):
+            captured[name].append(output)
+        return hook
+
+    hooks = [*extra_hooks, (model.encoder, keep("grid")), (model.decoder.embedding, keep("embeddings"))]
+    with forward_hooks(hooks), torch.enable_grad():
+        output = model.run(pixels, token_ids)
+    return Trace(pixels, captured["grid"][0], captured["embeddings"], output)
+
+
+@dataclass
+class Targets:
+    """Which logits are explained: for the k-th explained word of image b, the score at step
+    ``steps[b, k]`` of token ``tokens[b, k]``; ``valid[b, k]`` is False for padding."""
+
+    steps: torch.Tensor  # [B, K] long
+    tokens: torch.Tensor  # [B, K] long
+    valid: torch.Tensor  # [B, K] bool
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The explained logits [B, K] (0 where not valid)."""
+        batch = torch.arange(logits.shape[0], device=logits.device).unsqueeze(1)
+        return logits[batch, self.steps, self.tokens] * self.valid
+
+    def seeds(self, logits: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """One seed per explained word: [K, B, S, V], one-hot at the word's logit, times ``scale``
+        [B, K] (1 for gradients; the logit itself for LRP, whose relevance starts at the fc score)."""
+        batch, k = self.steps.shape
+        seeds = logits.new_zeros(k, *logits.shape)
+        values = self.valid.to(logits.dtype) if scale is None else scale * self.valid
+        rows = torch.arange(batch, device=logits.device)
+        for j in range(k):
+            seeds[j, rows, self.steps[:, j], self.tokens[:, j]] = values[:, j]
+        return seeds
+
+
+@dataclass
+class Backward:
+    """What flows back to the inputs for each explained word (first axis: the K words)."""
+
+    pixels: torch.Tensor  # [K, B, 3, H, W]
+    grid: torch.Tensor  # [K, B, C, h, w]
+    embeddings: torch.Tensor  # [K, B, S, E]
+
+
+def batched_backward(traced: Trace, seeds: torch.Tensor) -> Backward:
+    """All K seeds back through one forward graph in one batched call."""
+    inputs = [traced.pixels, traced.grid, *traced.embeddings]
+    grads = torch.autograd.grad(traced.output.logits, inputs, seeds, is_grads_batched=True, allow_unused=True)
+    grads = [torch.zeros((seeds.shape[0], *x.shape), device=x.device) if g is None else g
+             for g, x in zip(grads, inputs)]
+    return Backward(grads[0], grads[1], torch.stack(grads[2:], dim=2))

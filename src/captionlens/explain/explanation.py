@@ -1,0 +1,78 @@
+"""The Explanation record: one image, one method, every explained word — the same shapes for every
+method, so experiments and viewers treat them alike. Saved as JSON (words, scores, linguistic
+relevance, parameters) plus an ``.npz`` of the heatmaps; no pickles."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io import atomic_write, write_json
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Explanation:
+    method: str
+    words: list[str]  # the K explained words
+    positions: list[int]  # their indices in the caption (0-based; len(caption) for <end>)
+    tokens: list[str]  # ["<start>", w_1 .. w_n]: what the columns of ``preceding`` are
+    image: torch.Tensor  # [K, H, W] signed pixel relevance at the model's input resolution, channels summed
+    grid: torch.Tensor  # [K, h, w] relevance on the encoder's feature grid
+    preceding: torch.Tensor  # [K, n+1] relevance of <start> and each caption word; 0 where j > position
+    score: torch.Tensor  # [K] the explained fc logit of each word
+    parameters: dict = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. "beta" [K] for attention
+
+    def __post_init__(self) -> None:
+        k = len(self.words)
+        for name in ("image", "grid", "preceding", "score"):
+            if getattr(self, name).shape[0] != k:
+                raise ValueError(f"{name} has {getattr(self, name).shape[0]} rows for {k} words")
+
+    # --------------------------------------------------------------------------------- saving
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "words": self.words,
+            "positions": self.positions,
+            "tokens": self.tokens,
+            "score": self.score.tolist(),
+            "preceding": self.preceding.tolist(),
+            "parameters": self.parameters,
+            "extra": {k: v.tolist() for k, v in self.extra.items()},
+        }
+
+    def to_json(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+    def save_heatmaps(self, directory: str | Path, name: str | None = None) -> Path:
+        """``DIR/<method>.npz`` with ``image`` [K, H, W] and ``grid`` [K, h, w] (float32)."""
+        path = Path(directory) / f"{name or self.method}.npz"
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, image=self.image.numpy().astype(np.float32),
+                                    grid=self.grid.numpy().astype(np.float32))
+
+        atomic_write(path, write)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict, heatmaps: str | Path) -> "Explanation":
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"explanation format_version {data.get('format_version')} is not {FORMAT_VERSION}")
+        with np.load(heatmaps) as arrays:
+            image, grid = torch.from_numpy(arrays["image"]), torch.from_numpy(arrays["grid"])
+        return cls(data["method"], data["words"], data["positions"], data["tokens"], image, grid,
+                   torch.tensor(data["preceding"]), torch.tensor(data["score"]), data["parameters"],
+                   {k: torch.tensor(v) for k, v in data["extra"].items()})
+
+    @classmethod
+    def load(cls, json_path: str | Path, heatmaps: str | Path) -> "Explanation":
+        return cls.from_dict(json.loads(Path(json_path).read_text()), heatmaps)

@@ -1,0 +1,108 @@
+"""Gradient explanations (Section 3.3 / III-C), all batched over the explained words like LRP:
+
+* Grad-CAM (Selvaraju et al. 2017) on the encoder's grid: channel weights are the spatial mean of the
+  gradient of the word's logit; the map Σ_c w_c A_c keeps its sign (``relu=True`` for the usual
+  ReLU'd map); the image map is its bilinear upsampling.
+* guided backprop (Springenberg et al. 2015) through the CNN encoder to the pixels.
+* Guided Grad-CAM = guided backprop × upsampled ReLU'd Grad-CAM.
+* gradient × input at the pixels.
+
+Linguistic explanation (Grad*): the gradient at each preceding word's embedding, summed over its
+dimensions; for gradient × input, embedding × gradient summed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd import Function
+
+from ..models.captioner import CaptionModel
+from .engine import Backward, Targets, Trace, batched_backward, trace
+from .methods import MethodOutput, register_method, upsample, words_first
+
+
+class _GuidedReLU(Function):
+    """Backward of ReLU in guided backprop: only positive gradients through active units."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, output):
+        return output.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (x > 0), None
+
+
+def guided_relu_hooks(model: CaptionModel):
+    """Guided backprop acts on the CNN encoder's ReLUs (the decoder's gradients stay exact)."""
+    return [(m, lambda module, inputs, output: _GuidedReLU.apply(inputs[0], output))
+            for m in model.encoder.modules() if isinstance(m, nn.ReLU)]
+
+
+def gradients(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,
+              guided: bool = False) -> tuple[Trace, Backward, torch.Tensor]:
+    """The gradients of every explained logit at pixels, grid and embeddings (one batched backward)."""
+    traced = trace(model, pixels, token_ids, guided_relu_hooks(model) if guided else [])
+    logits = traced.output.logits
+    return traced, batched_backward(traced, targets.seeds(logits)), targets.scores(logits).detach()
+
+
+def grad_cam(traced: Trace, back: Backward, relu: bool) -> torch.Tensor:
+    """Grad-CAM maps [B, K, h, w] from the gradients at the grid."""
+    weights = back.grid.mean(dim=(3, 4), keepdim=True)  # [K, B, C, 1, 1]
+    cam = (weights * traced.grid.detach().unsqueeze(0)).sum(dim=2)  # [K, B, h, w]
+    return words_first(cam.clamp(min=0) if relu else cam)
+
+
+def _linguistic(back: Backward) -> torch.Tensor:
+    return words_first(back.embeddings.sum(dim=-1))  # [B, K, S]
+
+
+def _image_size(traced: Trace) -> tuple[int, int]:
+    return tuple(traced.pixels.shape[2:])
+
+
+@register_method("gradcam")
+def gradcam(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,
+            relu: bool = False) -> MethodOutput:
+    traced, back, score = gradients(model, pixels, token_ids, targets)
+    cam = grad_cam(traced, back, relu)
+    return MethodOutput(upsample(cam, _image_size(traced)), cam, _linguistic(back), score, {"relu": relu})
+
+
+def _grid_gradient_x_input(traced: Trace, back: Backward) -> torch.Tensor:
+    return words_first((back.grid * traced.grid.detach().unsqueeze(0)).sum(dim=2))  # [B, K, h, w]
+
+
+@register_method("guided_backprop")
+def guided_backprop(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
+                    targets: Targets) -> MethodOutput:
+    traced, back, score = gradients(model, pixels, token_ids, targets, guided=True)
+    return MethodOutput(words_first(back.pixels.sum(dim=2)), _grid_gradient_x_input(traced, back),
+                        _linguistic(back), score)
+
+
+@register_method("guided_gradcam")
+def guided_gradcam(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
+                   targets: Targets) -> MethodOutput:
+    traced, back, score = gradients(model, pixels, token_ids, targets, guided=True)
+    cam = grad_cam(traced, back, relu=True)  # the grid gradient is exact: guidance is below it
+    guided = words_first(back.pixels.sum(dim=2))  # [B, K, H, W]
+    return MethodOutput(guided * upsample(cam, _image_size(traced)), cam, _linguistic(back), score)
+
+
+@register_method("gradient_x_input")
+def gradient_x_input(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
+                     targets: Targets) -> MethodOutput:
+    traced, back, score = gradients(model, pixels, token_ids, targets)
+    image = words_first((back.pixels * traced.pixels.detach().unsqueeze(0)).sum(dim=2))
+    embeddings = torch.stack([e.detach() for e in traced.embeddings], dim=1)  # [B, S, E]
+    preceding = words_first((back.embeddings * embeddings.unsqueeze(0)).sum(dim=-1))
+    return MethodOutput(image, _grid_gradient_x_input(traced, back), preceding, score)

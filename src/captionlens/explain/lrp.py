@@ -1,0 +1,67 @@
+"""LRP for the captioners (Algorithm 1 for grid-TD, Algorithm 2 for adaptive): the rules of
+``rules.py`` are attached to the model's own modules for one forward, then the relevance of every
+explained word — starting at its fc logit — flows back in one batched backward, to the pixels
+(image explanation), to the grid, and to the word embeddings (linguistic explanation)."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..models.captioner import CaptionModel
+from .engine import ForwardHook, Targets, batched_backward, trace
+from .methods import MethodOutput, register_method, words_first
+from .rules import NEUTRAL, RULES, LRPParameters
+
+
+def _rule_for(module: nn.Module):
+    for kind in type(module).__mro__:  # the most specific registered type wins (SignalTanh before Tanh)
+        if kind in RULES:
+            return RULES[kind]
+    return None
+
+
+def rule_hooks(model: CaptionModel, parameters: LRPParameters) -> list[tuple[nn.Module, ForwardHook]]:
+    """A forward hook per leaf module that applies its LRP rule. Raises for a module type that
+    has no rule and is not known to pass relevance correctly."""
+    encoder = model.encoder
+    first_conv = next((m for m in encoder.modules() if isinstance(m, nn.Conv2d)), None)
+    mean = torch.tensor(encoder.mean).view(1, 3, 1, 1)
+    std = torch.tensor(encoder.std).view(1, 3, 1, 1)
+    bounds = ((0 - mean) / std, (1 - mean) / std)  # the pixel range [0, 1] after normalisation
+    hooks = []
+    for name, module in model.named_modules():
+        if list(module.children()):
+            continue
+        rule = _rule_for(module)
+        if rule is None:
+            if isinstance(module, NEUTRAL):
+                continue
+            raise TypeError(f"LRP has no rule for module {name!r} of type {type(module).__name__}")
+        first = module is first_conv
+        hooks.append((module, lambda m, i, o, rule=rule, first=first: rule(
+            m, i, o, parameters, first=first, bounds=tuple(b.to(o.device, o.dtype) for b in bounds))))
+    return hooks
+
+
+@register_method("lrp")
+def lrp(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,
+        epsilon: float = 0.01, alpha: float = 1.0, beta: float = 0.0, first_layer: str = "alphabeta") -> MethodOutput:
+    """ε-rule for linear, sum, mean, attention and LSTM layers (gates get nothing), αβ for the
+    convolutions (``first_layer="zb"`` for the zB-rule on the first one)."""
+    parameters = LRPParameters(epsilon, alpha, beta, first_layer)
+    traced = trace(model, pixels, token_ids, rule_hooks(model, parameters))
+    logits = traced.output.logits
+    score = targets.scores(logits).detach()
+    back = batched_backward(traced, targets.seeds(logits, scale=score))
+    return MethodOutput(
+        image=words_first(back.pixels.sum(dim=2)),  # [B, K, H, W]
+        grid=words_first(back.grid.sum(dim=2)),  # [B, K, h, w]
+        preceding=words_first(back.embeddings.sum(dim=-1)),  # [B, K, S]
+        score=score,
+        parameters=asdict(parameters),
+    )

@@ -1,0 +1,288 @@
+"""The LRP rules, each written once (Bach et al. 2015; Arras et al. 2017; the papers' Section III-A).
+
+A rule replaces a module's output by an identical tensor whose *backward* carries relevance instead
+of gradient: given the relevance ``R`` of the module's output it returns the relevance of each input.
+Running ``torch.autograd.grad`` through a model whose modules carry these rules is therefore LRP, and
+every application of a module (one per time step) keeps its own inputs in the autograd graph — never
+a single stored input per module. Every backward is linear in ``R`` and made of plain tensor
+operations, so many relevance seeds flow back as one batch (``is_grads_batched``, i.e. vmap).
+
+Relevance of a rule's inputs, with ``z`` the module's output and ``stab(z) = z + ε·sign(z)``
+(sign(0) = 1):
+
+* ε-rule, linear layer ``z_j = Σ_i x_i w_ij + b_j``:   ``R_i = Σ_j x_i w_ij / stab(z_j) · R_j``     (eq. 2)
+* ε-rule, sum ``z = Σ_k t_k``:                          ``R_k = t_k / stab(z) · R``
+* ε-rule, mean over cells ``z = (1/L) Σ_i a_i``:         ``R_i = (a_i / L) / stab(z) · R``
+* ε-rule, weighted sum with constant weights (eq. 8):  ``R_n = w_n v_n / stab(z) · R``, weights get 0
+* gate ⊙ signal (LRP-LSTM):                             ``R_signal = R``, ``R_gate = 0``
+* tanh on a signal path:                                ``R_in = R``
+* αβ-rule, convolution (eq. 3):                          ``R_i = Σ_j (α (x_i w_ij)^+ / z_j^+ − β (x_i w_ij)^− / z_j^−) R_j``
+  with ``z_j^± = Σ_i (x_i w_ij)^±`` (the bias is left out, so α − β = 1 conserves relevance)
+* zB-rule (first layer, inputs in [low, high]):         ``R_i = Σ_j (x_i w_ij − l_i w_ij^+ − h_i w_ij^−) / z_j^B · R_j``
+
+ReLU and max-pooling need no rule: their ordinary backward passes relevance unchanged to the active
+units and to the pooling winner (winner-take-all).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.autograd import Function
+from torch.nn import functional as F
+
+from ..models.layers import GateProduct, GridMean, SignalTanh, Sum, WeightedSum
+
+TINY = 1e-12  # keeps αβ denominators away from zero where a unit got no positive (negative) input
+
+
+def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``z + ε·sign(z)`` with sign(0) = 1, the ε-rule's denominator."""
+    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+# --------------------------------------------------------------------------- relevance functions
+class _RelevanceFunction(Function):
+    """Base: forward returns the module's (already computed) output unchanged."""
+
+    generate_vmap_rule = True
+
+
+class _EpsilonLinear(_RelevanceFunction):
+    @staticmethod
+    def forward(x, weight, output, epsilon):
+        return output.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, out, epsilon = inputs
+        ctx.save_for_backward(x, weight, out)
+        ctx.epsilon = epsilon
+
+    @staticmethod
+    def backward(ctx, relevance):
+        x, weight, out = ctx.saved_tensors
+        share = relevance / stabilize(out, ctx.epsilon)  # [..., out]
+        return x * (share @ weight), None, None, None  # [..., in]
+
+
+class _EpsilonSum(_RelevanceFunction):
+    @staticmethod
+    def forward(output, epsilon, *terms):
+        return output.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        out, epsilon, *terms = inputs
+        ctx.save_for_backward(out, *terms)
+        ctx.epsilon = epsilon
+
+    @staticmethod
+    def backward(ctx, relevance):
+        out, *terms = ctx.saved_tensors
+        share = relevance / stabilize(out, ctx.epsilon)
+        return (None, None, *(term * share for term in terms))
+
+
+class _EpsilonMean(_RelevanceFunction):
+    @staticmethod
+    def forward(cells, output, epsilon):
+        return output.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        cells, out, epsilon = inputs
+        ctx.save_for_backward(cells, out)
+        ctx.epsilon = epsilon
+
+    @staticmethod
+    def backward(ctx, relevance):
+        cells, out = ctx.saved_tensors  # cells [B, L, C], out [B, C]
+        share = relevance / stabilize(out, ctx.epsilon)  # [B, C]
+        return cells / cells.shape[1] * share.unsqueeze(1), None, None
+
+
+class _EpsilonWeightedSum(_RelevanceFunction):
+    @staticmethod
+    def forward(weights, values, output, epsilon):
+        return output.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weights, values, out, epsilon = inputs
+        ctx.save_for_backward(weights, values, out)
+        ctx.epsilon = epsilon
+
+    @staticmethod
+    def backward(ctx, relevance):
+        weights, values, out = ctx.saved_tensors  # [B, N], [B, N, D], [B, D]
+        share = relevance / stabilize(out, ctx.epsilon)  # [B, D]
+        return None, weights.unsqueeze(2) * values * share.unsqueeze(1), None, None
+
+
+class _GateProduct(_RelevanceFunction):
+    @staticmethod
+    def forward(gate, signal, output):
+        return output.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, relevance):
+        return None, relevance, None
+
+
+class _PassThrough(_RelevanceFunction):
+    @staticmethod
+    def forward(x, output):
+        return output.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, relevance):
+        return relevance, None
+
+
+def _conv_transpose(share: torch.Tensor, weight: torch.Tensor, module: nn.Conv2d, input_shape) -> torch.Tensor:
+    """The adjoint of ``module``'s convolution applied to ``share`` (shapes of the input)."""
+    return torch.nn.grad.conv2d_input(input_shape, weight, share, module.stride, module.padding,
+                                      module.dilation, module.groups)
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, module: nn.Conv2d) -> torch.Tensor:
+    return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
+
+
+class _AlphaBetaConv(_RelevanceFunction):
+    @staticmethod
+    def forward(x, output, module, alpha, beta):
+        return output.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, out, module, alpha, beta = inputs
+        ctx.save_for_backward(x)
+        ctx.module, ctx.alpha, ctx.beta = module, alpha, beta
+
+    @staticmethod
+    def backward(ctx, relevance):
+        (x,) = ctx.saved_tensors
+        module, alpha, beta = ctx.module, ctx.alpha, ctx.beta
+        w_pos, w_neg = module.weight.clamp(min=0), module.weight.clamp(max=0)
+        x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+        signed_input = bool((x < 0).any())  # after a ReLU every input is ≥ 0: half the work
+        pairs = {"pos": [(x_pos, w_pos)], "neg": [(x_pos, w_neg)]}
+        if signed_input:
+            pairs["pos"].append((x_neg, w_neg))
+            pairs["neg"].append((x_neg, w_pos))
+        terms = []
+        for sign, factor in (("pos", alpha), ("neg", -beta)):
+            if factor == 0:
+                continue
+            z = sum(_conv(xs, ws, module) for xs, ws in pairs[sign])  # z^+ ≥ 0 or z^- ≤ 0
+            share = relevance / (z + (TINY if sign == "pos" else -TINY))
+            terms += [factor * xs * _conv_transpose(share, ws, module, x.shape) for xs, ws in pairs[sign]]
+        result = sum(terms)
+        return result, None, None, None, None
+
+
+class _ZBoxConv(_RelevanceFunction):
+    @staticmethod
+    def forward(x, output, module, low, high):
+        return output.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, out, module, low, high = inputs
+        ctx.save_for_backward(x, low, high)
+        ctx.module = module
+
+    @staticmethod
+    def backward(ctx, relevance):
+        x, low, high = ctx.saved_tensors
+        module = ctx.module
+        w = module.weight
+        w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
+        low, high = low.expand_as(x), high.expand_as(x)
+        z = _conv(x, w, module) - _conv(low, w_pos, module) - _conv(high, w_neg, module)
+        share = relevance / stabilize(z, TINY)
+        result = (x * _conv_transpose(share, w, module, x.shape) - low * _conv_transpose(share, w_pos, module, x.shape)
+                  - high * _conv_transpose(share, w_neg, module, x.shape))
+        return result, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------ the rules
+@dataclass(frozen=True)
+class LRPParameters:
+    """The papers' settings by default: ε = 0.01 for linear, sum, attention and LSTM layers; αβ with
+    α = 1, β = 0 for the convolutions. ``first_layer`` is "alphabeta" (as every conv) or "zb"
+    (bounded inputs: the pixel range after normalisation)."""
+
+    epsilon: float = 0.01
+    alpha: float = 1.0
+    beta: float = 0.0
+    first_layer: str = "alphabeta"
+
+    def __post_init__(self) -> None:
+        if self.epsilon < 0:
+            raise ValueError("epsilon must be ≥ 0")
+        if self.alpha - self.beta != 1 or self.beta < 0:
+            raise ValueError(f"the αβ-rule needs α − β = 1 and β ≥ 0, got α={self.alpha}, β={self.beta}")
+        if self.first_layer not in ("alphabeta", "zb"):
+            raise ValueError(f"first_layer must be 'alphabeta' or 'zb', got {self.first_layer!r}")
+
+
+def epsilon_linear(module: nn.Linear, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    return _EpsilonLinear.apply(inputs[0], module.weight, output, p.epsilon)
+
+
+def epsilon_sum(module: Sum, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    return _EpsilonSum.apply(output, p.epsilon, *inputs)
+
+
+def epsilon_mean(module: GridMean, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    return _EpsilonMean.apply(inputs[0], output, p.epsilon)
+
+
+def epsilon_weighted_sum(module: WeightedSum, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    return _EpsilonWeightedSum.apply(inputs[0], inputs[1], output, p.epsilon)
+
+
+def gate_product(module: GateProduct, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    return _GateProduct.apply(inputs[0], inputs[1], output)
+
+
+def pass_through(module: nn.Module, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    return _PassThrough.apply(inputs[0], output)
+
+
+def convolution(module: nn.Conv2d, inputs, output, p: LRPParameters, first: bool = False,
+                bounds: tuple[torch.Tensor, torch.Tensor] | None = None, **_) -> torch.Tensor:
+    if first and p.first_layer == "zb":
+        low, high = bounds
+        return _ZBoxConv.apply(inputs[0], output, module, low, high)
+    return _AlphaBetaConv.apply(inputs[0], output, module, p.alpha, p.beta)
+
+
+# Which rule each module type gets. Module types absent here must either pass relevance through
+# with their ordinary backward (NEUTRAL) or receive none; LRP refuses any other module.
+RULES = {
+    nn.Linear: epsilon_linear,
+    nn.Conv2d: convolution,
+    Sum: epsilon_sum,
+    GridMean: epsilon_mean,
+    WeightedSum: epsilon_weighted_sum,
+    GateProduct: gate_product,
+    SignalTanh: pass_through,
+}
+# ReLU, max-pooling and (eval-mode) dropout pass relevance correctly with their ordinary backward;
+# the embedding's output is where the linguistic relevance is read; the attention's tanh only feeds
+# the attention scores, which get no relevance.
+NEUTRAL = (nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Embedding, nn.Tanh, nn.Sequential, nn.ModuleDict,
+           nn.ModuleList)

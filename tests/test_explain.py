@@ -1,0 +1,219 @@
+"""The explanation engine's acceptance tests, on both architectures: conservation, the explainer's
+forward equals the model's, gradients equal autograd, no accumulation across words or images, and
+planted models whose answers are known."""
+import pytest
+import torch
+from torch import nn
+
+import captionlens as cl
+from captionlens.explain import METHODS, explain, explain_batch
+from captionlens.explain.engine import trace
+from captionlens.explain.lrp import rule_hooks
+from captionlens.explain.rules import LRPParameters
+from captionlens.models.encoders import Encoder
+from captionlens.models.registry import register_encoder
+
+ARCHS = ["adaptive", "gridtd"]
+WORDS = "a red blue circle square left of two".split()
+CAPTION = "a red circle to the left of a blue square".split()  # 'to', 'the' are <unk>
+
+
+def captioner(arch, encoder="shapes", zero_biases=False, seed=0):
+    cap = cl.build_captioner(arch, encoder=encoder, vocab=WORDS, hidden_size=16, embed_size=12, seed=seed,
+                             encoder_options={"image_size": 32})
+    if zero_biases:
+        with torch.no_grad():
+            for name, parameter in cap.model.named_parameters():
+                if name.endswith("bias"):
+                    parameter.zero_()
+    cap.model.double()
+    return cap
+
+
+def image(seed=0):
+    return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------- conservation
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("encoder", ["shapes", "vgg16"])
+def test_lrp_conserves_the_logit_of_every_word(arch, encoder):
+    cap = captioner(arch, encoder, zero_biases=True)
+    exp = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9, alpha=1.0, beta=0.0, include_end=True)
+    total = exp.image.sum(dim=(1, 2)) + exp.preceding.sum(dim=1)
+    assert exp.score.abs().min() > 1e-6
+    assert torch.allclose(total, exp.score, rtol=1e-4, atol=0)
+    # and relevance really reaches both the pixels and the words
+    assert (exp.image.abs().sum(dim=(1, 2)) > 0).all() and (exp.preceding.abs().sum(dim=1) > 0).all()
+
+
+def test_lrp_with_biases_and_epsilon_loses_relevance_but_stays_finite():
+    cap = captioner("gridtd")
+    exp = explain(cap, image(), CAPTION, method="lrp")
+    assert torch.isfinite(exp.image).all() and torch.isfinite(exp.preceding).all()
+
+
+# ---------------------------------------------------------------- explainer forward == model forward
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_explainer_runs_the_model_itself(arch):
+    cap = captioner(arch)
+    pixels = cap.preprocess([image(), image(1)]).double()
+    ids = torch.tensor([cap.vocab.encode(CAPTION[:5])[:-1], cap.vocab.encode(CAPTION[5:])[:-1]])
+    expected = cap.model(pixels, ids)
+    traced = trace(cap.model, pixels, ids, rule_hooks(cap.model, LRPParameters()))
+    assert (traced.output.logits - expected).abs().max() <= 1e-6
+    assert not cap.model.encoder.features[0]._forward_hooks  # hooks are gone afterwards
+
+
+# ------------------------------------------------------------------------- gradients == autograd
+def _autograd_reference(cap, img, words):
+    """Per-word autograd of the unmodified model: gradients at pixels, grid and embeddings."""
+    pixels = cap.preprocess([img]).double().requires_grad_(True)
+    ids = torch.tensor([cap.vocab.encode(words)])
+    grids, embeddings = [], []
+    h1 = cap.model.encoder.register_forward_hook(lambda m, i, o: grids.append(o))
+    h2 = cap.model.decoder.embedding.register_forward_hook(lambda m, i, o: embeddings.append(o))
+    logits = cap.model(pixels, ids[:, :-1])
+    h1.remove(), h2.remove()
+    rows = []
+    for t in range(len(words)):
+        g = torch.autograd.grad(logits[0, t, ids[0, t + 1]], [pixels, grids[0], *embeddings], retain_graph=True,
+                                allow_unused=True)
+        g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, [pixels, grids[0], *embeddings])]
+        rows.append((g[0][0], g[1][0], torch.stack([e[0] for e in g[2:]])))
+    return pixels.detach()[0], grids[0].detach()[0], torch.stack([e[0] for e in embeddings]).detach(), rows
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_methods_equal_autograd(arch):
+    cap = captioner(arch)
+    img, words = image(2), CAPTION[:6]
+    pixels, grid, embeddings, rows = _autograd_reference(cap, img, words)
+    cam = explain(cap, img, words, method="gradcam")
+    gxi = explain(cap, img, words, method="gradient_x_input")
+    for t, (g_pixels, g_grid, g_embeddings) in enumerate(rows):
+        weights = g_grid.mean(dim=(1, 2), keepdim=True)
+        assert torch.allclose(cam.grid[t], (weights * grid).sum(0), atol=1e-5)
+        assert torch.allclose(cam.preceding[t], g_embeddings.sum(-1), atol=1e-5)
+        assert torch.allclose(gxi.image[t], (g_pixels * pixels).sum(0), atol=1e-5)
+        assert torch.allclose(gxi.preceding[t], (g_embeddings * embeddings).sum(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_guided_backprop_equals_the_classic_relu_hook_implementation(arch):
+    cap = captioner(arch)
+    img, words = image(3), CAPTION[:4]
+    handles = [m.register_full_backward_hook(lambda m, gi, go: (gi[0].clamp(min=0),))
+               for m in cap.model.encoder.modules() if isinstance(m, nn.ReLU)]
+    try:
+        pixels, grid, _, rows = _autograd_reference(cap, img, words)
+    finally:
+        for h in handles:
+            h.remove()
+    guided = explain(cap, img, words, method="guided_backprop")
+    ggc = explain(cap, img, words, method="guided_gradcam")
+    cam = explain(cap, img, words, method="gradcam", relu=True)
+    for t, (g_pixels, _, _) in enumerate(rows):
+        assert torch.allclose(guided.image[t], g_pixels.sum(0), atol=1e-5)
+    upsampled = nn.functional.interpolate(cam.grid[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(ggc.image, guided.image * upsampled, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- independence
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_words_and_images_are_explained_independently(method, arch):
+    cap = captioner(arch)
+    full = explain(cap, image(), CAPTION, method=method)
+    for t in (0, 4, len(CAPTION) - 1):
+        alone = explain(cap, image(), CAPTION, method=method, words=[t])
+        assert alone.words == [CAPTION[t]]
+        for name in ("image", "grid", "preceding", "score"):
+            assert torch.allclose(getattr(alone, name)[0], getattr(full, name)[t], atol=1e-9), name
+    other = "two blue squares".split()
+    batch = explain_batch(cap, [image(), image(5)], [CAPTION, other], method=method)
+    single = explain(cap, image(5), other, method=method)
+    for name in ("image", "grid", "preceding", "score"):
+        assert torch.allclose(getattr(batch[0], name), getattr(full, name), atol=1e-9), name
+        assert torch.allclose(getattr(batch[1], name), getattr(single, name), atol=1e-9), name
+    # the linguistic relevance of word t only involves <start> and the words before it
+    assert torch.all(full.preceding.triu(diagonal=1) == 0)
+
+
+# ---------------------------------------------------------------------------------- planted models
+@register_encoder("patches")
+class PatchEncoder(Encoder):
+    """Test encoder: each grid cell sees exactly its own 8×8 patch (no overlapping receptive fields)."""
+
+    out_channels = 4
+    downsampling = 8
+
+    def __init__(self, image_size: int = 32) -> None:
+        super().__init__(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        self.features = nn.Sequential(nn.Conv2d(3, 4, kernel_size=8, stride=8), nn.ReLU())
+        with torch.no_grad():
+            self.features[0].weight.abs_()
+            self.features[0].bias.zero_()
+
+
+def _planted(arch):
+    cap = cl.build_captioner(arch, encoder="patches", vocab=WORDS, hidden_size=8, embed_size=6, attention_size=8,
+                             seed=1, encoder_options={"image_size": 32})
+    with torch.no_grad():
+        for name, parameter in cap.model.named_parameters():
+            if name.endswith("bias"):
+                parameter.zero_()
+        att = cap.model.decoder.attention
+        att.hidden_proj.weight.zero_()  # scores depend on the cell only
+        att.sentinel_proj.weight.zero_()
+        att.feature_proj.weight.copy_(torch.eye(8) * 5)
+        att.score.weight.fill_(10.0)
+        cap.model.decoder.projection.cell_proj.weight.abs_()  # v_i > 0 where a_i > 0
+    return cap.model.double() and cap
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_planted_attention_on_one_cell_puts_attention_and_lrp_there(arch):
+    cap = _planted(arch)
+    img = torch.zeros(3, 32, 32)
+    img[:, 8:16, 16:24] = 1.0  # cell (1, 2): the only non-zero patch
+    attention = explain(cap, img, "a red circle".split(), method="attention")
+    assert (attention.grid[:, 1, 2] > 0.99).all()
+    lrp = explain(cap, img, "a red circle".split(), method="lrp")
+    inside = lrp.image[:, 8:16, 16:24].abs().sum(dim=(1, 2))
+    assert (inside > 0).all()
+    assert torch.allclose(inside, lrp.image.abs().sum(dim=(1, 2)))  # all image relevance is in the patch
+    assert (lrp.grid.abs().sum(dim=(1, 2)) == lrp.grid[:, 1, 2].abs()).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_word_that_does_not_depend_on_the_image_gets_no_image_relevance(arch):
+    cap = captioner(arch, zero_biases=True)
+    with torch.no_grad():
+        cap.model.decoder.projection.cell_proj.weight.zero_()  # V = 0 and v_g = 0: the image is ignored
+        cap.model.decoder.projection.global_proj.weight.zero_()
+    exp = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9)
+    assert exp.image.abs().max() == 0 and exp.grid.abs().max() == 0
+    assert torch.allclose(exp.preceding.sum(1), exp.score, rtol=1e-4)  # everything goes to the words
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_bad_requests_are_clear_errors():
+    cap = captioner("gridtd")
+    with pytest.raises(ValueError, match="choose one of"):
+        explain(cap, image(), CAPTION, method="saliency")
+    with pytest.raises(IndexError, match="out of range"):
+        explain(cap, image(), CAPTION, words=[len(CAPTION)])
+    with pytest.raises(TypeError, match="epsilon"):
+        explain(cap, image(), CAPTION, method="gradcam", epsilon=0.1)
+
+
+def test_explanations_save_and_load(tmp_path):
+    from captionlens.explain import Explanation
+
+    cap = captioner("adaptive")
+    exp = explain(cap, image(), CAPTION, method="attention")
+    exp.to_json(tmp_path / "attention.json")
+    back = Explanation.load(tmp_path / "attention.json", exp.save_heatmaps(tmp_path))
+    assert back.words == exp.words and back.tokens == ["<start>", *CAPTION]
+    assert torch.allclose(back.image, exp.image.float()) and torch.allclose(back.extra["beta"].double(), exp.extra["beta"])

@@ -1,0 +1,203 @@
+"""Each LRP rule against a plain loop written directly from its equation, in float64, on random
+layers (Bach et al. 2015, eq. (2)-(3) of the journal paper; Arras et al. 2017 for the LSTM)."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from captionlens.explain.rules import (_AlphaBetaConv, _EpsilonLinear, _EpsilonMean, _EpsilonSum,
+                                       _EpsilonWeightedSum, _GateProduct, _ZBoxConv)
+from captionlens.explain.lrp import rule_hooks
+from captionlens.explain.rules import LRPParameters
+from captionlens.models.layers import LSTMCell, LSTMState
+
+
+
+def relevance_in(function, inputs, output, relevance, index=0, *extra):
+    """Run a rule's backward: the relevance arriving at ``inputs[index]``."""
+    leaves = [x.detach().requires_grad_(True) if torch.is_tensor(x) else x for x in inputs]
+    out = function.apply(*leaves, *extra) if extra else function.apply(*leaves)
+    (grad,) = torch.autograd.grad(out, [leaves[index]], relevance)
+    return grad
+
+
+def sign(z):
+    return 1.0 if z >= 0 else -1.0
+
+
+@pytest.fixture(autouse=True)
+def float64_and_seed():
+    """Rules are checked in float64; the default dtype is restored afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_epsilon_rule_linear_layer():
+    layer = nn.Linear(5, 4)
+    x, eps = torch.randn(3, 5), 0.1
+    z = layer(x)
+    r_out = torch.randn(3, 4)
+    got = relevance_in(_EpsilonLinear, (x, layer.weight, z.detach(), eps), None, r_out)
+    expected = torch.zeros(3, 5)
+    for b, i, j in itertools.product(range(3), range(5), range(4)):
+        expected[b, i] += x[b, i] * layer.weight[j, i] / (z[b, j] + eps * sign(z[b, j])) * r_out[b, j]
+    assert torch.allclose(got, expected.detach(), atol=1e-12)
+
+
+def test_epsilon_rule_sum():
+    terms = [torch.randn(2, 6) for _ in range(3)]
+    z, eps, r_out = sum(terms), 0.05, torch.randn(2, 6)
+    for k in range(3):
+        leaves = [t.clone().requires_grad_(True) for t in terms]
+        out = _EpsilonSum.apply(z, eps, *leaves)
+        (got,) = torch.autograd.grad(out, [leaves[k]], r_out)
+        expected = torch.tensor([[terms[k][b, d] / (z[b, d] + eps * sign(z[b, d])) * r_out[b, d]
+                                  for d in range(6)] for b in range(2)])
+        assert torch.allclose(got, expected, atol=1e-12)
+
+
+def test_epsilon_rule_mean_over_cells():
+    cells, eps = torch.randn(2, 7, 3), 0.01
+    z, r_out = cells.mean(1), torch.randn(2, 3)
+    got = relevance_in(_EpsilonMean, (cells, z, eps), None, r_out)
+    expected = torch.zeros_like(cells)
+    for b, i, c in itertools.product(range(2), range(7), range(3)):
+        expected[b, i, c] = (cells[b, i, c] / 7) / (z[b, c] + eps * sign(z[b, c])) * r_out[b, c]
+    assert torch.allclose(got, expected, atol=1e-12)
+
+
+def test_epsilon_rule_attention_combination_weights_are_constants():
+    weights = torch.softmax(torch.randn(2, 5), 1)
+    values, eps = torch.randn(2, 5, 4), 0.01
+    z = torch.einsum("bn,bnd->bd", weights, values)
+    r_out = torch.randn(2, 4)
+    got = relevance_in(_EpsilonWeightedSum, (weights, values, z, eps), None, r_out, 1)
+    expected = torch.zeros_like(values)
+    for b, n, d in itertools.product(range(2), range(5), range(4)):
+        expected[b, n, d] = weights[b, n] * values[b, n, d] / (z[b, d] + eps * sign(z[b, d])) * r_out[b, d]
+    assert torch.allclose(got, expected, atol=1e-12)
+    w = weights.clone().requires_grad_(True)
+    out = _EpsilonWeightedSum.apply(w, values, z, eps)
+    assert torch.autograd.grad(out, [w], r_out, allow_unused=True)[0] is None  # no relevance into α, β
+
+
+def test_gate_gets_no_relevance_signal_gets_all():
+    gate, signal, r_out = torch.rand(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    g, s = gate.clone().requires_grad_(True), signal.clone().requires_grad_(True)
+    out = _GateProduct.apply(g, s, gate * signal)
+    grad_gate, grad_signal = torch.autograd.grad(out, [g, s], r_out, allow_unused=True)
+    assert grad_gate is None and torch.equal(grad_signal, r_out)
+
+
+def _conv_loop(x, conv, r_out, contribution):
+    """R_i = Σ_j contribution(x_i, w_ij) normalised per output j — written as loops over positions."""
+    batch, c_in, height, width = x.shape
+    c_out, _, kh, kw = conv.weight.shape
+    stride, pad = conv.stride[0], conv.padding[0]
+    out_h, out_w = r_out.shape[2:]
+    result = torch.zeros_like(x)
+    for b, o, oy, ox in itertools.product(range(batch), range(c_out), range(out_h), range(out_w)):
+        taps = []
+        for c, dy, dx in itertools.product(range(c_in), range(kh), range(kw)):
+            y, xx = oy * stride - pad + dy, ox * stride - pad + dx
+            if 0 <= y < height and 0 <= xx < width:
+                taps.append(((c, y, xx), conv.weight[o, c, dy, dx]))
+        result_j = contribution(x[b], taps, r_out[b, o, oy, ox])
+        for (c, y, xx), value in result_j.items():
+            result[b, c, y, xx] += value
+    return result
+
+
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (2.0, 1.0)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_alpha_beta_rule_convolution(alpha, beta, stride):
+    conv = nn.Conv2d(2, 3, 3, stride=stride, padding=1)
+    x = torch.randn(2, 2, 5, 5)  # signed inputs: both (x w)^+ parts count
+    out = conv(x)
+    r_out = torch.randn_like(out)
+    got = relevance_in(_AlphaBetaConv, (x, out.detach(), conv, alpha, beta), None, r_out)
+
+    def contribution(xb, taps, r_j):
+        products = {pos: xb[pos] * w for pos, w in taps}
+        z_pos = sum(p.clamp(min=0) for p in products.values())
+        z_neg = sum(p.clamp(max=0) for p in products.values())
+        return {pos: (alpha * p.clamp(min=0) / (z_pos + 1e-12) - beta * p.clamp(max=0) / (z_neg - 1e-12)) * r_j
+                for pos, p in products.items()}
+
+    expected = _conv_loop(x, conv, r_out, contribution)
+    assert torch.allclose(got, expected.detach(), atol=1e-9)
+
+
+def test_zb_rule_first_layer():
+    conv = nn.Conv2d(3, 2, 3, padding=1)
+    low, high = -torch.ones(1, 3, 1, 1) * 2, torch.ones(1, 3, 1, 1) * 2
+    x = torch.rand(1, 3, 4, 4) * 4 - 2
+    out = conv(x)
+    r_out = torch.randn_like(out)
+    got = relevance_in(_ZBoxConv, (x, out.detach(), conv, low, high), None, r_out)
+
+    def contribution(xb, taps, r_j):
+        terms = {pos: xb[pos] * w - low[0, pos[0], 0, 0] * w.clamp(min=0) - high[0, pos[0], 0, 0] * w.clamp(max=0)
+                 for pos, w in taps}
+        z = sum(terms.values())
+        return {pos: t / (z + 1e-12 * sign(z)) * r_j for pos, t in terms.items()}
+
+    expected = _conv_loop(x, conv, r_out, contribution)
+    assert torch.allclose(got, expected.detach(), atol=1e-9)
+
+
+def test_lstm_cell_with_sentinel_against_lrp_lstm_written_out():
+    """LRP-LSTM (Arras et al. 2017) for one cell with sentinel: relevance of h_t and s_t goes to
+    tanh(m_t), then m_t; m_t = f ⊙ m_{t-1} + i ⊙ g splits in proportion (ε-rule); g's relevance
+    passes tanh and reaches [x; h_{t-1}] by the ε-rule; gates get nothing."""
+    d, n_in, eps = 3, 4, 0.01
+    cell = LSTMCell(n_in, d, sentinel=True)
+    x, h0, m0 = torch.randn(2, n_in), torch.randn(2, d), torch.randn(2, d)
+    r_h, r_s = torch.randn(2, d), torch.randn(2, d)
+
+    class Wrapper(nn.Module):  # rule_hooks walks a model with .encoder (none here)
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Identity()
+            self.encoder.mean, self.encoder.std = (0, 0, 0), (1, 1, 1)
+            self.cell = cell
+
+    hooks = rule_hooks(Wrapper(), LRPParameters(epsilon=eps))
+    from captionlens.explain.engine import forward_hooks
+    xs, hs, ms = (t.clone().requires_grad_(True) for t in (x, h0, m0))
+    with forward_hooks(hooks):
+        state, sentinel = cell(xs, LSTMState(hs, ms))
+    got_x, got_h, got_m = torch.autograd.grad([state.hidden, sentinel], [xs, hs, ms], [r_h, r_s])
+
+    # the same by hand, unit by unit
+    inputs = torch.cat([x, h0], 1)
+    pre = cell.gates(inputs).detach()
+    i, f = torch.sigmoid(pre[:, :d]), torch.sigmoid(pre[:, d:2 * d])
+    g = torch.tanh(pre[:, 3 * d:4 * d])
+    m = f * m0 + i * g
+    r_m = r_h + r_s  # both h_t = o ⊙ tanh(m_t) and s_t = gate ⊙ tanh(m_t) pass everything to m_t
+    expected_m = torch.zeros(2, d)
+    r_pre_g = torch.zeros(2, d)
+    for b, k in itertools.product(range(2), range(d)):
+        denominator = m[b, k] + eps * sign(m[b, k])
+        expected_m[b, k] = f[b, k] * m0[b, k] / denominator * r_m[b, k]
+        r_pre_g[b, k] = i[b, k] * g[b, k] / denominator * r_m[b, k]
+    z = pre[:, 3 * d:4 * d]
+    expected_inputs = torch.zeros(2, n_in + d)
+    w = cell.gates.weight[3 * d:4 * d]
+    for b, q, k in itertools.product(range(2), range(n_in + d), range(d)):
+        expected_inputs[b, q] += inputs[b, q] * w[k, q] / (z[b, k] + eps * sign(z[b, k])) * r_pre_g[b, k]
+    assert torch.allclose(got_m, expected_m, atol=1e-10)
+    assert torch.allclose(got_x, expected_inputs[:, :n_in].detach(), atol=1e-10)
+    assert torch.allclose(got_h, expected_inputs[:, n_in:].detach(), atol=1e-10)
+
+
+def test_parameters_are_validated():
+    with pytest.raises(ValueError, match="α − β = 1"):
+        LRPParameters(alpha=1.0, beta=1.0)
+    with pytest.raises(ValueError, match="first_layer"):
+        LRPParameters(first_layer="flat")
