@@ -64,3 +64,47 @@ def test_quick_demo_end_to_end(tmp_path):
         assert {"bleu4", "object_precision", "object_recall", "hallucination_rate"} <= summary[arch].keys()
         assert 0.0 <= summary[arch]["bleu4"] <= 1.0
     assert summary["seconds"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny untrained run folder and a few shapes images."""
+    import captionlens as cl
+    from captionlens.data.shapes import ShapesConfig, write_shapes_dataset
+
+    root = tmp_path_factory.mktemp("explain")
+    data = write_shapes_dataset(root / "data", ShapesConfig(train=2, val=1, test=2), progress=False)
+    cap = cl.build_captioner("gridtd", encoder="shapes", vocab="a red blue circle square".split(), hidden_size=12,
+                             embed_size=8)
+    cap.save(root / "run")
+    return root / "run", sorted((data / "images").glob("*.png"))[:2]
+
+
+def test_explain_writes_json_heatmaps_and_figure(tiny_run, tmp_path):
+    run, images = tiny_run
+    result = runner.invoke(app, ["explain", "--model", str(run), *map(str, images), "--out", str(tmp_path),
+                                 "--methods", "lrp,gradcam,attention", "--caption", "a red circle", "--epsilon", "0.1"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / images[0].stem
+    assert {p.name for p in folder.iterdir()} == {"caption.txt", "explanation.json", "lrp.npz", "gradcam.npz",
+                                                  "attention.npz", "figure.png"}
+    report = json.loads((folder / "explanation.json").read_text())
+    assert report["caption"] == ["a", "red", "circle"]
+    assert report["methods"]["lrp"]["parameters"]["epsilon"] == 0.1
+    assert len(report["methods"]["gradcam"]["preceding"]) == 3
+    import numpy as np
+    with np.load(folder / "lrp.npz") as heatmaps:
+        assert heatmaps["image"].shape == (3, 64, 64) and heatmaps["grid"].shape == (3, 8, 8)
+
+
+def test_explain_rejects_bad_input(tiny_run, tmp_path):
+    run, images = tiny_run
+    result = runner.invoke(app, ["explain", "--model", str(run), str(images[0]), "--out", str(tmp_path),
+                                 "--methods", "lrp,saliency"])
+    assert result.exit_code != 0 and "saliency" in result.output
+    result = runner.invoke(app, ["explain", "--model", str(run), str(images[0]), "--out", str(tmp_path),
+                                 "--caption", "a red circle", "--words", "7"])
+    assert result.exit_code != 0 and "out of range" in result.output
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG nope")
+    result = runner.invoke(app, ["explain", "--model", str(run), str(tmp_path / "broken.png"), "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "cannot read" in result.output

@@ -14,11 +14,11 @@ from captionlens.models.layers import LSTMCell, LSTMState
 
 
 
-def relevance_in(function, inputs, output, relevance, index=0, *extra):
-    """Run a rule's backward: the relevance arriving at ``inputs[index]``."""
-    leaves = [x.detach().requires_grad_(True) if torch.is_tensor(x) else x for x in inputs]
-    out = function.apply(*leaves, *extra) if extra else function.apply(*leaves)
-    (grad,) = torch.autograd.grad(out, [leaves[index]], relevance)
+def relevance_in(function, output, settings, tensors, relevance, index=0):
+    """Run a rule's backward: the relevance arriving at ``tensors[index]``."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in tensors]
+    out = function.apply(output.detach(), settings, *leaves)
+    (grad,) = torch.autograd.grad(out, [leaves[index]], relevance, allow_unused=True)
     return grad
 
 
@@ -41,7 +41,7 @@ def test_epsilon_rule_linear_layer():
     x, eps = torch.randn(3, 5), 0.1
     z = layer(x)
     r_out = torch.randn(3, 4)
-    got = relevance_in(_EpsilonLinear, (x, layer.weight, z.detach(), eps), None, r_out)
+    got = relevance_in(_EpsilonLinear, z, eps, (x, layer.weight, z), r_out)
     expected = torch.zeros(3, 5)
     for b, i, j in itertools.product(range(3), range(5), range(4)):
         expected[b, i] += x[b, i] * layer.weight[j, i] / (z[b, j] + eps * sign(z[b, j])) * r_out[b, j]
@@ -52,9 +52,7 @@ def test_epsilon_rule_sum():
     terms = [torch.randn(2, 6) for _ in range(3)]
     z, eps, r_out = sum(terms), 0.05, torch.randn(2, 6)
     for k in range(3):
-        leaves = [t.clone().requires_grad_(True) for t in terms]
-        out = _EpsilonSum.apply(z, eps, *leaves)
-        (got,) = torch.autograd.grad(out, [leaves[k]], r_out)
+        got = relevance_in(_EpsilonSum, z, eps, (z, *terms), r_out, index=k + 1)
         expected = torch.tensor([[terms[k][b, d] / (z[b, d] + eps * sign(z[b, d])) * r_out[b, d]
                                   for d in range(6)] for b in range(2)])
         assert torch.allclose(got, expected, atol=1e-12)
@@ -63,7 +61,7 @@ def test_epsilon_rule_sum():
 def test_epsilon_rule_mean_over_cells():
     cells, eps = torch.randn(2, 7, 3), 0.01
     z, r_out = cells.mean(1), torch.randn(2, 3)
-    got = relevance_in(_EpsilonMean, (cells, z, eps), None, r_out)
+    got = relevance_in(_EpsilonMean, z, eps, (cells, z), r_out)
     expected = torch.zeros_like(cells)
     for b, i, c in itertools.product(range(2), range(7), range(3)):
         expected[b, i, c] = (cells[b, i, c] / 7) / (z[b, c] + eps * sign(z[b, c])) * r_out[b, c]
@@ -75,22 +73,18 @@ def test_epsilon_rule_attention_combination_weights_are_constants():
     values, eps = torch.randn(2, 5, 4), 0.01
     z = torch.einsum("bn,bnd->bd", weights, values)
     r_out = torch.randn(2, 4)
-    got = relevance_in(_EpsilonWeightedSum, (weights, values, z, eps), None, r_out, 1)
+    got = relevance_in(_EpsilonWeightedSum, z, eps, (weights, values, z), r_out, index=1)
     expected = torch.zeros_like(values)
     for b, n, d in itertools.product(range(2), range(5), range(4)):
         expected[b, n, d] = weights[b, n] * values[b, n, d] / (z[b, d] + eps * sign(z[b, d])) * r_out[b, d]
     assert torch.allclose(got, expected, atol=1e-12)
-    w = weights.clone().requires_grad_(True)
-    out = _EpsilonWeightedSum.apply(w, values, z, eps)
-    assert torch.autograd.grad(out, [w], r_out, allow_unused=True)[0] is None  # no relevance into α, β
+    assert relevance_in(_EpsilonWeightedSum, z, eps, (weights, values, z), r_out, index=0) is None  # α, β get none
 
 
 def test_gate_gets_no_relevance_signal_gets_all():
     gate, signal, r_out = torch.rand(2, 3), torch.randn(2, 3), torch.randn(2, 3)
-    g, s = gate.clone().requires_grad_(True), signal.clone().requires_grad_(True)
-    out = _GateProduct.apply(g, s, gate * signal)
-    grad_gate, grad_signal = torch.autograd.grad(out, [g, s], r_out, allow_unused=True)
-    assert grad_gate is None and torch.equal(grad_signal, r_out)
+    assert relevance_in(_GateProduct, gate * signal, None, (gate, signal), r_out, index=0) is None
+    assert torch.equal(relevance_in(_GateProduct, gate * signal, None, (gate, signal), r_out, index=1), r_out)
 
 
 def _conv_loop(x, conv, r_out, contribution):
@@ -119,7 +113,7 @@ def test_alpha_beta_rule_convolution(alpha, beta, stride):
     x = torch.randn(2, 2, 5, 5)  # signed inputs: both (x w)^+ parts count
     out = conv(x)
     r_out = torch.randn_like(out)
-    got = relevance_in(_AlphaBetaConv, (x, out.detach(), conv, alpha, beta), None, r_out)
+    got = relevance_in(_AlphaBetaConv, out, (conv, alpha, beta), (x,), r_out)
 
     def contribution(xb, taps, r_j):
         products = {pos: xb[pos] * w for pos, w in taps}
@@ -138,7 +132,7 @@ def test_zb_rule_first_layer():
     x = torch.rand(1, 3, 4, 4) * 4 - 2
     out = conv(x)
     r_out = torch.randn_like(out)
-    got = relevance_in(_ZBoxConv, (x, out.detach(), conv, low, high), None, r_out)
+    got = relevance_in(_ZBoxConv, out, conv, (x, low, high), r_out)
 
     def contribution(xb, taps, r_j):
         terms = {pos: xb[pos] * w - low[0, pos[0], 0, 0] * w.clamp(min=0) - high[0, pos[0], 0, 0] * w.clamp(max=0)

@@ -3,9 +3,12 @@
     import captionlens as cl
     cap = cl.load("runs/demo/gridtd")
     captions = cap.caption(["img.png"], beam_size=3)
+    exp = cl.explain(cap, "img.png", captions[0], method="lrp")
 """
-from .api import Captioner, build_captioner, build_encoder, load, train_captioner
+from .api import (METHODS, Captioner, Explanation, build_captioner, build_encoder, explain, explain_batch,
+                  explain_image, load, train_captioner)
 from .models import Caption, CaptionerConfig
 
 __version__ = "0.1.0"
-__all__ = ["Caption", "Captioner", "CaptionerConfig", "build_captioner", "build_encoder", "load", "train_captioner"]
+__all__ = ["METHODS", "Caption", "Captioner", "CaptionerConfig", "Explanation", "build_captioner", "build_encoder",
+           "explain", "explain_batch", "explain_image", "load", "train_captioner"]

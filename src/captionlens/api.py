@@ -7,7 +7,10 @@ from pathlib import Path
 
 import torch
 
+from .data.images import ImageInput, load_image
 from .data.vocab import SPECIAL_TOKENS, Vocabulary
+from .explain import METHODS, Explanation, explain, explain_batch, method_parameters
+from .io import write_json
 from .models import Captioner, CaptionerConfig, build_model
 from .models.encoders import build_encoder
 from .pipeline import train_captioner
@@ -46,4 +49,33 @@ def build_captioner(
     return Captioner(model, vocab, config, device)
 
 
-__all__ = ["Captioner", "build_captioner", "build_encoder", "load", "train_captioner"]
+def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, methods: Sequence[str],
+                  caption: str | Sequence[str] | None = None, words: Sequence[int] | None = None,
+                  include_end: bool = False, lrp: dict | None = None, beam_size: int = 3) -> Path:
+    """Explain one image's caption (the model's own by default) with several methods and write
+    caption.txt, explanation.json, ``<method>.npz`` heatmaps and figure.png into ``out``."""
+    from .report.figures import explanation_figure
+
+    picture = load_image(image)
+    words_to_explain = (captioner.caption([picture], beam_size=beam_size)[0].words if caption is None
+                        else caption if not isinstance(caption, str) else captioner.tokenize(caption))
+    if not words_to_explain:
+        raise ValueError(f"the caption of {image} is empty: nothing to explain")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    explanations: list[Explanation] = []
+    for method in methods:
+        parameters = {k: v for k, v in (lrp or {}).items() if k in method_parameters(method)}
+        explanations.append(explain(captioner, picture, words_to_explain, method, words, include_end, **parameters))
+    (out / "caption.txt").write_text(" ".join(words_to_explain) + "\n")
+    write_json(out / "explanation.json", {
+        "image": str(image) if isinstance(image, (str, Path)) else None,
+        "caption": list(words_to_explain),
+        "methods": {e.method: e.to_dict() | {"heatmaps": e.save_heatmaps(out).name} for e in explanations},
+    })
+    explanation_figure(picture, explanations, out / "figure.png")
+    return out
+
+
+__all__ = ["METHODS", "Captioner", "Explanation", "build_captioner", "build_encoder", "explain", "explain_batch",
+           "explain_image", "load", "train_captioner"]

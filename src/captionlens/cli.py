@@ -172,6 +172,53 @@ def caption(
 
 
 @app.command()
+def explain(
+    model: Annotated[Path, typer.Option(help="Run folder of a trained captioner.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    out: Annotated[Path, typer.Option(help="Folder for one sub-folder of results per image.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated: lrp, gradcam, guided_gradcam, guided_backprop, gradient_x_input, attention.")] = "lrp,gradcam,guided_gradcam,attention",
+    caption: Annotated[Optional[str], typer.Option(help="Explain this caption instead of the model's own (beam search).")] = None,
+    words: Annotated[Optional[str], typer.Option(help="Comma-separated word positions (0-based) to explain; default: all.")] = None,
+    include_end: Annotated[bool, typer.Option(help="Also explain the <end> token.")] = False,
+    epsilon: Annotated[float, typer.Option(help="LRP ε for linear, sum, attention and LSTM layers.")] = 0.01,
+    alpha: Annotated[float, typer.Option(help="LRP α for convolutions (α − β = 1).")] = 1.0,
+    beta: Annotated[float, typer.Option(help="LRP β for convolutions.")] = 0.0,
+    first_layer: Annotated[str, typer.Option(help="LRP rule of the first convolution: alphabeta or zb.")] = "alphabeta",
+    beam_size: Annotated[int, typer.Option(help="Beam size of the caption that is explained.")] = 3,
+    device: Annotated[Optional[str], typer.Option(help="cpu (default) or cuda.")] = None,
+) -> None:
+    """Explain every word of each image's caption with several methods. Writes, per image:
+    caption.txt, explanation.json (words, scores, preceding-word relevance per method, rule
+    parameters), one .npz of heatmaps per method and figure.png (rows = words, columns = methods).
+
+    Example: captionlens explain --model runs/demo/gridtd img.png --methods lrp,gradcam,attention --out explained/
+    """
+    from tqdm import tqdm
+
+    from .api import explain_image, load
+    from .data.images import ImageLoadError
+    from .explain import METHODS
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        fail(f"unknown method {', '.join(unknown) or '(none given)'}; choose from: {', '.join(sorted(METHODS))}")
+    try:
+        positions = [int(p) for p in words.split(",")] if words else None
+    except ValueError:
+        fail(f"--words takes comma-separated integers, got {words!r}")
+    lrp = {"epsilon": epsilon, "alpha": alpha, "beta": beta, "first_layer": first_layer}
+    try:
+        captioner = load(model, device)
+        for path in tqdm(images, desc="explaining", disable=len(images) < 2):
+            folder = explain_image(captioner, path, out / path.stem, chosen, caption, positions, include_end,
+                                   lrp, beam_size)
+            console.print(f"{path}: {(folder / 'caption.txt').read_text().strip()} -> {folder}")
+    except (FileNotFoundError, ValueError, IndexError, ImageLoadError) as error:
+        fail(str(error))
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the data, the runs and summary.json.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="Small sizes: the whole pipeline in about a minute.")] = False,

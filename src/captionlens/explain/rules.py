@@ -44,109 +44,72 @@ def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- relevance functions
 class _RelevanceFunction(Function):
-    """Base: forward returns the module's (already computed) output unchanged."""
+    """``apply(output, settings, *tensors)``: forward returns the module's (already computed)
+    output unchanged; ``backward`` turns the output's relevance into the relevance of ``tensors``
+    (``ctx.saved_tensors``), with ``settings`` (ε, a module, ...) in ``ctx.settings``."""
 
     generate_vmap_rule = True
 
-
-class _EpsilonLinear(_RelevanceFunction):
     @staticmethod
-    def forward(x, weight, output, epsilon):
+    def forward(output, settings, *tensors):
         return output.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, out, epsilon = inputs
-        ctx.save_for_backward(x, weight, out)
-        ctx.epsilon = epsilon
+        _, ctx.settings, *tensors = inputs
+        ctx.save_for_backward(*tensors)
 
-    @staticmethod
-    def backward(ctx, relevance):
+    @classmethod
+    def relevance(cls, ctx, relevance) -> tuple:
+        raise NotImplementedError
+
+    @classmethod
+    def backward(cls, ctx, relevance):
+        return (None, None, *cls.relevance(ctx, relevance))
+
+
+class _EpsilonLinear(_RelevanceFunction):
+    @classmethod
+    def relevance(cls, ctx, relevance):
         x, weight, out = ctx.saved_tensors
-        share = relevance / stabilize(out, ctx.epsilon)  # [..., out]
-        return x * (share @ weight), None, None, None  # [..., in]
+        share = relevance / stabilize(out, ctx.settings)  # [..., out]
+        return x * (share @ weight), None, None  # [..., in]
 
 
 class _EpsilonSum(_RelevanceFunction):
-    @staticmethod
-    def forward(output, epsilon, *terms):
-        return output.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        out, epsilon, *terms = inputs
-        ctx.save_for_backward(out, *terms)
-        ctx.epsilon = epsilon
-
-    @staticmethod
-    def backward(ctx, relevance):
+    @classmethod
+    def relevance(cls, ctx, relevance):
         out, *terms = ctx.saved_tensors
-        share = relevance / stabilize(out, ctx.epsilon)
-        return (None, None, *(term * share for term in terms))
+        share = relevance / stabilize(out, ctx.settings)
+        return (None, *(term * share for term in terms))
 
 
 class _EpsilonMean(_RelevanceFunction):
-    @staticmethod
-    def forward(cells, output, epsilon):
-        return output.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        cells, out, epsilon = inputs
-        ctx.save_for_backward(cells, out)
-        ctx.epsilon = epsilon
-
-    @staticmethod
-    def backward(ctx, relevance):
+    @classmethod
+    def relevance(cls, ctx, relevance):
         cells, out = ctx.saved_tensors  # cells [B, L, C], out [B, C]
-        share = relevance / stabilize(out, ctx.epsilon)  # [B, C]
-        return cells / cells.shape[1] * share.unsqueeze(1), None, None
+        share = relevance / stabilize(out, ctx.settings)  # [B, C]
+        return cells / cells.shape[1] * share.unsqueeze(1), None
 
 
 class _EpsilonWeightedSum(_RelevanceFunction):
-    @staticmethod
-    def forward(weights, values, output, epsilon):
-        return output.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        weights, values, out, epsilon = inputs
-        ctx.save_for_backward(weights, values, out)
-        ctx.epsilon = epsilon
-
-    @staticmethod
-    def backward(ctx, relevance):
+    @classmethod
+    def relevance(cls, ctx, relevance):
         weights, values, out = ctx.saved_tensors  # [B, N], [B, N, D], [B, D]
-        share = relevance / stabilize(out, ctx.epsilon)  # [B, D]
-        return None, weights.unsqueeze(2) * values * share.unsqueeze(1), None, None
+        share = relevance / stabilize(out, ctx.settings)  # [B, D]
+        return None, weights.unsqueeze(2) * values * share.unsqueeze(1), None
 
 
 class _GateProduct(_RelevanceFunction):
-    @staticmethod
-    def forward(gate, signal, output):
-        return output.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, relevance):
-        return None, relevance, None
+    @classmethod
+    def relevance(cls, ctx, relevance):
+        return None, relevance  # (gate, signal)
 
 
 class _PassThrough(_RelevanceFunction):
-    @staticmethod
-    def forward(x, output):
-        return output.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, relevance):
-        return relevance, None
+    @classmethod
+    def relevance(cls, ctx, relevance):
+        return (relevance,)
 
 
 def _conv_transpose(share: torch.Tensor, weight: torch.Tensor, module: nn.Conv2d, input_shape) -> torch.Tensor:
@@ -160,25 +123,14 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, module: nn.Conv2d) -> torch.Ten
 
 
 class _AlphaBetaConv(_RelevanceFunction):
-    @staticmethod
-    def forward(x, output, module, alpha, beta):
-        return output.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, out, module, alpha, beta = inputs
-        ctx.save_for_backward(x)
-        ctx.module, ctx.alpha, ctx.beta = module, alpha, beta
-
-    @staticmethod
-    def backward(ctx, relevance):
+    @classmethod
+    def relevance(cls, ctx, relevance):
         (x,) = ctx.saved_tensors
-        module, alpha, beta = ctx.module, ctx.alpha, ctx.beta
+        module, alpha, beta = ctx.settings
         w_pos, w_neg = module.weight.clamp(min=0), module.weight.clamp(max=0)
         x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
-        signed_input = bool((x < 0).any())  # after a ReLU every input is ≥ 0: half the work
         pairs = {"pos": [(x_pos, w_pos)], "neg": [(x_pos, w_neg)]}
-        if signed_input:
+        if bool((x < 0).any()):  # after a ReLU every input is ≥ 0: half the work
             pairs["pos"].append((x_neg, w_neg))
             pairs["neg"].append((x_neg, w_pos))
         terms = []
@@ -188,25 +140,14 @@ class _AlphaBetaConv(_RelevanceFunction):
             z = sum(_conv(xs, ws, module) for xs, ws in pairs[sign])  # z^+ ≥ 0 or z^- ≤ 0
             share = relevance / (z + (TINY if sign == "pos" else -TINY))
             terms += [factor * xs * _conv_transpose(share, ws, module, x.shape) for xs, ws in pairs[sign]]
-        result = sum(terms)
-        return result, None, None, None, None
+        return (sum(terms),)
 
 
 class _ZBoxConv(_RelevanceFunction):
-    @staticmethod
-    def forward(x, output, module, low, high):
-        return output.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, out, module, low, high = inputs
-        ctx.save_for_backward(x, low, high)
-        ctx.module = module
-
-    @staticmethod
-    def backward(ctx, relevance):
+    @classmethod
+    def relevance(cls, ctx, relevance):
         x, low, high = ctx.saved_tensors
-        module = ctx.module
+        module = ctx.settings
         w = module.weight
         w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
         low, high = low.expand_as(x), high.expand_as(x)
@@ -214,7 +155,7 @@ class _ZBoxConv(_RelevanceFunction):
         share = relevance / stabilize(z, TINY)
         result = (x * _conv_transpose(share, w, module, x.shape) - low * _conv_transpose(share, w_pos, module, x.shape)
                   - high * _conv_transpose(share, w_neg, module, x.shape))
-        return result, None, None, None, None
+        return result, None, None
 
 
 # ------------------------------------------------------------------------------------ the rules
@@ -239,35 +180,35 @@ class LRPParameters:
 
 
 def epsilon_linear(module: nn.Linear, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
-    return _EpsilonLinear.apply(inputs[0], module.weight, output, p.epsilon)
+    return _EpsilonLinear.apply(output, p.epsilon, inputs[0], module.weight, output.detach())
 
 
 def epsilon_sum(module: Sum, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
-    return _EpsilonSum.apply(output, p.epsilon, *inputs)
+    return _EpsilonSum.apply(output, p.epsilon, output.detach(), *inputs)
 
 
 def epsilon_mean(module: GridMean, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
-    return _EpsilonMean.apply(inputs[0], output, p.epsilon)
+    return _EpsilonMean.apply(output, p.epsilon, inputs[0], output.detach())
 
 
 def epsilon_weighted_sum(module: WeightedSum, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
-    return _EpsilonWeightedSum.apply(inputs[0], inputs[1], output, p.epsilon)
+    return _EpsilonWeightedSum.apply(output, p.epsilon, inputs[0], inputs[1], output.detach())
 
 
 def gate_product(module: GateProduct, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
-    return _GateProduct.apply(inputs[0], inputs[1], output)
+    return _GateProduct.apply(output, None, inputs[0], inputs[1])
 
 
 def pass_through(module: nn.Module, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
-    return _PassThrough.apply(inputs[0], output)
+    return _PassThrough.apply(output, None, inputs[0])
 
 
 def convolution(module: nn.Conv2d, inputs, output, p: LRPParameters, first: bool = False,
                 bounds: tuple[torch.Tensor, torch.Tensor] | None = None, **_) -> torch.Tensor:
     if first and p.first_layer == "zb":
         low, high = bounds
-        return _ZBoxConv.apply(inputs[0], output, module, low, high)
-    return _AlphaBetaConv.apply(inputs[0], output, module, p.alpha, p.beta)
+        return _ZBoxConv.apply(output, module, inputs[0], low, high)
+    return _AlphaBetaConv.apply(output, (module, p.alpha, p.beta), inputs[0])
 
 
 # Which rule each module type gets. Module types absent here must either pass relevance through

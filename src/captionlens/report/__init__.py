@@ -1,0 +1,1 @@
+"""Figures and reports (what a person looks at)."""
