@@ -126,6 +126,7 @@ def pretrain_encoder(
     epochs: Annotated[int, typer.Option(help="Most epochs.")] = 10,
     image_size: Annotated[int, typer.Option(help="Image side in pixels (as the dataset's).")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="cpu (default) or cuda.")] = None,
 ) -> None:
     """Pretrain the shapes encoder on multi-label presence of shapes and colours in generated,
     unbiased scenes (the role ImageNet plays for VGG16). `train --encoder shapes` does this by itself
@@ -139,7 +140,11 @@ def pretrain_encoder(
 
     if images < 8 or epochs < 1:
         fail("--images must be ≥ 8 and --epochs ≥ 1")
-    pretrain_shapes_encoder(out, replace(ENCODER_TRAINING, epochs=epochs, seed=seed), image_size, images)
+    try:
+        pretrain_shapes_encoder(out, replace(ENCODER_TRAINING, epochs=epochs, seed=seed), image_size, images,
+                                device=device)
+    except ValueError as error:
+        fail(str(error))
     console.print(f"wrote {out}")
 
 

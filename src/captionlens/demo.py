@@ -44,7 +44,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     log("[2/4] pretraining the shapes encoder on object presence in unbiased scenes")
     encoder_weights = out / "encoder" / "shapes_encoder.safetensors"
     pretrain_shapes_encoder(encoder_weights, replace(size.encoder, seed=seed), size.data.image_size,
-                            size.encoder_images, progress)
+                            size.encoder_images, progress, device)
     summary: dict = {}
     for step, architecture in enumerate(ARCHITECTURES, start=3):
         log(f"[{step}/4] training the {architecture} captioner in {out / architecture}")

@@ -15,6 +15,7 @@ from .data.shapes import COLOURS, SHAPES, ShapesConfig, generate_image
 from .data.vocab import Vocabulary
 from .io import atomic_write
 from .models import Captioner, CaptionerConfig, build_model
+from .models.captioner import resolve_device
 from .models.encoders import Encoder, ShapesEncoder, build_encoder
 from .train import STATE_JSON, Trainer, TrainConfig
 
@@ -37,7 +38,7 @@ def presence_set(count: int, offset: int, config: ShapesConfig) -> tuple[torch.T
 
 
 def pretrain_shapes_encoder(out_path: str | Path, config: TrainConfig | None = None, image_size: int = 64,
-                            images: int = 4000, progress: bool = True) -> ShapesEncoder:
+                            images: int = 4000, progress: bool = True, device: str | None = None) -> ShapesEncoder:
     """Train the shapes CNN on multi-label presence of shapes and colours in ``images`` unbiased
     generated scenes — the role ImageNet plays for VGG16, independent of any captioning data — save
     it (safetensors) and return it frozen."""
@@ -47,7 +48,8 @@ def pretrain_shapes_encoder(out_path: str | Path, config: TrainConfig | None = N
     torch.manual_seed(config.seed)
     encoder = ShapesEncoder(image_size)
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(encoder.out_channels, len(PRESENCE_LABELS)))
-    classifier = nn.ModuleDict({"encoder": encoder, "head": head})
+    device = resolve_device(device)
+    classifier = nn.ModuleDict({"encoder": encoder, "head": head}).to(device)
     world = ShapesConfig(seed=config.seed, image_size=image_size)
     splits = {"train": presence_set(images, 0, world), "val": presence_set(max(images // 8, 1), images, world)}
     mean, std = torch.tensor(encoder.mean).view(1, 3, 1, 1), torch.tensor(encoder.std).view(1, 3, 1, 1)
@@ -56,7 +58,7 @@ def pretrain_shapes_encoder(out_path: str | Path, config: TrainConfig | None = N
         pixels, targets = splits[split]
         for i in range(0, len(order), config.batch_size):
             index = order[i: i + config.batch_size]
-            yield (pixels[index].float() / 255 - mean) / std, targets[index]
+            yield ((pixels[index].float() / 255 - mean) / std).to(device), targets[index].to(device)
 
     def loss_fn(model: nn.ModuleDict, batch) -> torch.Tensor:
         pixels, targets = batch
@@ -85,14 +87,14 @@ def freeze(encoder: Encoder) -> Encoder:
 
 
 def shapes_encoder(data: DataBundle, weights: str | Path | None = None, config: TrainConfig = ENCODER_TRAINING,
-                   progress: bool = True) -> ShapesEncoder:
+                   progress: bool = True, device: str | None = None) -> ShapesEncoder:
     """The pretrained shapes encoder: from ``weights``, else from the data's cache, else pretrained
     now with ``config`` (and cached for the next run)."""
     size = (data.shapes_config or {}).get("image_size", 64)
     if weights is None:
         weights = data.cache_dir / f"shapes_encoder-seed{config.seed}-epochs{config.epochs}.safetensors"
         if not Path(weights).is_file():
-            return pretrain_shapes_encoder(weights, config, size, progress=progress)
+            return pretrain_shapes_encoder(weights, config, size, progress=progress, device=device)
     encoder = ShapesEncoder(size)
     encoder.load_pretrained(weights)
     return freeze(encoder)
@@ -174,7 +176,7 @@ def train_captioner(
         vocab = Vocabulary.build((c for r in bundle.split("train") for c in r.captions),
                                  min_count if min_count is not None else bundle.default_min_count)
     if encoder == "shapes":
-        cnn = shapes_encoder(bundle, encoder_weights, replace(ENCODER_TRAINING, seed=config.seed), progress)
+        cnn = shapes_encoder(bundle, encoder_weights, replace(ENCODER_TRAINING, seed=config.seed), progress, device)
     elif encoder_weights is None:
         raise ValueError(f"the {encoder!r} encoder needs pretrained weights: pass encoder_weights=<local file> "
                          "(e.g. torchvision's vgg16-397923af.pth); captionlens never downloads them")
