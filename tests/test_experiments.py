@@ -139,3 +139,67 @@ def test_explanations_are_computed_once_per_method_and_mention(bench):
     alone = cl.explain(bench.captioner, load_image(bench.predictions.records[m.image].path),
                        bench.predictions.captions[m.image], "lrp", words=[m.position])
     assert torch.allclose(alone.image, first[m].image, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- word ablation
+def test_deletions_follow_the_ranking_and_never_touch_start():
+    from captionlens.experiments.ablation import choose_deletions
+
+    relevance = np.array([9.0, 0.1, -3.0, 0.5, 0.2])  # <start>, w0 .. w3
+    rng = np.random.default_rng(0)
+    assert choose_deletions(relevance, 2, "lrp", rng) == [2, 3]  # w2 (0.5) and w3 (0.2): highest signed
+    assert choose_deletions(relevance, 2, "grad", rng) == [1, 2]  # |−3| and 0.5: highest magnitude
+    random = choose_deletions(relevance, 3, "random", rng)
+    assert len(random) == 3 and set(random) <= {0, 1, 2, 3}
+    assert choose_deletions(relevance[:2], 3, "lrp", rng) == [0]  # fewer words than asked
+
+
+def test_ablating_words_the_model_does_not_use_changes_nothing(tiny_shapes):
+    import captionlens as cl
+    from captionlens.data.bundle import open_data
+    from captionlens.experiments.ablation import word_ablation
+    from captionlens.experiments.context import predict
+
+    data = open_data(tiny_shapes)
+    vocab = sorted({w for r in data.split("train") for c in r.captions for w in c})
+    cap = cl.build_captioner("adaptive", encoder="shapes", vocab=vocab, hidden_size=16, embed_size=8, seed=0)
+    hidden, embed = 16, 8
+    with torch.no_grad():  # the next word depends on the image only: no embeddings, no recurrence, no memory
+        gates = cap.model.decoder.lstm.gates
+        gates.weight[:, :embed] = 0
+        gates.weight[:, embed + hidden:] = 0
+        gates.bias[hidden: 2 * hidden] = -1e4  # forget gate shut
+        cap.model.decoder.fc.bias[cap.vocab.end_id] = -1e4  # long captions ...
+        cap.model.decoder.fc.bias[cap.vocab.index("circle")] += 20  # ... of object words: targets exist
+    predictions = predict(cap, data, "test", beam_size=1, progress=False)
+    rows = word_ablation(cap, predictions, top=3, skip=5)
+    assert sum(r["targets"] for r in rows) > 0
+    for row in rows:
+        if row["targets"]:
+            assert row["drop_share"] == 0 and abs(row["mean_drop"]) < 1e-6, row
+
+
+# ------------------------------------------------------------------------------ feature masking
+def test_top_pixels_and_masked_images():
+    from PIL import Image
+
+    from captionlens.experiments.masking import masked_image, top_pixels
+
+    heatmap = torch.tensor([[5.0, -4.0], [0.0, 1.0]])
+    assert top_pixels(heatmap, 0.25, "positive").tolist() == [[True, False], [False, False]]
+    assert top_pixels(heatmap, 0.5, "negative").tolist() == [[False, True], [True, False]]
+    random = top_pixels(heatmap, 0.5, "random", np.random.default_rng(0))
+    assert random.sum() == 2
+    image = Image.fromarray(np.array([[[255, 0, 0], [0, 0, 255]], [[0, 0, 255], [0, 0, 255]]], dtype=np.uint8))
+    out = np.asarray(masked_image(image, np.array([[True, False], [False, False]])))
+    assert out[0, 0].tolist() == [0, 0, 255] and out[1, 1].tolist() == [0, 0, 255]  # filled with the rest's mean
+
+
+def test_workbench_ablation_and_masking_tables(bench):
+    rows = bench.ablation(top=2, skip=1)
+    assert {(r["words"], r["ranking"]) for r in rows} == {(k, r) for k in ("stop", "object")
+                                                          for r in ("lrp", "grad", "random")}
+    masking = bench.masking(fraction=0.2, limit=5)
+    assert {r["method"] for r in masking} <= {"lrp", "guided_gradcam", "gradcam", "attention", "random"}
+    assert all(0 <= r["vanished"] <= 1 for r in masking)
+    assert (bench.out / "ablation.csv").is_file() and (bench.out / "masking.md").is_file()

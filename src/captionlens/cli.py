@@ -296,6 +296,42 @@ def hallucination(model: ModelOption, data: DataOption, out: OutOption = Path("r
 
 
 @app.command()
+def ablation(model: ModelOption, data: DataOption, out: OutOption = Path("results"), split: SplitOption = "test",
+             limit: LimitOption = None, beam_size: BeamOption = 3, device: DeviceOption = None,
+             top: Annotated[int, typer.Option(help="Preceding words deleted per target.")] = 3,
+             skip: Annotated[int, typer.Option(help="Targets start at this caption position (paper: 5).")] = 5,
+             seed: Annotated[int, typer.Option(help="Seed of the random baseline.")] = 0) -> None:
+    """Word ablation (Table 2, Table IV): delete the top preceding words by LRP, by |Grad*| or at
+    random and report how often, and how much, the target word's probability drops."""
+    try:
+        rows = _workbench(model, data, out, split, limit, beam_size, device).ablation(top, skip, seed)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    from .experiments.tables import markdown_table
+
+    print(markdown_table(rows))
+
+
+@app.command()
+def masking(model: ModelOption, data: DataOption, out: OutOption = Path("results"), split: SplitOption = "test",
+            limit: LimitOption = None, beam_size: BeamOption = 3, device: DeviceOption = None,
+            fraction: Annotated[float, typer.Option(help="Share of the pixels masked.")] = 0.1,
+            words: Annotated[int, typer.Option(help="Most object words to test.")] = 200,
+            seed: Annotated[int, typer.Option(help="Seed of the random mask.")] = 0) -> None:
+    """Feature masking (Fig. 4): mask the most supporting (or opposing) pixels of each correctly
+    named object by each method, or random pixels, re-caption, and report how often the word vanishes."""
+    if not 0 < fraction < 1:
+        fail("--fraction must lie between 0 and 1")
+    try:
+        rows = _workbench(model, data, out, split, limit, beam_size, device).masking(fraction, seed, words)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    from .experiments.tables import markdown_table
+
+    print(markdown_table(rows))
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the data, the runs and summary.json.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="Small sizes: the whole pipeline in about a minute.")] = False,

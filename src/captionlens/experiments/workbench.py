@@ -9,9 +9,11 @@ from pathlib import Path
 from ..data.bundle import DataBundle
 from ..explain import Explanation
 from ..models import Captioner
+from .ablation import word_ablation
 from .caption_metrics import caption_metrics
 from .context import Mention, Predictions, explain_mentions, predict, word_probabilities
 from .correctness import CURVES, correctness_curves, localisable, plot_correctness
+from .masking import feature_masking
 from .hallucination import SCORES, auc_table, chair, detection_scores, labels_of, mean_average_precision, plot_roc
 from .tables import write_table
 
@@ -82,3 +84,23 @@ class Workbench:
                     + [{"word": "mAP", "ap": result["map"]}], f"AP of frequent object words (> {min_count})")
         return result
 
+
+    # ---------------------------------------------------------------- Table 2 / Table IV
+    def ablation(self, top: int = 3, skip: int = 5, seed: int = 0) -> list[dict]:
+        rows = word_ablation(self.captioner, self.predictions, top, skip, seed)
+        write_table(self.out, "ablation", rows, f"Word ablation: top-{top} preceding words deleted "
+                    f"(targets at position ≥ {skip})")
+        return rows
+
+    # ------------------------------------------------------------------- Fig. 4 / IV-B-1
+    MASKING_METHODS = ("lrp", "guided_gradcam", "gradcam", "attention")
+
+    def masking(self, fraction: float = 0.1, seed: int = 0, limit: int | None = 200) -> list[dict]:
+        """Masking on (at most ``limit``) correctly predicted object words."""
+        mentions = [m for m in self.predictions.mentions() if m.true_positive][:limit]
+        explanations = {method: self.explanations(method, mentions) for method in self.MASKING_METHODS}
+        rows = feature_masking(self.captioner, self.predictions, explanations, mentions, fraction, seed,
+                               self.beam_size)
+        write_table(self.out, "masking", rows, f"Feature masking: {fraction:.0%} of the pixels masked; share of "
+                    f"{len(mentions)} correctly named objects that are no longer named")
+        return rows

@@ -1,0 +1,117 @@
+"""Word ablation (ICML Table 2; journal appendix D, Table IV): do the preceding words that a linguistic
+explanation ranks highest matter to the model?
+
+For each target word at caption position ≥ ``skip`` (the papers: the first 5 words are not used),
+delete the ``top`` preceding words with the highest LRP relevance, the highest |Grad*| (the gradient
+at the embedding, summed), or ``top`` random ones; feed the edited prefix to the same model with the
+same image and compare the target word's probability with the unedited one. Reported per word type
+(stop words, object words) and ranking: how often the probability drops, and the mean drop.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+from ..data.images import load_image
+from ..explain import explain_batch
+from ..models import Captioner
+from .context import Predictions
+
+RANKINGS = ("lrp", "grad", "random")
+
+
+@dataclass(frozen=True)
+class Target:
+    image: int
+    position: int  # of the target word in the caption
+    kind: str  # "stop" or "object"
+
+
+def ablation_targets(predictions: Predictions, skip: int = 5) -> list[Target]:
+    targets = []
+    for index, caption in enumerate(predictions.captions):
+        for position, word in enumerate(caption.words):
+            if position < skip:
+                continue
+            if word in predictions.synonyms:
+                targets.append(Target(index, position, "object"))
+            elif word in ENGLISH_STOP_WORDS:
+                targets.append(Target(index, position, "stop"))
+    return targets
+
+
+def choose_deletions(relevance: np.ndarray, top: int, ranking: str, rng: np.random.Generator) -> list[int]:
+    """Indices (0-based caption positions) of the preceding words to delete, given the relevance of
+    <start>, w_0 .. w_{t-1} (<start> is never deleted)."""
+    words = relevance[1:]
+    count = min(top, len(words))
+    if ranking == "random":
+        return sorted(rng.choice(len(words), size=count, replace=False).tolist())
+    order = np.argsort(-(np.abs(words) if ranking == "grad" else words), kind="stable")
+    return sorted(order[:count].tolist())
+
+
+@torch.no_grad()
+def target_probabilities(captioner: Captioner, pixels: torch.Tensor, prefixes: Sequence[list[str]],
+                         targets: Sequence[str]) -> np.ndarray:
+    """P(target | image, prefix) for each (image row, prefix, target)."""
+    vocab = captioner.vocab
+    ids = [vocab.encode(p)[:-1] for p in prefixes]  # <start> + prefix
+    longest = max(len(i) for i in ids)
+    tokens = torch.tensor([i + [vocab.pad_id] * (longest - len(i)) for i in ids], device=pixels.device)
+    log_probs = torch.log_softmax(captioner.model(pixels, tokens), dim=-1)  # [N, L, V]
+    rows = torch.arange(len(ids), device=pixels.device)
+    last = torch.tensor([len(i) - 1 for i in ids], device=pixels.device)
+    wanted = torch.tensor([vocab.index(t) for t in targets], device=pixels.device)
+    return log_probs[rows, last, wanted].exp().cpu().numpy()
+
+
+def word_ablation(captioner: Captioner, predictions: Predictions, top: int = 3, skip: int = 5, seed: int = 0,
+                  batch_size: int = 32) -> list[dict]:
+    """The ablation table: one row per word type and ranking."""
+    targets = ablation_targets(predictions, skip)
+    rng = np.random.default_rng(seed)
+    drops: dict[tuple[str, str], list[float]] = {(k, r): [] for k in ("stop", "object") for r in RANKINGS}
+    by_image: dict[int, list[Target]] = {}
+    for target in targets:
+        by_image.setdefault(target.image, []).append(target)
+    images = sorted(by_image)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start: start + batch_size]
+        pictures = [load_image(predictions.records[i].path) for i in chunk]
+        captions = [predictions.captions[i] for i in chunk]
+        positions = [[t.position for t in by_image[i]] for i in chunk]
+        relevance = {"lrp": explain_batch(captioner, pictures, captions, "lrp", words=positions),
+                     "grad": explain_batch(captioner, pictures, captions, "gradcam", words=positions)}
+        pixels = captioner.preprocess(pictures)
+        rows, prefixes, words, keys = [], [], [], []
+        for b, i in enumerate(chunk):
+            caption = predictions.captions[i].words
+            for row, target in enumerate(by_image[i]):
+                prefix = caption[: target.position]
+                rows.append(b), prefixes.append(prefix), words.append(caption[target.position]), keys.append(None)
+                for ranking in RANKINGS:
+                    source = relevance["lrp" if ranking == "random" else ranking][b]
+                    values = source.preceding[row, : target.position + 1].numpy()
+                    deleted = set(choose_deletions(values, top, ranking, rng))
+                    rows.append(b), words.append(caption[target.position]), keys.append((target.kind, ranking))
+                    prefixes.append([w for k, w in enumerate(prefix) if k not in deleted])
+        probabilities = target_probabilities(captioner, pixels[rows], prefixes, words)
+        original = None
+        for probability, key in zip(probabilities, keys):
+            if key is None:
+                original = probability
+            else:
+                drops[key].append(float(original - probability))
+    table = []
+    for (kind, ranking), values in drops.items():
+        values = np.array(values)
+        table.append({"words": kind, "ranking": ranking, "targets": len(values),
+                      "drop_share": float((values > 0).mean()) if len(values) else float("nan"),
+                      "mean_drop": float(values.mean()) if len(values) else float("nan"),
+                      "std_drop": float(values.std()) if len(values) else float("nan")})
+    return table
