@@ -203,3 +203,84 @@ def test_workbench_ablation_and_masking_tables(bench):
     assert {r["method"] for r in masking} <= {"lrp", "guided_gradcam", "gradcam", "attention", "random"}
     assert all(0 <= r["vanished"] <= 1 for r in masking)
     assert (bench.out / "ablation.csv").is_file() and (bench.out / "masking.md").is_file()
+
+
+# -------------------------------------------------------------------------------- fine-tuning
+def test_reweighted_loss_is_equation_12():
+    from captionlens.experiments.finetune import reweighted_loss
+
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 3, 5), torch.tensor([[1, 2, 0], [3, 4, 4]])
+    weights = torch.rand(2, 5) + 0.5
+    ce = torch.nn.functional.cross_entropy
+    expected = 0.3 * ce(logits.reshape(-1, 5), targets.reshape(-1), ignore_index=0) + 0.7 * ce(
+        (logits * weights[:, None]).reshape(-1, 5), targets.reshape(-1), ignore_index=0)
+    assert torch.allclose(reweighted_loss(logits, targets, weights, 0.3, pad_id=0), expected)
+    plain = reweighted_loss(logits, targets, torch.ones(2, 5), 0.5, pad_id=0)
+    assert torch.allclose(plain, ce(logits.reshape(-1, 5), targets.reshape(-1), ignore_index=0))
+
+
+def test_lrp_weights_are_one_plus_the_mean_normalised_relevance(bench):
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    import captionlens as cl
+    from captionlens.data.features import load_pixels
+    from captionlens.experiments.finetune import _captions, lrp_weights
+
+    cap = bench.captioner
+    pixels = load_pixels([r.path for r in bench.predictions.records[:2]], cap.model.encoder)
+    weights = lrp_weights(cap, pixels)
+    caption = _captions(cap, pixels)[0]
+    explained = cl.explain(cap, pixels[0] * torch.tensor(cap.model.encoder.std).view(3, 1, 1)
+                           + torch.tensor(cap.model.encoder.mean).view(3, 1, 1), caption, "lrp")
+    expected = torch.ones(len(cap.vocab))
+    means: dict[int, list[float]] = {}
+    for row, word in enumerate(explained.words):
+        if word not in ENGLISH_STOP_WORDS:
+            heatmap = explained.image[row]
+            means.setdefault(cap.vocab.index(word), []).append(float(heatmap.mean() / heatmap.abs().max()))
+    for index, values in means.items():
+        expected[index] = 1 + np.mean(values)
+    assert torch.allclose(weights[0], expected, atol=1e-4)
+
+
+def test_frequency_weights_and_true_positive_rates(bench):
+    from captionlens.data.features import load_pixels
+    from captionlens.experiments.finetune import _captions, frequency_weights, true_positive_rates
+
+    rates = true_positive_rates(bench.predictions)
+    mentions = bench.predictions.mentions()
+    word = mentions[0].word
+    assert rates[word] == pytest.approx(np.mean([m.true_positive for m in mentions if m.word == word]))
+    cap = bench.captioner
+    pixels = load_pixels([r.path for r in bench.predictions.records[:2]], cap.model.encoder)
+    weights = frequency_weights(cap, pixels, {word: 0.25})
+    caption = _captions(cap, pixels)[0]
+    assert weights[0, cap.vocab.index(word)] == (1.25 if word in caption.words else 1.0)
+    assert ((weights == 1) | (weights == 1.25)).all()
+
+
+def test_finetune_tunes_a_copy_of_the_decoder_reproducibly(bench):
+    from captionlens.experiments.finetune import FinetuneConfig, finetune
+
+    cap = bench.captioner
+    before = {k: v.clone() for k, v in cap.model.state_dict().items()}
+    config = FinetuneConfig("lrp", steps=2, batch_size=4, learning_rate=1e-2, seed=1)
+    tuned = finetune(cap, bench.data, config, progress=False)
+    again = finetune(cap, bench.data, config, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in cap.model.state_dict().items())  # original untouched
+    changed = [k for k, v in tuned.model.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed and all(k.startswith("decoder.") for k in changed)  # the encoder stays frozen
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in tuned.model.state_dict().items())
+    with pytest.raises(ValueError, match="frequency"):
+        finetune(cap, bench.data, FinetuneConfig("frequency", steps=1), progress=False)
+    with pytest.raises(ValueError, match="mode"):
+        FinetuneConfig("magic")
+
+
+def test_workbench_finetune_table(bench):
+    rows = bench.finetune(modes=("lrp", "plain"), seeds=(0, 1), steps=1, batch_size=4, min_count=0, train_limit=10)
+    assert [r["model"] for r in rows] == ["original", "lrp", "plain"]
+    assert [r["runs"] for r in rows] == [1, 2, 2]
+    assert {"BLEU-4", "CIDEr", "TP%", "mAP", "hallucination_rate", "BLEU-4_std"} <= rows[1].keys()
+    assert (bench.out / "finetune.md").is_file()

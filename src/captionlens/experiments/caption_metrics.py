@@ -43,6 +43,21 @@ def caption_metrics(candidates: Sequence[str], references: Sequence[Sequence[str
     return scores
 
 
+def token_metrics(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]) -> dict:
+    """BLEU-4, ROUGE-L and CIDEr on already tokenised captions (no Java: for repeated evaluations,
+    such as fine-tuning over seeds)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [" ".join(c) or "<empty>"] for i, c in enumerate(candidates)}
+    with contextlib.redirect_stdout(io.StringIO()):
+        bleu, _ = Bleu(4).compute_score(gts, res)
+    return {"BLEU-4": float(bleu[3]), "ROUGE-L": float(Rouge().compute_score(gts, res)[0]),
+            "CIDEr": float(Cider().compute_score(gts, res)[0])}
+
+
 def spice(gts: dict, res: dict, corenlp: str | Path | None) -> float | str:
     """SPICE with the Stanford CoreNLP 3.6.0 jars from a local folder, else "not available: ..."."""
     if corenlp is None:

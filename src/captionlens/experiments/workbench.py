@@ -6,15 +6,19 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+
 from ..data.bundle import DataBundle
 from ..explain import Explanation
 from ..models import Captioner
 from .ablation import word_ablation
-from .caption_metrics import caption_metrics
+from .caption_metrics import caption_metrics, token_metrics
 from .context import Mention, Predictions, explain_mentions, predict, word_probabilities
 from .correctness import CURVES, correctness_curves, localisable, plot_correctness
-from .masking import feature_masking
+from .finetune import MODES, FinetuneConfig, finetune, true_positive_rates
 from .hallucination import SCORES, auc_table, chair, detection_scores, labels_of, mean_average_precision, plot_roc
+from .masking import feature_masking
+from .metrics import hallucination_rate
 from .tables import write_table
 
 
@@ -104,3 +108,48 @@ class Workbench:
         write_table(self.out, "masking", rows, f"Feature masking: {fraction:.0%} of the pixels masked; share of "
                     f"{len(mentions)} correctly named objects that are no longer named")
         return rows
+
+    # ------------------------------------------------------------ Table 4 / 5, Table III
+    def finetune(self, modes=MODES, seeds=(0, 1, 2), steps: int = 60, learning_rate: float = 1e-4,
+                 lam: float = 0.5, batch_size: int = 32, min_count: int = 50, train_limit: int | None = 500,
+                 save: bool = False) -> list[dict]:
+        """Fine-tune the captioner with each mode and seed from the same start, then score each tuned
+        model on this split: caption metrics, the share of true-positive object words (TP%), the mAP
+        of frequent object words and the biased word's hallucination rate; mean ± std over seeds."""
+        training = predict(self.captioner, self.data, "train", self.beam_size, train_limit, self.progress)
+        rates = true_positive_rates(training)
+        results = {"original": [self._tuned_scores(self.captioner, min_count)]}
+        for mode in modes:
+            for seed in seeds:
+                config = FinetuneConfig(mode, steps, batch_size, learning_rate, lam, seed)
+                tuned = finetune(self.captioner, self.data, config, rates, self.progress)
+                if save:
+                    tuned.save(self.out / "finetuned" / f"{mode}-seed{seed}")
+                results.setdefault(mode, []).append(self._tuned_scores(tuned, min_count))
+        rows = []
+        for mode, runs in results.items():
+            row = {"model": mode, "runs": len(runs)}
+            for key in runs[0]:
+                values = np.array([r[key] for r in runs], dtype=float)
+                finite = values[~np.isnan(values)]
+                row[key] = float(finite.mean()) if finite.size else float("nan")
+                row[f"{key}_std"] = float(finite.std()) if finite.size > 1 else 0.0
+            rows.append(row)
+        write_table(self.out, "finetune", rows, f"Fine-tuning ({steps} steps, λ = {lam}, lr = {learning_rate}, "
+                    f"seeds {list(seeds)}), scored on {len(self.predictions.records)} {self.split} images")
+        return rows
+
+    def _tuned_scores(self, captioner: Captioner, min_count: int) -> dict:
+        p = predict(captioner, self.data, self.split, self.beam_size, self.limit, progress=False)
+        scores = token_metrics([c.words for c in p.captions], [r.captions for r in p.records])
+        mentions = p.mentions()
+        scores["TP%"] = 100 * float(np.mean([m.true_positive for m in mentions])) if mentions else float("nan")
+        frequent = p.frequent_mentions(min_count)
+        scores["mAP"] = mean_average_precision([m.word for m in frequent], labels_of(frequent),
+                                               word_probabilities(captioner, p, frequent))["map"]
+        bias = self.data.shapes_config
+        if bias:
+            rate = hallucination_rate([c.words for c in p.captions], p.objects, p.synonyms, bias["bias_word"],
+                                      bias["bias_partner"])
+            scores["hallucination_rate"] = rate.rate
+        return scores
