@@ -79,6 +79,14 @@ def test_quick_demo_end_to_end(tmp_path):
         assert {"bleu4", "object_precision", "object_recall", "hallucination_rate"} <= summary[arch].keys()
         assert 0.0 <= summary[arch]["bleu4"] <= 1.0
     assert summary["seconds"] > 0
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    for name in ("metrics", "ablation", "correctness", "hallucination", "map", "masking", "finetune"):
+        assert set(results[name]) == {"adaptive", "gridtd"}, name
+    assert set(results["hallucination"]["gridtd"]["auc"]) == {"lrp", "lrp_max", "guided_gradcam", "guided_gradcam_abs",
+                                                             "gradcam", "attention", "one_minus_beta"}
+    text = (tmp_path / "demo" / "RESULTS.md").read_text()
+    assert "Do the papers' findings hold here?" in text and "Table 5" in text
+    assert (tmp_path / "demo" / "results" / "gridtd" / "correctness.png").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -348,7 +348,8 @@ def finetune(model: ModelOption, data: DataOption, out: OutOption = Path("result
              batch_size: Annotated[int, typer.Option(help="Training images per step.")] = 32,
              min_count: MinCountOption = 50,
              train_limit: Annotated[Optional[int], typer.Option(help="Training images whose predictions give the frequency baseline's rates.")] = 500,
-             save: Annotated[bool, typer.Option(help="Also write each tuned model as a run folder under OUT/finetuned/.")] = False) -> None:
+             save: Annotated[bool, typer.Option(help="Also write each tuned model as a run folder under OUT/finetuned/.")] = False,
+             full_metrics: Annotated[bool, typer.Option(help="Score with all of Table 1 (Java METEOR, BERTScore) instead of BLEU-4/ROUGE-L/CIDEr.")] = False) -> None:
     """LRP-inference fine-tuning and its baselines (Table III, Tables 4-5): fine-tune from the same
     model with each mode and seed, then report caption metrics, TP%, mAP and the biased word's
     hallucination rate, mean ± std over seeds.
@@ -359,7 +360,7 @@ def finetune(model: ModelOption, data: DataOption, out: OutOption = Path("result
         chosen = [m.value for m in mode] if mode else ["lrp", "frequency", "plain"]
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
         rows = _workbench(model, data, out, split, limit, beam_size, device).finetune(
-            chosen, seed_list, steps, lr, lam, batch_size, min_count, train_limit, save)
+            chosen, seed_list, steps, lr, lam, batch_size, min_count, train_limit, save, full_metrics)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
     from .experiments.tables import markdown_table

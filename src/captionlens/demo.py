@@ -1,7 +1,8 @@
 """``captionlens demo``: the whole pipeline on the embedded shapes world, end to end on a CPU.
 
 Generate the data, pretrain the shapes encoder, train both captioners, caption the test split with
-beam search and write ``OUT/summary.json``."""
+beam search (``OUT/summary.json``), then run the papers' experiments on both models
+(``OUT/results/<arch>/`` tables and plots, ``OUT/results.json``, ``OUT/RESULTS.md``)."""
 from __future__ import annotations
 
 import time
@@ -11,7 +12,9 @@ from pathlib import Path
 from .data.bundle import open_data
 from .data.shapes import ShapesConfig, write_shapes_dataset
 from .experiments.captioning import evaluate_captioner
-from .io import write_json
+from .experiments.results import results_markdown
+from .experiments.workbench import Workbench
+from .io import atomic_write_text, write_json
 from .pipeline import ENCODER_TRAINING, pretrain_shapes_encoder, train_captioner
 from .train import TrainConfig
 
@@ -26,12 +29,21 @@ class DemoSize:
     hidden_size: int
     embed_size: int
     encoder_images: int  # unbiased images the encoder is pretrained on
+    experiment_images: int  # test images the experiments use
+    min_count: int  # frequent object words: predicted more often than this
+    masking_words: int
+    finetune_seeds: tuple[int, ...]
+    finetune_steps: int
+    finetune_train_images: int
 
 
 FULL = DemoSize(ShapesConfig(train=4000, val=500, test=1000), ENCODER_TRAINING,
-                TrainConfig(epochs=20, batch_size=50, learning_rate=2e-3, patience=2), 192, 128, 4000)
+                TrainConfig(epochs=14, batch_size=50, learning_rate=2e-3, patience=2), 192, 128, 4000,
+                400, 50, 120, (0, 1, 2), 25, 300)
 QUICK = DemoSize(ShapesConfig(train=800, val=100, test=200), replace(ENCODER_TRAINING, epochs=5),
-                 TrainConfig(epochs=6, batch_size=40, learning_rate=3e-3, patience=2), 96, 64, 800)
+                 TrainConfig(epochs=6, batch_size=40, learning_rate=3e-3, patience=2), 96, 64, 800,
+                 60, 5, 10, (0,), 2, 20)
+EXPERIMENTS = ("metrics", "ablation", "correctness", "hallucination", "map", "masking", "finetune")
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, device: str | None = None,
@@ -39,22 +51,51 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     began = time.perf_counter()
     out = Path(out)
     size = QUICK if quick else FULL
-    log(f"[1/4] generating the shapes world in {out / 'data'}")
+    log(f"[1/5] generating the shapes world in {out / 'data'}")
     data = open_data(write_shapes_dataset(out / "data", replace(size.data, seed=seed), progress))
-    log("[2/4] pretraining the shapes encoder on object presence in unbiased scenes")
+    log("[2/5] pretraining the shapes encoder on object presence in unbiased scenes")
     encoder_weights = out / "encoder" / "shapes_encoder.safetensors"
     pretrain_shapes_encoder(encoder_weights, replace(size.encoder, seed=seed), size.data.image_size,
                             size.encoder_images, progress, device)
     summary: dict = {}
+    captioners = {}
     for step, architecture in enumerate(ARCHITECTURES, start=3):
-        log(f"[{step}/4] training the {architecture} captioner in {out / architecture}")
+        log(f"[{step}/5] training the {architecture} captioner in {out / architecture}")
         captioner = train_captioner(data, architecture, out / architecture, encoder_weights=encoder_weights,
                                     hidden_size=size.hidden_size,
                                     embed_size=size.embed_size, train_config=replace(size.decoder, seed=seed),
                                     device=device, progress=progress)
         summary[architecture] = evaluate_captioner(captioner, data, "test", beam_size=3, shuffle_seed=seed,
                                                    progress=progress)
+        captioners[architecture] = captioner
     summary["seconds"] = round(time.perf_counter() - began, 1)
     summary["quick"] = quick
     write_json(out / "summary.json", summary)
+    log(f"[5/5] the papers' experiments on {size.experiment_images} test images -> {out / 'RESULTS.md'}")
+    results: dict = {name: {} for name in EXPERIMENTS}
+    for architecture, captioner in captioners.items():
+        for name, value in run_experiments(captioner, data, out / "results" / architecture, size, seed,
+                                           progress).items():
+            results[name][architecture] = value
+    results["seconds"] = round(time.perf_counter() - began, 1)
+    write_json(out / "results.json", results)
+    atomic_write_text(out / "RESULTS.md", results_markdown(results, results["seconds"], quick))
+    summary["seconds_with_experiments"] = results["seconds"]
+    write_json(out / "summary.json", summary)
     return summary
+
+
+def run_experiments(captioner, data, out: Path, size: DemoSize, seed: int = 0, progress: bool = True) -> dict:
+    """Every experiment of the papers on one captioner: {experiment name: its result}."""
+    bench = Workbench(captioner, data, out, "test", size.experiment_images, beam_size=3, progress=progress)
+    hallucination = bench.hallucination(size.min_count)
+    return {
+        "metrics": bench.metrics(bertscore_model="minilm"),
+        "ablation": bench.ablation(seed=seed),
+        "correctness": bench.correctness(),
+        "hallucination": hallucination,
+        "map": bench.mean_average_precision(size.min_count),
+        "masking": bench.masking(seed=seed, limit=size.masking_words),
+        "finetune": bench.finetune(seeds=size.finetune_seeds, steps=size.finetune_steps, min_count=size.min_count,
+                                   train_limit=size.finetune_train_images),
+    }

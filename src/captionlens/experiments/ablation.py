@@ -19,7 +19,7 @@ from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 from ..data.images import load_image
 from ..explain import explain_batch
 from ..models import Captioner
-from .context import Predictions
+from .context import Predictions, image_batches
 
 RANKINGS = ("lrp", "grad", "random")
 
@@ -76,22 +76,17 @@ def word_ablation(captioner: Captioner, predictions: Predictions, top: int = 3, 
     targets = ablation_targets(predictions, skip)
     rng = np.random.default_rng(seed)
     drops: dict[tuple[str, str], list[float]] = {(k, r): [] for k in ("stop", "object") for r in RANKINGS}
-    by_image: dict[int, list[Target]] = {}
-    for target in targets:
-        by_image.setdefault(target.image, []).append(target)
-    images = sorted(by_image)
-    for start in range(0, len(images), batch_size):
-        chunk = images[start: start + batch_size]
-        pictures = [load_image(predictions.records[i].path) for i in chunk]
-        captions = [predictions.captions[i] for i in chunk]
-        positions = [[t.position for t in by_image[i]] for i in chunk]
+    for batch in image_batches(targets, batch_size):
+        pictures = [load_image(predictions.records[i].path) for i, _ in batch]
+        captions = [predictions.captions[i] for i, _ in batch]
+        positions = [[t.position for t in group] for _, group in batch]
         relevance = {"lrp": explain_batch(captioner, pictures, captions, "lrp", words=positions),
                      "grad": explain_batch(captioner, pictures, captions, "gradcam", words=positions)}
         pixels = captioner.preprocess(pictures)
         rows, prefixes, words, keys = [], [], [], []
-        for b, i in enumerate(chunk):
+        for b, (i, group) in enumerate(batch):
             caption = predictions.captions[i].words
-            for row, target in enumerate(by_image[i]):
+            for row, target in enumerate(group):
                 prefix = caption[: target.position]
                 rows.append(b), prefixes.append(prefix), words.append(caption[target.position]), keys.append(None)
                 for ranking in RANKINGS:

@@ -4,7 +4,7 @@ map), the model's probability of each predicted word, and explanations computed 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,22 +65,29 @@ def predict(captioner: Captioner, data: DataBundle, split: str = "test", beam_si
     return Predictions(records, captions, [data.objects.categories_in(r.image_id) for r in records], data.synonyms)
 
 
+def image_batches(items: Sequence, batch_size: int) -> Iterator[list[tuple[int, list]]]:
+    """Items (anything with an ``.image`` index) grouped by image, in batches of at most
+    ``batch_size`` images: each batch is a list of (image index, its items)."""
+    groups: dict[int, list] = {}
+    for item in items:
+        groups.setdefault(item.image, []).append(item)
+    images = sorted(groups)
+    for start in range(0, len(images), batch_size):
+        yield [(image, groups[image]) for image in images[start: start + batch_size]]
+
+
 def explain_mentions(captioner: Captioner, predictions: Predictions, mentions: Sequence[Mention], method: str,
                      batch_size: int = 32, progress: bool = True, **parameters) -> dict[Mention, Explanation]:
     """Explanations of the given mentions (one Explanation row each), batched over images."""
-    by_image: dict[int, list[Mention]] = {}
-    for mention in mentions:
-        by_image.setdefault(mention.image, []).append(mention)
-    images = sorted(by_image)
     result: dict[Mention, Explanation] = {}
-    for start in tqdm(range(0, len(images), batch_size), desc=f"explain ({method})", disable=not progress):
-        chunk = images[start: start + batch_size]
+    batches = list(image_batches(mentions, batch_size))
+    for batch in tqdm(batches, desc=f"explain ({method})", disable=not progress):
         explanations = explain_batch(
-            captioner, [load_image(predictions.records[i].path) for i in chunk],
-            [predictions.captions[i] for i in chunk], method,
-            words=[[m.position for m in by_image[i]] for i in chunk], **parameters)
-        for i, explanation in zip(chunk, explanations):
-            for row, mention in enumerate(by_image[i]):
+            captioner, [load_image(predictions.records[i].path) for i, _ in batch],
+            [predictions.captions[i] for i, _ in batch], method,
+            words=[[m.position for m in group] for _, group in batch], **parameters)
+        for (_, group), explanation in zip(batch, explanations):
+            for row, mention in enumerate(group):
                 result[mention] = row_of(explanation, row)
     return result
 
@@ -100,19 +107,14 @@ def word_probabilities(captioner: Captioner, predictions: Predictions, mentions:
     the predicted caption)."""
     probabilities = np.zeros(len(mentions))
     index = {m: k for k, m in enumerate(mentions)}
-    by_image: dict[int, list[Mention]] = {}
-    for mention in mentions:
-        by_image.setdefault(mention.image, []).append(mention)
-    images = sorted(by_image)
-    for start in range(0, len(images), batch_size):
-        chunk = images[start: start + batch_size]
-        pixels = captioner.preprocess([load_image(predictions.records[i].path) for i in chunk])
-        ids = [predictions.captions[i].token_ids for i in chunk]
+    for batch in image_batches(mentions, batch_size):
+        pixels = captioner.preprocess([load_image(predictions.records[i].path) for i, _ in batch])
+        ids = [predictions.captions[i].token_ids for i, _ in batch]
         longest = max(len(t) for t in ids)
         tokens = torch.tensor([t + [captioner.vocab.pad_id] * (longest - len(t)) for t in ids], device=pixels.device)
         log_probs = torch.log_softmax(captioner.model(pixels, tokens[:, :-1]), dim=-1)  # [B, T, V]
-        for row, i in enumerate(chunk):
-            for mention in by_image[i]:
+        for row, (_, group) in enumerate(batch):
+            for mention in group:
                 token = tokens[row, mention.position + 1]
                 probabilities[index[mention]] = float(log_probs[row, mention.position, token].exp())
     return probabilities

@@ -38,3 +38,26 @@ def write_table(directory: str | Path, name: str, rows: Sequence[dict], title: s
     write_json(paths["json"], list(rows))
     atomic_write_text(paths["md"], (f"### {title}\n\n" if title else "") + markdown_table(rows, columns))
     return paths
+
+
+def plot_bars(rows: Sequence[dict], label: str | Sequence[str], value: str, out: str | Path, title: str = "",
+              error: str | None = None) -> Path:
+    """A bar per row: ``value`` (with ``error`` bars when given), labelled by the ``label`` column(s)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [" / ".join(str(r[c]) for c in ([label] if isinstance(label, str) else label)) for r in rows]
+    values = [float(r[value]) for r in rows]
+    figure, axis = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 1.5), 3.6))
+    axis.bar(range(len(rows)), values, yerr=[float(r.get(error, 0)) for r in rows] if error else None,
+             color="#4a7bd0", capsize=3)
+    axis.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=8)
+    axis.set_ylabel(value)
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    out = Path(out)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out

@@ -19,7 +19,7 @@ from .finetune import MODES, FinetuneConfig, finetune, true_positive_rates
 from .hallucination import SCORES, auc_table, chair, detection_scores, labels_of, mean_average_precision, plot_roc
 from .masking import feature_masking
 from .metrics import hallucination_rate
-from .tables import write_table
+from .tables import plot_bars, write_table
 
 
 class Workbench:
@@ -49,8 +49,11 @@ class Workbench:
         scores = caption_metrics([" ".join(c.words) for c in p.captions],
                                  [r.raw or [" ".join(t) for t in r.captions] for r in p.records],
                                  spice_corenlp, bertscore_model)
-        write_table(self.out, "metrics", [{"metric": k, "value": v} for k, v in scores.items()],
+        rows = [{"metric": k, "value": v} for k, v in scores.items()]
+        write_table(self.out, "metrics", rows,
                     f"Caption metrics, {self.split} split ({len(p.records)} images, beam {self.beam_size})")
+        plot_bars([r for r in rows if isinstance(r["value"], float)], "metric", "value", self.out / "metrics.png",
+                  "caption metrics")
         return scores
 
     # ---------------------------------------------------------------------- Fig. 3 / Fig. 5
@@ -84,8 +87,9 @@ class Workbench:
         mentions = self.predictions.frequent_mentions(min_count)
         probabilities = word_probabilities(self.captioner, self.predictions, mentions)
         result = mean_average_precision([m.word for m in mentions], labels_of(mentions), probabilities)
-        write_table(self.out, "map", [{"word": w, "ap": ap} for w, ap in result["per_word"].items()]
-                    + [{"word": "mAP", "ap": result["map"]}], f"AP of frequent object words (> {min_count})")
+        rows = [{"word": w, "ap": ap} for w, ap in result["per_word"].items()] + [{"word": "mAP", "ap": result["map"]}]
+        write_table(self.out, "map", rows, f"AP of frequent object words (> {min_count})")
+        plot_bars(rows, "word", "ap", self.out / "map.png", "average precision of frequent object words")
         return result
 
 
@@ -94,6 +98,8 @@ class Workbench:
         rows = word_ablation(self.captioner, self.predictions, top, skip, seed)
         write_table(self.out, "ablation", rows, f"Word ablation: top-{top} preceding words deleted "
                     f"(targets at position ≥ {skip})")
+        plot_bars(rows, ("words", "ranking"), "drop_share", self.out / "ablation.png",
+                  "share of targets whose probability drops")
         return rows
 
     # ------------------------------------------------------------------- Fig. 4 / IV-B-1
@@ -107,25 +113,27 @@ class Workbench:
                                self.beam_size)
         write_table(self.out, "masking", rows, f"Feature masking: {fraction:.0%} of the pixels masked; share of "
                     f"{len(mentions)} correctly named objects that are no longer named")
+        plot_bars(rows, ("method", "masked"), "vanished", self.out / "masking.png", "word no longer named after masking")
         return rows
 
     # ------------------------------------------------------------ Table 4 / 5, Table III
     def finetune(self, modes=MODES, seeds=(0, 1, 2), steps: int = 60, learning_rate: float = 1e-4,
                  lam: float = 0.5, batch_size: int = 32, min_count: int = 50, train_limit: int | None = 500,
-                 save: bool = False) -> list[dict]:
+                 save: bool = False, full_metrics: bool = False) -> list[dict]:
         """Fine-tune the captioner with each mode and seed from the same start, then score each tuned
-        model on this split: caption metrics, the share of true-positive object words (TP%), the mAP
-        of frequent object words and the biased word's hallucination rate; mean ± std over seeds."""
+        model on this split: caption metrics (BLEU-4, ROUGE-L, CIDEr without Java; ``full_metrics``
+        for all of Table 1), the share of true-positive object words (TP%), the mAP of frequent object
+        words and the biased word's hallucination rate; mean ± std over seeds."""
         training = predict(self.captioner, self.data, "train", self.beam_size, train_limit, self.progress)
         rates = true_positive_rates(training)
-        results = {"original": [self._tuned_scores(self.captioner, min_count)]}
+        results = {"original": [self._tuned_scores(self.captioner, min_count, full_metrics)]}
         for mode in modes:
             for seed in seeds:
                 config = FinetuneConfig(mode, steps, batch_size, learning_rate, lam, seed)
                 tuned = finetune(self.captioner, self.data, config, rates, self.progress)
                 if save:
                     tuned.save(self.out / "finetuned" / f"{mode}-seed{seed}")
-                results.setdefault(mode, []).append(self._tuned_scores(tuned, min_count))
+                results.setdefault(mode, []).append(self._tuned_scores(tuned, min_count, full_metrics))
         rows = []
         for mode, runs in results.items():
             row = {"model": mode, "runs": len(runs)}
@@ -137,11 +145,18 @@ class Workbench:
             rows.append(row)
         write_table(self.out, "finetune", rows, f"Fine-tuning ({steps} steps, λ = {lam}, lr = {learning_rate}, "
                     f"seeds {list(seeds)}), scored on {len(self.predictions.records)} {self.split} images")
+        key = "hallucination_rate" if "hallucination_rate" in rows[0] else "TP%"
+        plot_bars(rows, "model", key, self.out / "finetune.png", f"{key} after fine-tuning (mean ± std)", f"{key}_std")
         return rows
 
-    def _tuned_scores(self, captioner: Captioner, min_count: int) -> dict:
+    def _tuned_scores(self, captioner: Captioner, min_count: int, full_metrics: bool) -> dict:
         p = predict(captioner, self.data, self.split, self.beam_size, self.limit, progress=False)
-        scores = token_metrics([c.words for c in p.captions], [r.captions for r in p.records])
+        if full_metrics:
+            scores = {k: v for k, v in caption_metrics([" ".join(c.words) for c in p.captions],
+                                                       [r.raw or [" ".join(t) for t in r.captions] for r in p.records],
+                                                       bertscore_model="minilm").items() if isinstance(v, float)}
+        else:
+            scores = token_metrics([c.words for c in p.captions], [r.captions for r in p.records])
         mentions = p.mentions()
         scores["TP%"] = 100 * float(np.mean([m.true_positive for m in mentions])) if mentions else float("nan")
         frequent = p.frequent_mentions(min_count)
