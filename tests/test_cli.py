@@ -5,16 +5,30 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from captionlens.cli import app
+from captionlens.cli import app, data_app
 
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("verb", [[], ["data"], ["data", "shapes"], ["data", "coco2017"], ["train"], ["caption"], ["demo"]])
+def _name(command) -> str:
+    return command.name or command.callback.__name__.replace("_", "-")
+
+
+VERBS = [[], ["data"], *[["data", _name(c)] for c in data_app.registered_commands],
+         *[[_name(c)] for c in app.registered_commands]]
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=[" ".join(v) or "captionlens" for v in VERBS])
 def test_every_verb_has_help(verb):
     result = runner.invoke(app, [*verb, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+def test_the_help_test_covers_every_verb():
+    names = {" ".join(v) for v in VERBS}
+    assert {"data shapes", "data coco2017", "pretrain-encoder", "train", "caption", "explain", "evaluate", "ablation",
+            "correctness", "hallucination", "map", "masking", "finetune", "demo"} <= names
 
 
 def test_train_choices_come_from_the_registries():
@@ -56,6 +70,9 @@ def test_experiment_verbs_write_their_tables(tiny_run, tiny_shapes, tmp_path):
     result = runner.invoke(app, ["correctness", *common])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "correctness.png").is_file()
+    result = runner.invoke(app, ["map", *common, "--min-count", "0"])
+    assert result.exit_code == 0, result.output
+    assert "per_word" in json.loads(result.stdout) and (tmp_path / "map.png").is_file()
 
 
 def test_bad_input_exits_nonzero_with_a_message(tmp_path):

@@ -295,6 +295,19 @@ def hallucination(model: ModelOption, data: DataOption, out: OutOption = Path("r
                      indent=2))
 
 
+@app.command("map")
+def mean_average_precision(model: ModelOption, data: DataOption, out: OutOption = Path("results"),
+                           split: SplitOption = "test", limit: LimitOption = None, beam_size: BeamOption = 3,
+                           device: DeviceOption = None, min_count: MinCountOption = 50) -> None:
+    """Mean average precision of the frequent object words (Table 5): each word's mentions ranked by
+    the model's probability against their true/false-positive labels. Writes map.{csv,json,md,png}."""
+    try:
+        result = _workbench(model, data, out, split, limit, beam_size, device).mean_average_precision(min_count)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    print(json.dumps(result, indent=2))
+
+
 @app.command()
 def ablation(model: ModelOption, data: DataOption, out: OutOption = Path("results"), split: SplitOption = "test",
              limit: LimitOption = None, beam_size: BeamOption = 3, device: DeviceOption = None,
