@@ -104,6 +104,8 @@ def test_quick_demo_end_to_end(tmp_path):
     text = (tmp_path / "demo" / "RESULTS.md").read_text()
     assert "Do the papers' findings hold here?" in text and "Table 5" in text
     assert (tmp_path / "demo" / "results" / "gridtd" / "correctness.png").is_file()
+    report = (tmp_path / "demo" / "report.html").read_text()
+    assert "https://" not in report and "Experiments" in report
 
 
 @pytest.fixture(scope="module")

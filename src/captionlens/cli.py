@@ -382,6 +382,41 @@ def finetune(model: ModelOption, data: DataOption, out: OutOption = Path("result
 
 
 @app.command()
+def report(
+    run: Annotated[Path, typer.Option(help="Run folder of a trained captioner.")],
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
+    images: Annotated[Optional[list[Path]], typer.Option("--images", help="Images to explain (repeat the option); default: the first --count test images of --data.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Dataset folder to take test images from.")] = None,
+    count: Annotated[int, typer.Option(help="How many test images when --images is not given.")] = 4,
+    results: Annotated[Optional[Path], typer.Option(help="Folder of experiment tables and plots to include (e.g. OUT/results of the demo).")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods, one column each.")] = "attention,gradcam,guided_gradcam,lrp",
+    device: DeviceOption = None,
+) -> None:
+    """Write one self-contained HTML file (images embedded, no network needed): per image the caption
+    and every word's heatmaps by each method with an opacity slider, the preceding words coloured by
+    relevance, and the experiments' tables and plots when --results is given.
+
+    Example: captionlens report --run runs/demo/gridtd --data runs/demo/data --results runs/demo/results
+    """
+    from .api import load
+    from .data.bundle import open_data
+    from .data.images import ImageLoadError
+    from .report.html import build_report
+
+    try:
+        chosen = list(images or [])
+        if not chosen:
+            if data is None:
+                fail("give --images, or --data to take test images from")
+            chosen = [r.path for r in open_data(data).split("test")[:count]]
+        path = build_report(load(run, device), chosen, out, [m.strip() for m in methods.split(",") if m.strip()],
+                            results_dir=results)
+    except (FileNotFoundError, ValueError, ImageLoadError) as error:
+        fail(str(error))
+    console.print(f"report: {path}")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the data, the runs and summary.json.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="Small sizes: the whole pipeline in about a minute.")] = False,
@@ -395,7 +430,7 @@ def demo(
     from .demo import run_demo
 
     summary = run_demo(out, quick, seed, device, log=console.print)
-    table = Table(title=f"captionlens demo — test split, beam 3 ({summary['seconds']:.0f} s)")
+    table = Table(title=f"captionlens demo — test split, beam 3 ({summary['seconds_with_experiments']:.0f} s)")
     for column in ("model", "BLEU-4", "BLEU-4 shuffled", "obj. precision", "obj. recall", "hallucination (95% CI)"):
         table.add_column(column)
     for arch in ("adaptive", "gridtd"):
@@ -405,7 +440,7 @@ def demo(
                       f"{s['object_recall']:.3f}",
                       f"{h['rate']:.1%} [{h['low']:.1%}, {h['high']:.1%}] of {h['total']} ('{h['word']}' for '{h['partner']}')")
     Console().print(table)
-    console.print(f"summary: {out / 'summary.json'}")
+    console.print(f"summary: {out / 'summary.json'}; results: {out / 'RESULTS.md'}; report: {out / 'report.html'}")
 
 
 if __name__ == "__main__":

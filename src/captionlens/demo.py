@@ -15,6 +15,7 @@ from .experiments.captioning import evaluate_captioner
 from .experiments.results import results_markdown
 from .experiments.workbench import Workbench
 from .io import atomic_write_text, write_json
+from .report.html import build_report
 from .pipeline import ENCODER_TRAINING, pretrain_shapes_encoder, train_captioner
 from .train import TrainConfig
 
@@ -35,14 +36,15 @@ class DemoSize:
     finetune_seeds: tuple[int, ...]
     finetune_steps: int
     finetune_train_images: int
+    report_images: int
 
 
 FULL = DemoSize(ShapesConfig(train=4000, val=500, test=1000), ENCODER_TRAINING,
                 TrainConfig(epochs=14, batch_size=50, learning_rate=2e-3, patience=2), 192, 128, 4000,
-                400, 50, 120, (0, 1, 2), 25, 300)
+                400, 50, 120, (0, 1, 2), 25, 300, 4)
 QUICK = DemoSize(ShapesConfig(train=800, val=100, test=200), replace(ENCODER_TRAINING, epochs=5),
                  TrainConfig(epochs=6, batch_size=40, learning_rate=3e-3, patience=2), 96, 64, 800,
-                 60, 5, 10, (0,), 2, 20)
+                 60, 5, 10, (0,), 2, 20, 2)
 EXPERIMENTS = ("metrics", "ablation", "correctness", "hallucination", "map", "masking", "finetune")
 
 
@@ -80,7 +82,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     results["seconds"] = round(time.perf_counter() - began, 1)
     write_json(out / "results.json", results)
     atomic_write_text(out / "RESULTS.md", results_markdown(results, results["seconds"], quick))
-    summary["seconds_with_experiments"] = results["seconds"]
+    log(f"writing the report {out / 'report.html'}")
+    build_report(captioners["gridtd"], [r.path for r in data.split("test")[: size.report_images]], out / "report.html",
+                 results_dir=out / "results", title="captionlens demo: grid-TD on the shapes world")
+    summary["seconds_with_experiments"] = round(time.perf_counter() - began, 1)
     write_json(out / "summary.json", summary)
     return summary
 

@@ -1,0 +1,161 @@
+"""A self-contained HTML report: one file, images embedded as data URIs, inline CSS and JS, no network.
+
+Per image: the caption and, for each word, the heatmaps of every method side by side — each signed
+map coloured blue–white–red, scaled symmetrically by its max |value| and laid over the image with an
+opacity slider — and the preceding words coloured by their normalised relevance as in the papers'
+Fig. 4. When experiment results are given, their tables and plots follow. Every word and file name
+is HTML-escaped.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..data.images import ImageInput, load_image
+from ..explain import METHODS, Explanation, explain
+from ..io import atomic_write_text
+from ..models import Captioner
+from .figures import COLUMN_ORDER, LINGUISTIC_PREFERENCE, TITLES, normalised, symmetric_limit, word_colour
+
+DEFAULT_METHODS = ("attention", "gradcam", "guided_gradcam", "lrp")
+DISPLAY = 160  # pixels per heatmap tile
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em} table{border-collapse:collapse}
+td,th{padding:3px 6px;vertical-align:middle} th{font-weight:600;font-size:.85em}
+.tile{position:relative;width:%dpx;height:%dpx}
+.tile img{position:absolute;left:0;top:0;width:100%%;height:100%%;image-rendering:auto}
+.tile img.map{opacity:var(--opacity,.55)} .word{font-weight:700;text-align:right;font-size:1.05em}
+.tok{display:inline-block;padding:0 4px;margin:1px;border-radius:3px;font-family:monospace;font-size:.85em}
+.data td,.data th{border:1px solid #ccc;font-size:.85em} .caption{font-size:1.1em;margin:.3em 0 .8em}
+""" % (DISPLAY, DISPLAY)
+SCRIPT = """
+function setOpacity(v){document.documentElement.style.setProperty('--opacity',v);
+document.getElementById('opacity-value').textContent=Number(v).toFixed(2);}
+"""
+
+
+def png_data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def heatmap_image(heatmap: np.ndarray) -> Image.Image:
+    """The signed map in blue–white–red, symmetric around 0 (RGBA, opaque)."""
+    import matplotlib
+
+    limit = symmetric_limit(heatmap)
+    colours = matplotlib.colormaps["bwr"]((heatmap / limit + 1) / 2)  # [H, W, 4] in [0, 1]
+    return Image.fromarray((colours * 255).round().astype(np.uint8), mode="RGBA")
+
+
+def _tokens_html(explanation: Explanation, row: int) -> str:
+    position = explanation.positions[row]
+    values = normalised(explanation.preceding[row, : position + 1])
+    return " ".join(
+        f'<span class="tok" style="background:{word_colour(v)}" title="{v:+.2f}">{html.escape(t)}</span>'
+        for t, v in zip(explanation.tokens[: position + 1], values))
+
+
+def image_section(name: str, picture: Image.Image, explanations: Sequence[Explanation]) -> str:
+    """One image's table: rows = words, columns = image, methods, preceding words."""
+    by_method = {e.method: e for e in explanations}
+    methods = [m for m in COLUMN_ORDER if m in by_method] + [m for m in by_method if m not in COLUMN_ORDER]
+    first = by_method[methods[0]]
+    linguistic = next((by_method[m] for m in LINGUISTIC_PREFERENCE if m in by_method), None)
+    size = first.image.shape[-1]
+    background = png_data_uri(picture.convert("RGB").resize((size, size), Image.BILINEAR))
+    header = "".join(f"<th>{html.escape(TITLES.get(m, m))}</th>" for m in methods)
+    if linguistic is not None:
+        header += f"<th>preceding words ({html.escape(TITLES.get(linguistic.method, linguistic.method))})</th>"
+    rows = []
+    for row, word in enumerate(first.words):
+        cells = [f'<td class="word">{html.escape(word)}</td>',
+                 f'<td><div class="tile"><img src="{background}" alt="image"></div></td>']
+        for method in methods:
+            overlay = png_data_uri(heatmap_image(by_method[method].image[row].numpy()))
+            cells.append(f'<td><div class="tile"><img src="{background}" alt="image">'
+                         f'<img class="map" src="{overlay}" alt="{html.escape(method)} heatmap of '
+                         f'{html.escape(word)}"></div></td>')
+        if linguistic is not None:
+            cells.append(f"<td>{_tokens_html(linguistic, row)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    caption = html.escape(" ".join(w for w in first.tokens[1:]))
+    return (f"<h2>{html.escape(name)}</h2><p class=\"caption\">{caption}</p>"
+            f"<table><tr><th></th><th>image</th>{header}</tr>{''.join(rows)}</table>")
+
+
+def results_section(results_dir: Path) -> str:
+    """The experiments' tables (from their JSON files) and plots, per architecture folder."""
+    parts = ["<h2>Experiments</h2>"]
+    folders = sorted(p for p in results_dir.iterdir() if p.is_dir()) or [results_dir]
+    for folder in folders:
+        tables = sorted(folder.glob("*.json"))
+        plots = sorted(folder.glob("*.png"))
+        if not tables and not plots:
+            continue
+        parts.append(f"<h3>{html.escape(folder.name)}</h3>")
+        for table in tables:
+            rows = json.loads(table.read_text())
+            if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+                parts.append(f"<h4>{html.escape(table.stem)}</h4>" + _data_table(rows))
+        for plot in plots:
+            with Image.open(plot) as image:
+                parts.append(f'<figure><img src="{png_data_uri(image)}" alt="{html.escape(plot.stem)}" '
+                             f'style="max-width:560px"><figcaption>{html.escape(plot.stem)}</figcaption></figure>')
+    return "".join(parts)
+
+
+def _data_table(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(row.get(c, '')))}</td>" for c in columns) + "</tr>"
+                   for row in rows)
+    return f'<table class="data"><tr>{head}</tr>{body}</table>'
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def build_report(captioner: Captioner, images: Sequence[ImageInput], out: str | Path,
+                 methods: Sequence[str] = DEFAULT_METHODS, captions: Sequence[Sequence[str]] | None = None,
+                 results_dir: str | Path | None = None, title: str = "captionlens report", beam_size: int = 3,
+                 **lrp_parameters) -> Path:
+    """Write the report for ``images`` (their model captions, or ``captions``) to ``out``."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(sorted(METHODS))}")
+    sections = []
+    for index, image in enumerate(images):
+        picture = load_image(image)
+        words = list(captions[index]) if captions is not None else captioner.caption([picture], beam_size)[0].words
+        name = Path(image).name if isinstance(image, (str, Path)) else f"image {index + 1}"
+        if not words:
+            sections.append(f"<h2>{html.escape(name)}</h2><p>(empty caption)</p>")
+            continue
+        explanations = [explain(captioner, picture, words, method, **(lrp_parameters if method == "lrp" else {}))
+                        for method in methods]
+        sections.append(image_section(name, picture, explanations))
+    if results_dir is not None and Path(results_dir).is_dir():
+        sections.append(results_section(Path(results_dir)))
+    document = (
+        f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style><script>{SCRIPT}</script></head><body><h1>{html.escape(title)}</h1>"
+        "<p>Red: evidence for the word, blue: evidence against it; each map is scaled by its own max |value|. "
+        "Preceding words: red ≥ 0.3, yellow (0, 0.3), blue ≤ 0 of the normalised relevance.</p>"
+        "<p><label>overlay opacity <input type=\"range\" min=\"0\" max=\"1\" step=\"0.05\" value=\"0.55\" "
+        "oninput=\"setOpacity(this.value)\"></label> <span id=\"opacity-value\">0.55</span></p>"
+        + "".join(sections) + "</body></html>")
+    out = Path(out)
+    atomic_write_text(out, document)
+    return out
