@@ -91,15 +91,18 @@ def test_beam_search_scores_and_greedy(arch):
         for caption, grid in zip(captions, grids):
             assert caption.token_ids[0] == cap.vocab.start_id
             assert caption.score == pytest.approx(_sequence_log_prob(cap, grid[None], caption.token_ids), abs=1e-4)
-        # beam 1 = greedy argmax decoding
+        # beam 1 = greedy argmax decoding (over the tokens a caption may contain)
         greedy = cap.caption_features(grids[:1], beam_size=1, max_length=6)[0]
         ids = [cap.vocab.start_id]
         for _ in range(6):
-            next_id = int(cap.model.decoder(grids[:1], torch.tensor([ids])).logits[0, -1].argmax())
+            logits = cap.model.decoder(grids[:1], torch.tensor([ids])).logits[0, -1]
+            logits[[cap.vocab.pad_id, cap.vocab.start_id]] = float("-inf")
+            next_id = int(logits.argmax())
             ids.append(next_id)
             if next_id == cap.vocab.end_id:
                 break
         assert greedy.token_ids == ids
+        assert not {cap.vocab.pad_id} & {t for c in captions for t in c.token_ids}  # never generated
         # a wider beam never finds a less likely caption than greedy
         wide = cap.caption_features(grids[:1], beam_size=5, max_length=6)[0]
         if wide.token_ids[-1] == cap.vocab.end_id and greedy.token_ids[-1] == cap.vocab.end_id:

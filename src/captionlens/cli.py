@@ -417,6 +417,35 @@ def report(
 
 
 @app.command()
+def serve(
+    model: ModelOption,
+    data: Annotated[Optional[Path], typer.Option(help="Dataset folder whose test images can be picked.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload (MB); larger ones get 413.")] = 10.0,
+    device: DeviceOption = None,
+) -> None:
+    """The interactive viewer: upload or pick an image, see its caption, click a word to see its
+    heatmaps by each method and its linguistic explanation; change ε, α/β and the method; download
+    the heatmap PNG and the explanation JSON. JSON API under /api/, OpenAPI at /openapi.json.
+
+    Example: captionlens serve --model runs/demo/gridtd --data runs/demo/data   (then open http://127.0.0.1:8000)
+    """
+    from .api import load
+
+    try:
+        import uvicorn
+
+        from .viewer.app import create_app
+
+        application = create_app(load(model, device), data, int(max_upload_mb * 1024 * 1024))
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        fail(str(error))
+    console.print(f"captionlens viewer on http://{host}:{port}")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the data, the runs and summary.json.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="Small sizes: the whole pipeline in about a minute.")] = False,

@@ -28,8 +28,10 @@ def beam_search(
     end_id: int,
     beam_size: int = 3,
     max_length: int = 20,
+    banned: tuple[int, ...] = (),
 ) -> list[Hypothesis]:
-    """The best caption for each image of ``grid`` [B, C, h, w]."""
+    """The best caption for each image of ``grid`` [B, C, h, w]; tokens in ``banned`` (<pad>,
+    <start>) are never generated."""
     if beam_size < 1 or max_length < 1:
         raise ValueError("beam_size and max_length must be ≥ 1")
     batch, k = grid.shape[0], beam_size
@@ -49,6 +51,8 @@ def beam_search(
     for t in range(max_length):
         out = decoder.step(memory, words, state)
         log_probs = torch.log_softmax(out.logits, dim=-1).view(batch, k, -1)  # [B, K, V]
+        if banned:
+            log_probs[:, :, list(banned)] = float("-inf")
         candidates = (scores.unsqueeze(2) + log_probs).view(batch, -1)  # [B, K*V]
         vocab = log_probs.shape[2]
         # The 2K best candidates hold at least K that do not end (one <end> per beam at most).

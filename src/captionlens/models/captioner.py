@@ -136,7 +136,8 @@ class Captioner:
         for i in range(0, grids.shape[0], batch_size):
             batch = grids[i: i + batch_size].to(self.device, torch.float32)
             for hypothesis in beam_search(self.model.decoder, batch, self.vocab.start_id, self.vocab.end_id,
-                                          beam_size, max_length or self.config.max_length):
+                                          beam_size, max_length or self.config.max_length,
+                                          banned=(self.vocab.pad_id, self.vocab.start_id)):
                 ids = [self.vocab.start_id, *hypothesis.token_ids]
                 captions.append(Caption(self.vocab.decode(ids), ids, hypothesis.score))
         return captions

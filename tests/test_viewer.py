@@ -1,0 +1,151 @@
+"""The viewer: every API endpoint with a test client (bad input included), and an end-to-end test in
+headless Chromium (Debian's chromium + chromium-driver, which .ci/run installs)."""
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import captionlens as cl
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    cap = cl.build_captioner("gridtd", encoder="shapes", vocab="a red blue circle square".split(), hidden_size=12,
+                             embed_size=8, seed=0)
+    import torch
+
+    with torch.no_grad():  # never <end>: captions of max_length words rather than empty ones
+        cap.model.decoder.fc.bias[cap.vocab.end_id] = -1e4
+    cap.config.max_length = 6
+    return cap
+
+
+@pytest.fixture(scope="module")
+def client(captioner, tiny_shapes):
+    from fastapi.testclient import TestClient
+
+    from captionlens.viewer.app import create_app
+
+    return TestClient(create_app(captioner, tiny_shapes, max_upload_bytes=200_000))
+
+
+def png_bytes(size=(40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_page_methods_images_and_openapi(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "captionlens viewer" in page.text and "textContent" in page.text
+    methods = client.get("/api/methods").json()
+    assert set(methods) == {"lrp", "gradcam", "guided_gradcam", "guided_backprop", "gradient_x_input", "attention"}
+    assert methods["lrp"] == ["epsilon", "alpha", "beta", "first_layer"]
+    images = client.get("/api/images").json()
+    assert len(images) == 10 and images[0]["id"].startswith("data-")
+    picture = client.get(f"/api/images/{images[0]['id']}")
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/caption", "/api/explain", "/api/methods", "/api/images", "/api/images/{image_id}"} <= set(paths)
+
+
+def test_caption_and_explain_an_upload(client):
+    result = client.post("/api/caption", files={"file": ("red.png", png_bytes(), "image/png")}).json()
+    assert result["image_id"].startswith("upload-") and result["name"] == "red.png" and result["words"]
+    again = client.post("/api/caption", data={"image_id": result["image_id"]}).json()
+    assert again["words"] == result["words"]
+    index = len(result["words"]) - 1
+    explanation = client.post("/api/explain", json={"image_id": result["image_id"], "word_index": index,
+                                                    "method": "lrp", "epsilon": 0.1}).json()
+    assert explanation["heatmap_png"].startswith("data:image/png;base64,")
+    assert [p["token"] for p in explanation["preceding"]] == ["<start>", *result["words"][:index]]
+    assert explanation["parameters"]["epsilon"] == 0.1
+    cached = client.post("/api/explain", json={"image_id": result["image_id"], "word_index": index, "method": "lrp",
+                                               "epsilon": 0.1}).json()
+    assert cached == explanation
+    attention = client.post("/api/explain", json={"image_id": result["image_id"], "word_index": 0,
+                                                  "method": "attention"}).json()
+    assert "beta" in attention["extra"]
+
+
+def test_bad_requests(client, tiny_shapes):
+    big = client.post("/api/caption", files={"file": ("big.png", b"\0" * 300_000, "image/png")})
+    assert big.status_code == 413
+    text = client.post("/api/caption", files={"file": ("notes.png", b"just some text", "image/png")})
+    assert text.status_code == 415 and "not an image" in text.json()["detail"]
+    assert client.post("/api/caption", data={"image_id": "../../etc/passwd"}).status_code == 404
+    assert client.get("/api/images/..%2F..%2Fetc%2Fpasswd").status_code == 404
+    assert client.post("/api/caption").status_code == 422
+    image_id = client.get("/api/images").json()[0]["id"]
+    client.post("/api/caption", data={"image_id": image_id})
+    unknown = client.post("/api/explain", json={"image_id": image_id, "word_index": 0, "method": "saliency"})
+    assert unknown.status_code == 400 and "saliency" in unknown.json()["detail"]
+    far = client.post("/api/explain", json={"image_id": image_id, "word_index": 99})
+    assert far.status_code == 400 and "out of range" in far.json()["detail"]
+    assert client.post("/api/explain", json={"image_id": "nope", "word_index": 0}).status_code == 404
+    assert client.post("/api/explain", json={"image_id": image_id, "word_index": -1}).status_code == 422
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(captioner, tiny_shapes):
+    import uvicorn
+
+    from captionlens.viewer.app import create_app
+
+    port = _free_port()
+    instance = uvicorn.Server(uvicorn.Config(create_app(captioner, tiny_shapes), host="127.0.0.1", port=port,
+                                             log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if instance.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_in_a_real_browser_upload_click_a_word_see_the_heatmap(server, tiny_shapes, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                 "--window-size=1100,800"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        browser.get(server)
+        wait = WebDriverWait(browser, 30)
+        image = sorted((tiny_shapes / "images").glob("*.png"))[0]
+        browser.find_element(By.ID, "upload").send_keys(str(image))
+        buttons = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#words button"))
+        assert len(buttons) >= 2
+        buttons[-1].click()
+        wait.until(lambda b: (b.find_element(By.ID, "overlay").get_attribute("src") or "").startswith("data:image/png"))
+        tokens = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#linguistic .tok"))
+        assert [t.text for t in tokens][0] == "<start>" and len(tokens) == len(buttons)
+        assert browser.find_element(By.ID, "download-png").is_displayed()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "score"), "lrp"))
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "viewer.png"))
+    finally:
+        browser.quit()
