@@ -144,6 +144,9 @@ def test_in_a_real_browser_upload_click_a_word_see_the_heatmap(server, tiny_shap
         tokens = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#linguistic .tok"))
         assert [t.text for t in tokens][0] == "<start>" and len(tokens) == len(buttons)
         assert browser.find_element(By.ID, "download-png").is_displayed()
+        tiles = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#tiles figure") or None)
+        assert sorted(t.text for t in tiles) == ["attention", "gradcam", "gradient_x_input", "guided_backprop",
+                                                 "guided_gradcam", "lrp"]  # every method's heatmap of the word
         wait.until(ready.text_to_be_present_in_element((By.ID, "score"), "lrp"))
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "viewer.png"))

@@ -389,7 +389,7 @@ def report(
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder to take test images from.")] = None,
     count: Annotated[int, typer.Option(help="How many test images when --images is not given.")] = 4,
     results: Annotated[Optional[Path], typer.Option(help="Folder of experiment tables and plots to include (e.g. OUT/results of the demo).")] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods, one column each.")] = "attention,gradcam,guided_gradcam,lrp",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods, one column each.")] = "attention,gradcam,guided_gradcam,guided_backprop,gradient_x_input,lrp",
     device: DeviceOption = None,
 ) -> None:
     """Write one self-contained HTML file (images embedded, no network needed): per image the caption

@@ -24,7 +24,7 @@ from ..io import atomic_write_text
 from ..models import Captioner
 from .figures import COLUMN_ORDER, LINGUISTIC_PREFERENCE, TITLES, normalised, symmetric_limit, word_colour
 
-DEFAULT_METHODS = ("attention", "gradcam", "guided_gradcam", "lrp")
+DEFAULT_METHODS = COLUMN_ORDER  # every method
 DISPLAY = 160  # pixels per heatmap tile
 
 STYLE = """
