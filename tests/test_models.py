@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import captionlens as cl
-from captionlens.models.beam import beam_search
 from captionlens.models.encoders import VGG16Encoder, build_encoder
 
 ARCHS = ["adaptive", "gridtd"]

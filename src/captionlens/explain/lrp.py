@@ -4,10 +4,7 @@ explained word — starting at its fc logit — flows back in one batched backwa
 (image explanation), to the grid, and to the word embeddings (linguistic explanation)."""
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import asdict
-from functools import partial
 
 import torch
 from torch import nn

@@ -42,8 +42,3 @@ def words_first(tensor: torch.Tensor) -> torch.Tensor:
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling of grid maps [B, K, h, w] to the image size [B, K, H, W]."""
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-
-
-def grid_shape(maps: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Cell vectors [B, K, L] -> maps [B, K, h, w] shaped like ``grid`` [B, C, h, w]."""
-    return maps.reshape(*maps.shape[:2], *grid.shape[2:])
