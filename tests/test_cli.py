@@ -150,3 +150,24 @@ def test_explain_rejects_bad_input(tiny_run, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG nope")
     result = runner.invoke(app, ["explain", "--model", str(run), str(tmp_path / "broken.png"), "--out", str(tmp_path)])
     assert result.exit_code != 0 and "cannot read" in result.output
+
+
+def test_data_coco2017_writes_a_karpathy_json_with_the_papers_split(tmp_path):
+    annotations = tmp_path / "annotations"
+    annotations.mkdir()
+    for name, ids in (("train", range(1, 9)), ("val", range(50, 53))):
+        (annotations / f"captions_{name}2017.json").write_text(json.dumps({
+            "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids],
+            "annotations": [{"id": 10 * i, "image_id": i, "caption": f"A cat number {i}."} for i in ids]}))
+    (annotations / "instances_val2017.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    result = runner.invoke(app, ["data", "coco2017", "--annotations", str(annotations), "--images", str(tmp_path / "coco"),
+                                 "--out", str(tmp_path / "out"), "--val-size", "3"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "out" / "dataset_coco2017.json").read_text())
+    splits = [image["split"] for image in written["images"]]
+    assert splits.count("test") == 3 and splits.count("val") == 3 and splits.count("train") == 5
+    assert {image["filepath"] for image in written["images"] if image["split"] == "test"} == {"val2017"}
+    assert (tmp_path / "out" / "instances_val2017.json").is_file()
+    result = runner.invoke(app, ["data", "coco2017", "--annotations", str(tmp_path), "--images", str(tmp_path),
+                                 "--out", str(tmp_path / "o2")])
+    assert result.exit_code != 0
