@@ -150,5 +150,17 @@ def test_in_a_real_browser_upload_click_a_word_see_the_heatmap(server, tiny_shap
         wait.until(ready.text_to_be_present_in_element((By.ID, "score"), "lrp"))
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "viewer.png"))
+
+        # a file name that is HTML is shown as text and never runs
+        hostile = tmp_path / "<img src=x onerror=window.pwned=1>.png"
+        hostile.write_bytes(image.read_bytes())
+        browser.find_element(By.ID, "upload").send_keys(str(hostile))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#words button"))
+        browser.refresh()
+        options = wait.until(lambda b: [o.text for o in b.find_elements(By.CSS_SELECTOR, "#dataset option")
+                                        if "onerror" in o.text] or None)
+        assert options == [hostile.name]
+        assert browser.execute_script("return window.pwned === undefined")
+        assert not browser.find_elements(By.CSS_SELECTOR, "#dataset img, body > img")
     finally:
         browser.quit()
