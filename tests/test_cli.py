@@ -73,6 +73,15 @@ def test_experiment_verbs_write_their_tables(tiny_run, tiny_shapes, tmp_path):
     result = runner.invoke(app, ["map", *common, "--min-count", "0"])
     assert result.exit_code == 0, result.output
     assert "per_word" in json.loads(result.stdout) and (tmp_path / "map.png").is_file()
+    result = runner.invoke(app, ["ablation", *common, "--skip", "1"])
+    assert result.exit_code == 0 and "| stop | lrp |" in result.stdout, result.output
+    result = runner.invoke(app, ["masking", *common, "--words", "2"])
+    assert result.exit_code == 0 and (tmp_path / "masking.csv").is_file(), result.output
+    result = runner.invoke(app, ["finetune", *common, "--mode", "plain", "--seeds", "0", "--steps", "1",
+                                 "--train-limit", "4", "--min-count", "0", "--batch-size", "4"])
+    assert result.exit_code == 0 and "| plain |" in result.stdout, result.output
+    result = runner.invoke(app, ["finetune", *common, "--seeds", "zero"])
+    assert result.exit_code != 0 and "--seeds" in result.output
 
 
 def test_bad_input_exits_nonzero_with_a_message(tmp_path):

@@ -324,3 +324,13 @@ def test_findings_are_computed_from_the_numbers():
         "over seeds)"]
     text = results_markdown(_planted_results(0.7), 12.0, quick=True)
     assert "## Table 3" in text and "| yes |" in text and "0.64" in text  # the paper's LRP AUC beside ours
+
+
+def test_masking_without_words_gives_the_same_table_with_no_rates(bench):
+    from captionlens.experiments.masking import feature_masking
+
+    rows = feature_masking(bench.captioner, bench.predictions, {"lrp": {}, "attention": {}}, [])
+    assert {(r["method"], r["masked"]) for r in rows} == {("lrp", "positive"), ("lrp", "negative"),
+                                                         ("attention", "positive"), ("attention", "negative"),
+                                                         ("random", "random")}
+    assert all(r["words"] == 0 and r["vanished"] != r["vanished"] for r in rows)

@@ -223,13 +223,24 @@ def explain(
         fail(str(error))
 
 
-def _workbench(model: Path, data: Path, out: Path, split: str, limit: Optional[int], beam_size: int,
-               device: Optional[str]):
+def _experiment(model: Path, data: Path, out: Path, split: str, limit: Optional[int], beam_size: int,
+                device: Optional[str], run):
+    """Build the workbench for one model and dataset and ``run(workbench)``; expected errors (a
+    missing file, bad data, no Java) end the command with a clear message."""
     from .api import load
     from .data.bundle import open_data
     from .experiments.workbench import Workbench
 
-    return Workbench(load(model, device), open_data(data), out, split, limit, beam_size)
+    try:
+        return run(Workbench(load(model, device), open_data(data), out, split, limit, beam_size))
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        fail(str(error))
+
+
+def _print_table(rows: list[dict]) -> None:
+    from .experiments.tables import markdown_table
+
+    print(markdown_table(rows))
 
 
 ModelOption = Annotated[Path, typer.Option(help="Run folder of a trained captioner.")]
@@ -252,10 +263,8 @@ def evaluate(model: ModelOption, data: DataOption, out: OutOption = Path("result
 
     Example: captionlens evaluate --model runs/demo/gridtd --data runs/demo/data --out results/gridtd
     """
-    try:
-        scores = _workbench(model, data, out, split, limit, beam_size, device).metrics(spice_corenlp, bertscore_model)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        fail(str(error))
+    scores = _experiment(model, data, out, split, limit, beam_size, device,
+                         lambda bench: bench.metrics(spice_corenlp, bertscore_model))
     for name, value in scores.items():
         print(f"{name:18s} {value:.4f}" if isinstance(value, float) else f"{name:18s} {value}")
 
@@ -267,13 +276,7 @@ def correctness(model: ModelOption, data: DataOption, out: OutOption = Path("res
     n_guided_gradcam, negative) mass inside the boxes of correctly predicted object words, at
     thresholds 0 .. 0.9. Writes correctness.{csv,json,md} and correctness.png.
     """
-    try:
-        rows = _workbench(model, data, out, split, limit, beam_size, device).correctness()
-    except (FileNotFoundError, ValueError) as error:
-        fail(str(error))
-    from .experiments.tables import markdown_table
-
-    print(markdown_table(rows))
+    _print_table(_experiment(model, data, out, split, limit, beam_size, device, lambda bench: bench.correctness()))
 
 
 @app.command()
@@ -284,12 +287,8 @@ def hallucination(model: ModelOption, data: DataOption, out: OutOption = Path("r
     hallucinated frequent object words, CHAIR-i/CHAIR-s, and the mAP of frequent object words
     (Table 5). Writes hallucination_auc, chair and map tables and hallucination_roc.png.
     """
-    try:
-        bench = _workbench(model, data, out, split, limit, beam_size, device)
-        result = bench.hallucination(min_count)
-        average = bench.mean_average_precision(min_count)
-    except (FileNotFoundError, ValueError) as error:
-        fail(str(error))
+    result, average = _experiment(model, data, out, split, limit, beam_size, device, lambda bench: (
+        bench.hallucination(min_count), bench.mean_average_precision(min_count)))
     print(json.dumps({"auc": result["auc"], "chair": result["chair"], "map": average["map"],
                       "true_positives": result["true_positives"], "false_positives": result["false_positives"]},
                      indent=2))
@@ -301,10 +300,8 @@ def mean_average_precision(model: ModelOption, data: DataOption, out: OutOption 
                            device: DeviceOption = None, min_count: MinCountOption = 50) -> None:
     """Mean average precision of the frequent object words (Table 5): each word's mentions ranked by
     the model's probability against their true/false-positive labels. Writes map.{csv,json,md,png}."""
-    try:
-        result = _workbench(model, data, out, split, limit, beam_size, device).mean_average_precision(min_count)
-    except (FileNotFoundError, ValueError) as error:
-        fail(str(error))
+    result = _experiment(model, data, out, split, limit, beam_size, device,
+                         lambda bench: bench.mean_average_precision(min_count))
     print(json.dumps(result, indent=2))
 
 
@@ -316,13 +313,8 @@ def ablation(model: ModelOption, data: DataOption, out: OutOption = Path("result
              seed: Annotated[int, typer.Option(help="Seed of the random baseline.")] = 0) -> None:
     """Word ablation (Table 2, Table IV): delete the top preceding words by LRP, by |Grad*| or at
     random and report how often, and how much, the target word's probability drops."""
-    try:
-        rows = _workbench(model, data, out, split, limit, beam_size, device).ablation(top, skip, seed)
-    except (FileNotFoundError, ValueError) as error:
-        fail(str(error))
-    from .experiments.tables import markdown_table
-
-    print(markdown_table(rows))
+    _print_table(_experiment(model, data, out, split, limit, beam_size, device,
+                             lambda bench: bench.ablation(top, skip, seed)))
 
 
 @app.command()
@@ -335,13 +327,8 @@ def masking(model: ModelOption, data: DataOption, out: OutOption = Path("results
     named object by each method, or random pixels, re-caption, and report how often the word vanishes."""
     if not 0 < fraction < 1:
         fail("--fraction must lie between 0 and 1")
-    try:
-        rows = _workbench(model, data, out, split, limit, beam_size, device).masking(fraction, seed, words)
-    except (FileNotFoundError, ValueError) as error:
-        fail(str(error))
-    from .experiments.tables import markdown_table
-
-    print(markdown_table(rows))
+    _print_table(_experiment(model, data, out, split, limit, beam_size, device,
+                             lambda bench: bench.masking(fraction, seed, words)))
 
 
 class FinetuneMode(str, Enum):
@@ -369,16 +356,13 @@ def finetune(model: ModelOption, data: DataOption, out: OutOption = Path("result
 
     Example: captionlens finetune --model runs/demo/adaptive --data runs/demo/data --mode lrp --mode plain
     """
+    chosen = [m.value for m in mode] if mode else ["lrp", "frequency", "plain"]
     try:
-        chosen = [m.value for m in mode] if mode else ["lrp", "frequency", "plain"]
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        rows = _workbench(model, data, out, split, limit, beam_size, device).finetune(
-            chosen, seed_list, steps, lr, lam, batch_size, min_count, train_limit, save, full_metrics)
-    except (FileNotFoundError, ValueError) as error:
-        fail(str(error))
-    from .experiments.tables import markdown_table
-
-    print(markdown_table(rows))
+    except ValueError:
+        fail(f"--seeds takes comma-separated integers, got {seeds!r}")
+    _print_table(_experiment(model, data, out, split, limit, beam_size, device, lambda bench: bench.finetune(
+        chosen, seed_list, steps, lr, lam, batch_size, min_count, train_limit, save, full_metrics)))
 
 
 @app.command()

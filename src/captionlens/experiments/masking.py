@@ -64,5 +64,9 @@ def feature_masking(captioner: Captioner, predictions: Predictions, explanations
         for (method, sign, mention, _), caption in zip(chunk, captioner.caption(images, beam_size=beam_size)):
             named = {predictions.synonyms.get(w) for w in caption.words}
             vanished.setdefault((method, sign), []).append(mention.category not in named)
-    return [{"method": method, "masked": sign, "words": len(values), "vanished": float(np.mean(values))}
+    if not mentions:  # nothing to mask: the same table, with no words and no rates
+        vanished = {(method, sign): [] for method in explanations for sign in ("positive", "negative")}
+        vanished[("random", "random")] = []
+    return [{"method": method, "masked": sign, "words": len(values),
+             "vanished": float(np.mean(values)) if values else float("nan")}
             for (method, sign), values in vanished.items()]
