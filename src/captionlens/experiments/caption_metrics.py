@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .metrics import bleu
+
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
 
@@ -46,15 +48,12 @@ def caption_metrics(candidates: Sequence[str], references: Sequence[Sequence[str
 def token_metrics(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]) -> dict:
     """BLEU-4, ROUGE-L and CIDEr on already tokenised captions (no Java: for repeated evaluations,
     such as fine-tuning over seeds)."""
-    from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
     gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
     res = {i: [" ".join(c) or "<empty>"] for i, c in enumerate(candidates)}
-    with contextlib.redirect_stdout(io.StringIO()):
-        bleu, _ = Bleu(4).compute_score(gts, res)
-    return {"BLEU-4": float(bleu[3]), "ROUGE-L": float(Rouge().compute_score(gts, res)[0]),
+    return {"BLEU-4": bleu(candidates, references)[3], "ROUGE-L": float(Rouge().compute_score(gts, res)[0]),
             "CIDEr": float(Cider().compute_score(gts, res)[0])}
 
 

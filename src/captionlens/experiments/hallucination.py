@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..explain import Explanation
+from .metrics import mentioned_objects
 
 # score name -> (method, how a single-word explanation becomes a number)
 SCORES: dict[str, tuple[str, Callable[[Explanation], float]]] = {
@@ -68,7 +69,7 @@ def chair(captions: Sequence[Sequence[str]], image_objects: Sequence[set[str]], 
     one hallucinated object / all captions (Rohrbach et al. 2018; categories counted once per caption)."""
     mentioned = hallucinated = bad_captions = 0
     for words, objects in zip(captions, image_objects, strict=True):
-        named = {synonyms[w] for w in words if w in synonyms}
+        named = mentioned_objects(words, synonyms)
         wrong = named - objects
         mentioned += len(named)
         hallucinated += len(wrong)
