@@ -28,6 +28,17 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+# Options several verbs share.
+ModelOption = Annotated[Path, typer.Option(help="Run folder of a trained captioner.")]
+DataOption = Annotated[Path, typer.Option(help="Dataset folder (dataset_*.json; instances and synonyms beside it).")]
+OutOption = Annotated[Path, typer.Option(help="Folder for the tables (CSV, JSON, Markdown) and plots.")]
+SplitOption = Annotated[str, typer.Option(help="Split to evaluate.")]
+LimitOption = Annotated[Optional[int], typer.Option(help="Use only the first N images of the split.")]
+BeamOption = Annotated[int, typer.Option(help="Beam size of the captions (paper: 3).")]
+DeviceOption = Annotated[Optional[str], typer.Option(help="cpu (default) or cuda.")]
+MinCountOption = Annotated[int, typer.Option(help="Object words predicted more often than this count (paper: 50).")]
+
+
 @data_app.command("shapes")
 def data_shapes(
     out: Annotated[Path, typer.Option(help="Folder to write the dataset into.")],
@@ -99,7 +110,7 @@ def train(
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation loss.")] = 3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="cpu (default) or cuda.")] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Train a captioner with teacher forcing on cached grid features.
 
@@ -126,7 +137,7 @@ def pretrain_encoder(
     epochs: Annotated[int, typer.Option(help="Most epochs.")] = 10,
     image_size: Annotated[int, typer.Option(help="Image side in pixels (as the dataset's).")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[Optional[str], typer.Option(help="cpu (default) or cuda.")] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Pretrain the shapes encoder on multi-label presence of shapes and colours in generated,
     unbiased scenes (the role ImageNet plays for VGG16). `train --encoder shapes` does this by itself
@@ -150,12 +161,12 @@ def pretrain_encoder(
 
 @app.command()
 def caption(
-    model: Annotated[Path, typer.Option(help="Run folder of a trained captioner.")],
+    model: ModelOption,
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     beam_size: Annotated[int, typer.Option(help="Beam size (1 = greedy; paper: 3).")] = 3,
     max_length: Annotated[Optional[int], typer.Option(help="Longest caption in words.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines with words and scores.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="cpu (default) or cuda.")] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Print one caption per image.
 
@@ -178,7 +189,7 @@ def caption(
 
 @app.command()
 def explain(
-    model: Annotated[Path, typer.Option(help="Run folder of a trained captioner.")],
+    model: ModelOption,
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     out: Annotated[Path, typer.Option(help="Folder for one sub-folder of results per image.")],
     methods: Annotated[str, typer.Option(help="Comma-separated: lrp, gradcam, guided_gradcam, guided_backprop, gradient_x_input, attention.")] = "lrp,gradcam,guided_gradcam,attention",
@@ -190,7 +201,7 @@ def explain(
     beta: Annotated[float, typer.Option(help="LRP β for convolutions.")] = 0.0,
     first_layer: Annotated[str, typer.Option(help="LRP rule of the first convolution: alphabeta or zb.")] = "alphabeta",
     beam_size: Annotated[int, typer.Option(help="Beam size of the caption that is explained.")] = 3,
-    device: Annotated[Optional[str], typer.Option(help="cpu (default) or cuda.")] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Explain every word of each image's caption with several methods. Writes, per image:
     caption.txt, explanation.json (words, scores, preceding-word relevance per method, rule
@@ -241,16 +252,6 @@ def _print_table(rows: list[dict]) -> None:
     from .experiments.tables import markdown_table
 
     print(markdown_table(rows))
-
-
-ModelOption = Annotated[Path, typer.Option(help="Run folder of a trained captioner.")]
-DataOption = Annotated[Path, typer.Option(help="Dataset folder (dataset_*.json; instances and synonyms beside it).")]
-OutOption = Annotated[Path, typer.Option(help="Folder for the tables (CSV, JSON, Markdown) and plots.")]
-SplitOption = Annotated[str, typer.Option(help="Split to evaluate.")]
-LimitOption = Annotated[Optional[int], typer.Option(help="Use only the first N images of the split.")]
-BeamOption = Annotated[int, typer.Option(help="Beam size of the captions (paper: 3).")]
-DeviceOption = Annotated[Optional[str], typer.Option(help="cpu (default) or cuda.")]
-MinCountOption = Annotated[int, typer.Option(help="Object words predicted more often than this count (paper: 50).")]
 
 
 @app.command()
@@ -434,7 +435,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the data, the runs and summary.json.")] = Path("runs/demo"),
     quick: Annotated[bool, typer.Option(help="Small sizes: the whole pipeline in about a minute.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[Optional[str], typer.Option(help="cpu (default) or cuda.")] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Generate the shapes world, pretrain the encoder, train both captioners, caption the test
     split and print a summary (also written to OUT/summary.json)."""
