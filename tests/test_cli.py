@@ -3,6 +3,7 @@ quick demo end to end."""
 import json
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from captionlens.cli import app, data_app
@@ -169,14 +170,23 @@ def test_data_coco2017_writes_a_karpathy_json_with_the_papers_split(tmp_path):
             "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids],
             "annotations": [{"id": 10 * i, "image_id": i, "caption": f"A cat number {i}."} for i in ids]}))
     (annotations / "instances_val2017.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
-    result = runner.invoke(app, ["data", "coco2017", "--annotations", str(annotations), "--images", str(tmp_path / "coco"),
-                                 "--out", str(tmp_path / "out"), "--val-size", "3"])
+    command = ["data", "coco2017", "--annotations", str(annotations), "--images", str(tmp_path / "coco"),
+               "--out", str(tmp_path / "out"), "--val-size", "3"]
+    result = runner.invoke(app, command)
+    assert result.exit_code != 0 and "--images" in result.output and "train2017" in result.output  # no images there yet
+    for folder, ids in (("train2017", range(1, 9)), ("val2017", range(50, 53))):
+        (tmp_path / "coco" / folder).mkdir(parents=True, exist_ok=True)
+        for i in ids:
+            Image.new("RGB", (8, 6)).save(tmp_path / "coco" / folder / f"{i:012d}.jpg")
+    result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
     written = json.loads((tmp_path / "out" / "dataset_coco2017.json").read_text())
     splits = [image["split"] for image in written["images"]]
     assert splits.count("test") == 3 and splits.count("val") == 3 and splits.count("train") == 5
     assert {image["filepath"] for image in written["images"] if image["split"] == "test"} == {"val2017"}
-    assert (tmp_path / "out" / "instances_val2017.json").is_file()
+    descriptor = json.loads((tmp_path / "out" / "captionlens_dataset.json").read_text())
+    assert descriptor["instances"] == [str((annotations / "instances_val2017.json").resolve())]  # referenced, not copied
+    assert descriptor["captions"] == "dataset_coco2017.json" and descriptor["synonyms"] == "coco"
     result = runner.invoke(app, ["data", "coco2017", "--annotations", str(tmp_path), "--images", str(tmp_path),
                                  "--out", str(tmp_path / "o2")])
     assert result.exit_code != 0

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from captionlens.data.coco import Box
+from captionlens.data.synonyms import Synonyms
 from captionlens.experiments.correctness import box_mask, correctness
 from captionlens.experiments.hallucination import auc_table, chair, mean_average_precision
 from captionlens.experiments.tables import write_table
 
-SYNONYMS = {"circle": "circle", "circles": "circle", "square": "square", "star": "star"}
+SYNONYMS = Synonyms({"circle": "circle", "circles": "circle", "square": "square", "star": "star"})
 
 
 def test_box_mask_scales_from_image_to_heatmap():
@@ -66,8 +67,10 @@ def test_map_is_one_for_a_perfect_ranking_and_skips_one_class_words():
 def test_tables_are_written_as_csv_json_and_markdown(tmp_path):
     rows = [{"method": "lrp", "auc": 0.64}, {"method": "attention", "auc": float("nan")}]
     paths = write_table(tmp_path, "auc", rows, title="AUC")
-    assert paths["csv"].read_text().splitlines() == ["method,auc", "lrp,0.64", "attention,nan"]
-    assert json.loads(paths["json"].read_text().replace("NaN", "null"))[0] == {"method": "lrp", "auc": 0.64}
+    assert paths["csv"].read_text().splitlines() == ["method,auc", "lrp,0.64", "attention,"]
+    # strict JSON: json.loads with parse_constant raising proves no NaN/Infinity token is written
+    strict = json.loads(paths["json"].read_text(), parse_constant=lambda token: pytest.fail(f"{token} in JSON"))
+    assert strict == [{"method": "lrp", "auc": 0.64}, {"method": "attention", "auc": None}]
     assert "| lrp | 0.64 |" in paths["md"].read_text() and "| attention | n/a |" in paths["md"].read_text()
     with pytest.raises(ValueError):
         write_table(tmp_path, "empty", [])
@@ -224,11 +227,10 @@ def test_lrp_weights_are_one_plus_the_mean_normalised_relevance(bench):
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
     import captionlens as cl
-    from captionlens.data.features import load_pixels
     from captionlens.experiments.finetune import _captions, lrp_weights
 
     cap = bench.captioner
-    pixels = load_pixels([r.path for r in bench.predictions.records[:2]], cap.model.encoder)
+    pixels = cap.preprocess([r.path for r in bench.predictions.records[:2]])
     weights = lrp_weights(cap, pixels)
     caption = _captions(cap, pixels)[0]
     explained = cl.explain(cap, pixels[0] * torch.tensor(cap.model.encoder.std).view(3, 1, 1)
@@ -245,7 +247,6 @@ def test_lrp_weights_are_one_plus_the_mean_normalised_relevance(bench):
 
 
 def test_frequency_weights_and_true_positive_rates(bench):
-    from captionlens.data.features import load_pixels
     from captionlens.experiments.finetune import _captions, frequency_weights, true_positive_rates
 
     rates = true_positive_rates(bench.predictions)
@@ -253,7 +254,7 @@ def test_frequency_weights_and_true_positive_rates(bench):
     word = mentions[0].word
     assert rates[word] == pytest.approx(np.mean([m.true_positive for m in mentions if m.word == word]))
     cap = bench.captioner
-    pixels = load_pixels([r.path for r in bench.predictions.records[:2]], cap.model.encoder)
+    pixels = cap.preprocess([r.path for r in bench.predictions.records[:2]])
     weights = frequency_weights(cap, pixels, {word: 0.25})
     caption = _captions(cap, pixels)[0]
     assert weights[0, cap.vocab.index(word)] == (1.25 if word in caption.words else 1.0)

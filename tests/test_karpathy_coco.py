@@ -22,7 +22,7 @@ def test_flickr30k_karpathy_json(tmp_path):
          "sentences": [_sentence("Several men in hard hats.", 1, 2)]},
     ]}
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(data))
-    bundle = open_data(tmp_path, image_root=tmp_path / "flickr30k-images")
+    bundle = open_data(tmp_path, image_root=tmp_path / "flickr30k-images", check_images=False)
     assert bundle.captions.name == "flickr30k" and bundle.default_min_count == 3
     train = bundle.split("train")
     assert [r.path.name for r in train] == ["1000092795.jpg"]
@@ -76,7 +76,7 @@ def test_vocabulary_min_count_on_training_split_only(tmp_path):
         for i, (split, text) in enumerate([("train", "a dog"), ("train", "a dog"), ("train", "a dog barks"),
                                            ("train", "a dog"), ("train", "a dog"), ("test", "zebra zebra zebra zebra zebra")])]}
     (tmp_path / "dataset_coco.json").write_text(json.dumps(data))
-    bundle = open_data(tmp_path)
+    bundle = open_data(tmp_path, check_images=False)
     vocab = Vocabulary.build((c for r in bundle.split("train") for c in r.captions), bundle.default_min_count)
     assert bundle.default_min_count == 5
     assert vocab.words[4:] == ["a", "dog"]  # 'barks' (1×) and test-only 'zebra' are out
@@ -103,6 +103,8 @@ def test_coco_instances(tmp_path):
 def test_open_data_errors_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="captionlens data shapes"):
         open_data(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no dataset at"):
+        open_data(tmp_path / "missing")
     (tmp_path / "dataset_x.json").write_text(json.dumps({"nope": []}))
     with pytest.raises(ValueError, match="Karpathy"):
         open_data(tmp_path)

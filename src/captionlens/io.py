@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -27,8 +28,28 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def strict(data: object) -> object:
+    """``data`` with every float that JSON cannot hold (NaN, ±inf) replaced by ``None``, numpy scalars
+    and arrays turned into Python numbers and lists, and tuples into lists."""
+    if isinstance(data, dict):
+        return {str(key): strict(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict(value) for value in data]
+    if hasattr(data, "tolist") and not isinstance(data, (str, bytes)):  # numpy scalars and arrays
+        return strict(data.tolist())
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    return data
+
+
+def dumps(data: object, indent: int | None = 2) -> str:
+    """Strict JSON text (RFC 8259: no NaN or Infinity; those become ``null``)."""
+    return json.dumps(strict(data), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | Path, data: object) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    """Write strict JSON (see :func:`dumps`) atomically."""
+    atomic_write_text(path, dumps(data) + "\n")
 
 
 def read_json(path: str | Path) -> object:

@@ -162,9 +162,11 @@ def train_captioner(
     resume: bool = False,
     device: str | None = None,
     progress: bool = True,
+    workers: int = 0,
 ) -> Captioner:
     """The whole recipe of Section 4: vocabulary from the training split, a frozen pretrained encoder,
-    cached grid features, a decoder trained with teacher forcing and early stopping."""
+    cached grid features (images decoded by ``workers`` processes), a decoder trained with teacher
+    forcing and early stopping."""
     bundle = data if isinstance(data, DataBundle) else open_data(data)
     config = train_config or TrainConfig()
     out = Path(out)
@@ -189,5 +191,5 @@ def train_captioner(
     model.encoder = cnn
     captioner = Captioner(model, vocab, captioner_config, device)
     features = {s: grid_features(cnn, [r.path for r in bundle.split(s)], bundle.cache_dir, f"{encoder}-{s}",
-                                 device=captioner.device, progress=progress) for s in ("train", "val")}
+                                 device=captioner.device, progress=progress, workers=workers) for s in ("train", "val")}
     return train_decoder(captioner, bundle, features, out, config, resume, progress)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ..models.encoders import Encoder
-from .images import load_image, to_tensor
+from .images import decoded_batches, normalise
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
@@ -29,11 +29,6 @@ def encoder_fingerprint(encoder: Encoder) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_pixels(paths: Sequence[Path], encoder: Encoder) -> torch.Tensor:
-    """The preprocessed images ``[N, 3, S, S]`` for ``encoder``."""
-    return torch.stack([to_tensor(load_image(p), encoder.image_size, encoder.mean, encoder.std) for p in paths])
-
-
 @torch.no_grad()
 def grid_features(
     encoder: Encoder,
@@ -43,9 +38,10 @@ def grid_features(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    workers: int = 0,
 ) -> np.ndarray:
     """Grid features ``[N, C, h, w]`` (float16) of the images at ``paths``, computed once and cached
-    in ``cache_dir`` as ``{name}-{fingerprint}.npy``."""
+    in ``cache_dir`` as ``{name}-{fingerprint}.npy``; ``workers`` processes decode the images."""
     digest = hashlib.sha1(encoder_fingerprint(encoder).encode())
     for path in paths:
         digest.update(str(path).encode())
@@ -58,9 +54,13 @@ def grid_features(
     store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
     encoder = encoder.to(device).eval()
     try:
-        for start in tqdm(range(0, len(paths), batch_size), desc=f"features {name}", disable=not progress):
-            pixels = load_pixels(paths[start: start + batch_size], encoder).to(device)
+        batches = [paths[start: start + batch_size] for start in range(0, len(paths), batch_size)]
+        start = 0
+        for pixels in tqdm(decoded_batches(batches, encoder.image_size, workers), total=len(batches),
+                           desc=f"features {name}", disable=not progress):
+            pixels = normalise(pixels.to(device), encoder.mean, encoder.std)
             store[start: start + pixels.shape[0]] = encoder(pixels).cpu().numpy().astype(np.float16)
+            start += pixels.shape[0]
         store.flush()
         del store
         os.replace(tmp, cache)

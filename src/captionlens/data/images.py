@@ -1,6 +1,8 @@
 """Turning user images (paths, PIL images, arrays) into the normalised tensors an encoder takes."""
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -42,9 +44,55 @@ def load_image(image: ImageInput) -> Image.Image:
     raise ImageLoadError(f"cannot use an object of type {type(image).__name__} as an image")
 
 
-def to_tensor(image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Resize to ``size×size`` (bilinear), scale to [0, 1] and normalise: ``[3, size, size]``."""
+def resized_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize to ``size×size`` (bilinear): uint8 ``[3, size, size]``."""
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # [3, H, W]
-    return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalise(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 ``[..., 3, H, W]`` -> float, scaled to [0, 1] and normalised per channel."""
+    shape = (3, 1, 1)
+    scaled = pixels.float() / 255.0
+    return (scaled - torch.tensor(mean, device=pixels.device).view(shape)) / torch.tensor(std, device=pixels.device).view(shape)
+
+
+def to_tensor(image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Resize to ``size×size`` (bilinear), scale to [0, 1] and normalise: ``[3, size, size]``."""
+    return normalise(resized_pixels(image, size), mean, std)
+
+
+# ------------------------------------------------------------------------- parallel decoding
+def default_workers() -> int:
+    """Image-decoding worker processes: one per core beyond the one the model runs on, at most 8."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+class _BatchesOfFiles(torch.utils.data.Dataset):
+    """Item k: the images of ``batches[k]`` decoded and resized, ``(uint8 [B, 3, S, S], None)``, or
+    ``(None, message)`` when one cannot be read (so the message reaches the main process intact)."""
+
+    def __init__(self, batches: Sequence[Sequence[ImageInput]], size: int) -> None:
+        self.batches, self.size = batches, size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        try:
+            return torch.stack([resized_pixels(load_image(p), self.size) for p in self.batches[k]]), None
+        except ImageLoadError as error:
+            return None, str(error)
+
+
+def decoded_batches(batches: Sequence[Sequence[ImageInput]], size: int, workers: int = 0) -> Iterator[torch.Tensor]:
+    """For each batch of image files, its images decoded and resized to ``size×size``: uint8
+    ``[B, 3, size, size]``, in order. With ``workers`` > 0 the decoding runs in that many worker
+    processes (a torch ``DataLoader``) ahead of the consumer, so a large dataset is not bound to one core."""
+    loader = torch.utils.data.DataLoader(_BatchesOfFiles(batches, size), batch_size=None, num_workers=workers,
+                                         prefetch_factor=2 if workers else None)
+    for pixels, error in loader:
+        if error is not None:
+            raise ImageLoadError(error)
+        yield pixels

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-from ..data.images import load_image
 from ..explain import explain_batch
 from ..models import Captioner
 from .context import Predictions, image_batches
@@ -34,10 +33,11 @@ class Target:
 def ablation_targets(predictions: Predictions, skip: int = 5) -> list[Target]:
     targets = []
     for index, caption in enumerate(predictions.captions):
+        objects = {o.position for o in predictions.synonyms.find(caption.words)} if predictions.synonyms else set()
         for position, word in enumerate(caption.words):
             if position < skip:
                 continue
-            if word in predictions.synonyms:
+            if position in objects:
                 targets.append(Target(index, position, "object"))
             elif word in ENGLISH_STOP_WORDS:
                 targets.append(Target(index, position, "stop"))
@@ -76,8 +76,9 @@ def word_ablation(captioner: Captioner, predictions: Predictions, top: int = 3, 
     targets = ablation_targets(predictions, skip)
     rng = np.random.default_rng(seed)
     drops: dict[tuple[str, str], list[float]] = {(k, r): [] for k in ("stop", "object") for r in RANKINGS}
-    for batch in image_batches(targets, batch_size):
-        pictures = [load_image(predictions.records[i].path) for i, _ in batch]
+    batches = list(image_batches(targets, batch_size))
+    for batch, images in zip(batches, predictions.images([[i for i, _ in batch] for batch in batches])):
+        pictures = list(images)
         captions = [predictions.captions[i] for i, _ in batch]
         positions = [[t.position for t in group] for _, group in batch]
         relevance = {"lrp": explain_batch(captioner, pictures, captions, "lrp", words=positions),

@@ -14,10 +14,13 @@ from ..models import Captioner
 from .metrics import bleu, hallucination_rate, object_precision_recall
 
 
-def split_features(captioner: Captioner, data: DataBundle, split: str, progress: bool = True) -> torch.Tensor:
+def split_features(captioner: Captioner, data: DataBundle, split: str, progress: bool = True,
+                   workers: int = 0) -> torch.Tensor:
+    """The encoder grids ``[N, C, h, w]`` of every image of ``split`` (cached on disk)."""
     records = data.split(split)
     grids = grid_features(captioner.model.encoder, [r.path for r in records], data.cache_dir,
-                          f"{captioner.config.encoder}-{split}", device=captioner.device, progress=progress)
+                          f"{captioner.config.encoder}-{split}", device=captioner.device, progress=progress,
+                          workers=workers)
     return torch.from_numpy(np.asarray(grids, dtype=np.float32))
 
 
@@ -35,8 +38,9 @@ def evaluate_captioner(captioner: Captioner, data: DataBundle, split: str = "tes
         "bleu4": bleu(words, references)[3],
         "bleu4_shuffled_features": bleu(shuffled_words, references)[3],
     }
-    if data.objects is not None and data.synonyms is not None:
-        objects = [data.objects.categories_in(r.image_id) for r in records]
+    if data.instance_files and data.synonyms is not None:
+        truth = data.ground_truth("boxes")
+        objects = [truth.objects(r) for r in records]
         scores = object_precision_recall(words, objects, data.synonyms)
         result.update(object_precision=scores.precision, object_recall=scores.recall)
         if data.shapes_config:

@@ -1,19 +1,23 @@
-"""What the experiments share: a captioner's beam-search captions of a split, the object words in
-them labelled true or false positive against the image's ground-truth objects (through the synonym
-map), the model's probability of each predicted word, and explanations computed in batches of images."""
+"""What the experiments share: a captioner's beam-search captions of a split (or of a subset of it),
+the object words in them labelled true or false positive against the images' ground truth (COCO
+boxes or the reference captions, through the synonym list), the model's probability of each
+predicted word, and explanations computed in batches of images decoded by worker processes."""
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..data.bundle import DataBundle
-from ..data.images import load_image
+from ..data.ground_truth import GroundTruth, ObjectsUnavailable, Subset
+from ..data.images import decoded_batches
 from ..data.karpathy import ImageRecord
+from ..data.synonyms import Synonyms
 from ..explain import Explanation, explain_batch
 from ..models import Caption, Captioner
 from .captioning import split_features
@@ -21,7 +25,7 @@ from .captioning import split_features
 
 @dataclass(frozen=True)
 class Mention:
-    """An object word in a predicted caption."""
+    """An object word in a predicted caption (the head word of a phrase such as "teddy bear")."""
 
     image: int  # index into Predictions.records
     position: int  # word index in the caption
@@ -32,19 +36,35 @@ class Mention:
 
 @dataclass
 class Predictions:
+    """The captions of a split's images; ``truth`` is ``None`` where the dataset has no ground truth
+    for objects (``missing_truth`` then says why), so only the caption metrics can be computed."""
+
     records: list[ImageRecord]
     captions: list[Caption]
-    objects: list[set[str]]  # ground-truth categories per image
-    synonyms: dict[str, str]
-    explanations: dict[str, list[dict[int, Explanation]]] = field(default_factory=dict)
+    synonyms: Synonyms | None
+    truth: GroundTruth | None
+    image_size: int  # the model's input side: images are decoded at this size
+    workers: int = 0  # image-decoding worker processes
+    missing_truth: str = ""
+
+    def require_truth(self) -> GroundTruth:
+        if self.truth is None:
+            raise ObjectsUnavailable(self.missing_truth)
+        return self.truth
+
+    @cached_property
+    def objects(self) -> list[set[str]]:
+        """Ground-truth categories per image."""
+        truth = self.require_truth()
+        return [truth.objects(r) for r in self.records]
 
     def mentions(self) -> list[Mention]:
-        found = []
+        """Every object word of every caption, labelled against the ground truth."""
+        objects, found = self.objects, []
         for index, caption in enumerate(self.captions):
-            for position, word in enumerate(caption.words):
-                category = self.synonyms.get(word)
-                if category is not None:
-                    found.append(Mention(index, position, word, category, category in self.objects[index]))
+            for obj in self.synonyms.find(caption.words):
+                found.append(Mention(index, obj.position, caption.words[obj.position], obj.category,
+                                     obj.category in objects[index]))
         return found
 
     def frequent_mentions(self, min_count: int) -> list[Mention]:
@@ -53,16 +73,36 @@ class Predictions:
         counts = Counter(m.word for m in mentions)
         return [m for m in mentions if counts[m.word] > min_count]
 
+    def images(self, batches: Sequence[Sequence[int]]) -> Iterator[torch.Tensor]:
+        """The images of each batch of record indices, decoded at the model's input size: uint8
+        ``[B, 3, S, S]`` (what ``explain_batch`` and ``Captioner.preprocess`` take), in order."""
+        paths = [[self.records[i].path for i in batch] for batch in batches]
+        return decoded_batches(paths, self.image_size, self.workers)
+
 
 def predict(captioner: Captioner, data: DataBundle, split: str = "test", beam_size: int = 3,
-            limit: int | None = None, progress: bool = True) -> Predictions:
-    """Caption ``split`` (its first ``limit`` images) with beam search on the cached grid features."""
-    if data.objects is None or data.synonyms is None:
-        raise ValueError(f"{data.root} needs an instances_*.json and a synonyms.json for the object experiments")
-    records = data.split(split)[:limit]
-    grids = split_features(captioner, data, split, progress)[: len(records)]
+            limit: int | None = None, progress: bool = True, ground_truth: str = "auto",
+            subset: Subset | None = None, workers: int = 0) -> Predictions:
+    """Caption ``split`` (the images of ``subset`` if given, then the first ``limit``) with beam
+    search on the cached grid features."""
+    records = data.split(split)
+    if not records:
+        raise ValueError(f"the {split!r} split of {data.name} has no images")
+    indices = list(range(len(records)))
+    if subset is not None:
+        chosen = {id(r) for r in subset.select(records, data.synonyms)}
+        indices = [i for i in indices if id(records[i]) in chosen]
+        if not indices:
+            raise ValueError(f"no {split} image of {data.name} is in the {subset.describe()}")
+    indices = indices[:limit]
+    grids = split_features(captioner, data, split, progress, workers)[indices]
     captions = captioner.caption_features(grids, beam_size)
-    return Predictions(records, captions, [data.objects.categories_in(r.image_id) for r in records], data.synonyms)
+    try:
+        truth, missing = data.ground_truth(ground_truth), ""
+    except ObjectsUnavailable as error:
+        truth, missing = None, str(error)
+    return Predictions([records[i] for i in indices], captions, data.synonyms, truth, captioner.image_size, workers,
+                       missing)
 
 
 def image_batches(items: Sequence, batch_size: int) -> Iterator[list[tuple[int, list]]]:
@@ -81,10 +121,11 @@ def explain_mentions(captioner: Captioner, predictions: Predictions, mentions: S
     """Explanations of the given mentions (one Explanation row each), batched over images."""
     result: dict[Mention, Explanation] = {}
     batches = list(image_batches(mentions, batch_size))
-    for batch in tqdm(batches, desc=f"explain ({method})", disable=not progress):
+    images = predictions.images([[i for i, _ in batch] for batch in batches])
+    for batch, pixels in tqdm(zip(batches, images), total=len(batches), desc=f"explain ({method})",
+                              disable=not progress):
         explanations = explain_batch(
-            captioner, [load_image(predictions.records[i].path) for i, _ in batch],
-            [predictions.captions[i] for i, _ in batch], method,
+            captioner, list(pixels), [predictions.captions[i] for i, _ in batch], method,
             words=[[m.position for m in group] for _, group in batch], **parameters)
         for (_, group), explanation in zip(batch, explanations):
             for row, mention in enumerate(group):
@@ -107,8 +148,9 @@ def word_probabilities(captioner: Captioner, predictions: Predictions, mentions:
     the predicted caption)."""
     probabilities = np.zeros(len(mentions))
     index = {m: k for k, m in enumerate(mentions)}
-    for batch in image_batches(mentions, batch_size):
-        pixels = captioner.preprocess([load_image(predictions.records[i].path) for i, _ in batch])
+    batches = list(image_batches(mentions, batch_size))
+    for batch, images in zip(batches, predictions.images([[i for i, _ in batch] for batch in batches])):
+        pixels = captioner.preprocess(list(images))
         ids = [predictions.captions[i].token_ids for i, _ in batch]
         longest = max(len(t) for t in ids)
         tokens = torch.tensor([t + [captioner.vocab.pad_id] * (longest - len(t)) for t in ids], device=pixels.device)

@@ -105,7 +105,7 @@ def plot_correctness(rows: list[dict], out) -> None:
 
     figure, axis = plt.subplots(figsize=(5.5, 4))
     for row in rows:
-        thresholds = [float(k) for k in row if k not in ("curve", "mentions")]
+        thresholds = [t for t in THRESHOLDS if f"{t:.1f}" in row]
         axis.plot(thresholds, [row[f"{t:.1f}"] for t in thresholds], marker="o",
                   linestyle="--" if row["curve"].startswith("n_") else "-", label=row["curve"])
     axis.set_xlabel("threshold on the normalised explanation")

@@ -26,7 +26,7 @@ from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 from torch import nn
 
 from ..data.bundle import DataBundle
-from ..data.features import load_pixels
+from ..data.images import decoded_batches, normalise
 from ..explain import explain_batch
 from ..models import Captioner
 from ..pipeline import pad_captions
@@ -119,8 +119,9 @@ def reweighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.
 
 
 def finetune(captioner: Captioner, data: DataBundle, config: FinetuneConfig,
-             rates: dict[str, float] | None = None, progress: bool = True) -> Captioner:
-    """A fine-tuned copy of ``captioner`` (the original is left unchanged)."""
+             rates: dict[str, float] | None = None, progress: bool = True, workers: int = 0) -> Captioner:
+    """A fine-tuned copy of ``captioner`` (the original is left unchanged); ``workers`` processes
+    decode the training images ahead of the steps."""
     from tqdm import tqdm
 
     if config.mode == "frequency" and rates is None:
@@ -129,13 +130,20 @@ def finetune(captioner: Captioner, data: DataBundle, config: FinetuneConfig,
     decoder = tuned.model.decoder
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.learning_rate)
     records = data.split("train")
+    if not records:
+        raise ValueError(f"the training split of {data.name} has no images to fine-tune on")
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     vocab = tuned.vocab
-    for _ in tqdm(range(config.steps), desc=f"fine-tune {config.mode} seed {config.seed}", disable=not progress):
+    plan = []  # per step: the chosen training images and one reference caption of each
+    for _ in range(config.steps):
         chosen = rng.choice(len(records), size=min(config.batch_size, len(records)), replace=False)
-        pixels = load_pixels([records[i].path for i in chosen], tuned.model.encoder).to(tuned.device)
-        references = [records[i].captions[rng.integers(len(records[i].captions))] for i in chosen]
+        plan.append((chosen, [records[i].captions[rng.integers(len(records[i].captions))] for i in chosen]))
+    images = decoded_batches([[records[i].path for i in chosen] for chosen, _ in plan], tuned.image_size, workers)
+    encoder = tuned.model.encoder
+    for (chosen, references), pixels in tqdm(zip(plan, images), total=len(plan),
+                                             desc=f"fine-tune {config.mode} seed {config.seed}", disable=not progress):
+        pixels = normalise(pixels.to(tuned.device), encoder.mean, encoder.std)
         tokens = pad_captions([vocab.encode(c[: tuned.config.max_length]) for c in references], vocab.pad_id)
         tokens = tokens.to(tuned.device)
         if config.mode == "lrp":
@@ -146,7 +154,7 @@ def finetune(captioner: Captioner, data: DataBundle, config: FinetuneConfig,
             weights = torch.ones(len(chosen), len(vocab), device=tuned.device)
         decoder.train()
         with torch.no_grad():
-            grids = tuned.model.encoder(pixels)
+            grids = encoder(pixels)
         logits = decoder(grids, tokens[:, :-1]).logits
         loss = reweighted_loss(logits, tokens[:, 1:], weights, config.lam if config.mode != "plain" else 1.0,
                                vocab.pad_id)

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..data.synonyms import Synonyms
 from ..explain import Explanation
-from .metrics import mentioned_objects
 
 # score name -> (method, how a single-word explanation becomes a number)
 SCORES: dict[str, tuple[str, Callable[[Explanation], float]]] = {
@@ -64,12 +64,12 @@ def plot_roc(labels: np.ndarray, scores: dict[str, np.ndarray], out) -> None:
     plt.close(figure)
 
 
-def chair(captions: Sequence[Sequence[str]], image_objects: Sequence[set[str]], synonyms: dict[str, str]) -> dict:
+def chair(captions: Sequence[Sequence[str]], image_objects: Sequence[set[str]], synonyms: Synonyms) -> dict:
     """CHAIR-i: hallucinated object mentions / all object mentions; CHAIR-s: captions with at least
     one hallucinated object / all captions (Rohrbach et al. 2018; categories counted once per caption)."""
     mentioned = hallucinated = bad_captions = 0
     for words, objects in zip(captions, image_objects, strict=True):
-        named = mentioned_objects(words, synonyms)
+        named = synonyms.categories_in(words)
         wrong = named - objects
         mentioned += len(named)
         hallucinated += len(wrong)

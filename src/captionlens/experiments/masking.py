@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.images import load_image
 from ..models import Captioner
 from .context import Mention, Predictions
 
@@ -58,11 +57,11 @@ def feature_masking(captioner: Captioner, predictions: Predictions, explanations
         for mention in mentions:
             jobs.append(("random", "random", mention, top_pixels(torch.zeros(shape), fraction, "random", rng)))
     vanished: dict[tuple[str, str], list[bool]] = {}
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start: start + batch_size]
-        images = [masked_image(load_image(predictions.records[m.image].path), mask) for _, _, m, mask in chunk]
+    chunks = [jobs[start: start + batch_size] for start in range(0, len(jobs), batch_size)]
+    for chunk, pixels in zip(chunks, predictions.images([[m.image for _, _, m, _ in chunk] for chunk in chunks])):
+        images = [masked_image(Image.fromarray(p.permute(1, 2, 0).numpy()), mask) for p, (_, _, _, mask) in zip(pixels, chunk)]
         for (method, sign, mention, _), caption in zip(chunk, captioner.caption(images, beam_size=beam_size)):
-            named = {predictions.synonyms.get(w) for w in caption.words}
+            named = predictions.synonyms.categories_in(caption.words)
             vanished.setdefault((method, sign), []).append(mention.category not in named)
     if not mentions:  # nothing to mask: the same table, with no words and no rates
         vanished = {(method, sign): [] for method in explanations for sign in ("positive", "negative")}

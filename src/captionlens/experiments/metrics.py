@@ -8,6 +8,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..data.synonyms import Synonyms
+
 
 def bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]) -> list[float]:
     """Corpus BLEU-1..4 of tokenised candidates against their tokenised references (pycocoevalcap,
@@ -23,11 +25,6 @@ def bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequ
     return [float(s) for s in scores]
 
 
-def mentioned_objects(words: Sequence[str], synonyms: dict[str, str]) -> set[str]:
-    """The object categories a caption names (through the word → category map)."""
-    return {synonyms[w] for w in words if w in synonyms}
-
-
 @dataclass
 class ObjectScores:
     precision: float  # mentioned categories that are in the image / all mentioned
@@ -37,11 +34,11 @@ class ObjectScores:
 
 
 def object_precision_recall(captions: Sequence[Sequence[str]], image_objects: Sequence[set[str]],
-                            synonyms: dict[str, str]) -> ObjectScores:
+                            synonyms: Synonyms) -> ObjectScores:
     """Micro-averaged over images, each category counted once per image."""
     correct = mentioned = present = 0
     for words, objects in zip(captions, image_objects, strict=True):
-        named = mentioned_objects(words, synonyms)
+        named = synonyms.categories_in(words)
         correct += len(named & objects)
         mentioned += len(named)
         present += len(objects)
@@ -68,12 +65,12 @@ def wilson_interval(count: int, total: int, z: float = 1.96) -> Rate:
 
 
 def hallucination_rate(captions: Sequence[Sequence[str]], image_objects: Sequence[set[str]],
-                       synonyms: dict[str, str], word_category: str, partner_category: str) -> Rate:
+                       synonyms: Synonyms, word_category: str, partner_category: str) -> Rate:
     """How often ``word_category`` is named for images that contain ``partner_category`` but not
     ``word_category`` (the biased co-occurrence the model learned, like the papers' 'shirt')."""
     hits = total = 0
     for words, objects in zip(captions, image_objects, strict=True):
         if partner_category in objects and word_category not in objects:
             total += 1
-            hits += word_category in mentioned_objects(words, synonyms)
+            hits += word_category in synonyms.categories_in(words)
     return wilson_interval(hits, total)

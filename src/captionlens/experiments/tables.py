@@ -7,10 +7,12 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..io import atomic_write_text, write_json
+from ..io import atomic_write_text, strict, write_json
 
 
 def format_cell(value: object) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
         return "n/a" if value != value else f"{value:.4g}"
     return str(value)
@@ -24,10 +26,13 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
 
 
 def write_table(directory: str | Path, name: str, rows: Sequence[dict], title: str = "") -> dict[str, Path]:
-    """``DIR/name.csv``, ``DIR/name.json`` and ``DIR/name.md``; returns their paths."""
+    """``DIR/name.csv``, ``DIR/name.json`` and ``DIR/name.md``; returns their paths. A number that
+    does not exist (NaN, ±inf) is an empty CSV cell, ``null`` in the JSON and "n/a" in Markdown; put
+    the reason in a ``note`` column."""
     directory = Path(directory)
     if not rows:
         raise ValueError(f"table {name!r} has no rows")
+    rows = strict(rows)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)

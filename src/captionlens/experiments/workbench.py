@@ -1,6 +1,9 @@
-"""Runs the experiments on one captioner and one dataset split, computing the captions once and each
-method's explanations of each object mention once, and writing every table (CSV + JSON + Markdown)
-and plot into an output folder."""
+"""Runs the experiments on one captioner and one dataset split (or a subset of it), computing the
+captions once and each method's explanations of each object mention once, and writing every table
+(CSV + JSON + Markdown) and plot into an output folder.
+
+Tables that label object words say which ground truth they used (``ground_truth``: ``boxes`` or
+``references``), and every cell left empty says why in a ``note`` column."""
 from __future__ import annotations
 
 from functools import cached_property
@@ -9,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.bundle import DataBundle
+from ..data.ground_truth import ObjectsUnavailable, Subset
 from ..explain import Explanation
 from ..models import Captioner
 from .ablation import word_ablation
@@ -18,22 +22,51 @@ from .correctness import CURVES, correctness_curves, localisable, plot_correctne
 from .finetune import MODES, FinetuneConfig, finetune, true_positive_rates
 from .hallucination import SCORES, auc_table, chair, detection_scores, labels_of, mean_average_precision, plot_roc
 from .masking import feature_masking
-from .metrics import hallucination_rate
+from .metrics import hallucination_rate, object_precision_recall
 from .tables import plot_bars, write_table
+
+
+def why_empty(labels: np.ndarray, min_count: int) -> str:
+    """Why a score over true/hallucinated mentions cannot be computed ('' when it can)."""
+    if len(labels) == 0:
+        return f"no object word predicted more than {min_count} times (lower --min-count)"
+    if labels.min() == labels.max():
+        kind = "true positives" if labels[0] else "hallucinated"
+        return f"all {len(labels)} mentions are {kind}: one class only, undefined"
+    return ""
 
 
 class Workbench:
     def __init__(self, captioner: Captioner, data: DataBundle, out: str | Path, split: str = "test",
-                 limit: int | None = None, beam_size: int = 3, progress: bool = True) -> None:
+                 limit: int | None = None, beam_size: int = 3, progress: bool = True, ground_truth: str = "auto",
+                 subset: Subset | None = None, workers: int = 0) -> None:
         self.captioner, self.data, self.split = captioner, data, split
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.limit, self.beam_size, self.progress = limit, beam_size, progress
+        self.ground_truth, self.subset, self.workers = ground_truth, subset, workers
         self._explanations: dict[str, dict[Mention, Explanation]] = {}
 
     @cached_property
     def predictions(self) -> Predictions:
-        return predict(self.captioner, self.data, self.split, self.beam_size, self.limit, self.progress)
+        return self._predict(self.captioner)
+
+    def _predict(self, captioner: Captioner, split: str | None = None, limit: int | None = None,
+                 subset: bool = True) -> Predictions:
+        return predict(captioner, self.data, split or self.split, self.beam_size, limit or self.limit, self.progress,
+                       self.ground_truth, self.subset if subset else None, self.workers)
+
+    @property
+    def scope(self) -> str:
+        """Which images the tables are about, for their titles."""
+        p = self.predictions
+        text = f"{len(p.records)} {self.split} images of {self.data.name}"
+        text += f" ({self.subset.describe()})" if self.subset else ""
+        return text + (f"; ground truth: {p.truth.description}" if p.truth else "")
+
+    def _labelled(self, rows: list[dict]) -> list[dict]:
+        """Rows with the ground truth's source beside every number."""
+        return [{**row, "ground_truth": self.predictions.require_truth().source} for row in rows]
 
     def explanations(self, method: str, mentions: list[Mention]) -> dict[Mention, Explanation]:
         """Each mention's explanation by ``method`` (computed once, kept for later experiments)."""
@@ -45,23 +78,48 @@ class Workbench:
 
     # --------------------------------------------------------------------------- Table 1
     def metrics(self, spice_corenlp=None, bertscore_model=None) -> dict:
+        """Caption metrics (need only reference captions), then the object metrics (precision,
+        recall, CHAIR) where ground truth for objects exists, else "not available: <why>"."""
         p = self.predictions
         scores = caption_metrics([" ".join(c.words) for c in p.captions],
                                  [r.raw or [" ".join(t) for t in r.captions] for r in p.records],
                                  spice_corenlp, bertscore_model)
-        rows = [{"metric": k, "value": v} for k, v in scores.items()]
-        write_table(self.out, "metrics", rows,
-                    f"Caption metrics, {self.split} split ({len(p.records)} images, beam {self.beam_size})")
+        if p.truth is None:
+            scores["object metrics"] = f"not available: {p.missing_truth}"
+        else:
+            words = [c.words for c in p.captions]
+            objects = object_precision_recall(words, p.objects, p.synonyms)
+            rates = chair(words, p.objects, p.synonyms)
+            scores |= {"object precision": objects.precision, "object recall": objects.recall,
+                       "CHAIR-i": rates["chair_i"], "CHAIR-s": rates["chair_s"],
+                       "ground truth": p.truth.source}
+        rows = [{"metric": k, "value": v} if not isinstance(v, str) or k == "ground truth"
+                else {"metric": k, "value": None, "note": v} for k, v in scores.items()]
+        write_table(self.out, "metrics", rows, f"Caption metrics, beam {self.beam_size}: {self.scope}")
         plot_bars([r for r in rows if isinstance(r["value"], float)], "metric", "value", self.out / "metrics.png",
                   "caption metrics")
         return scores
 
     # ---------------------------------------------------------------------- Fig. 3 / Fig. 5
     def correctness(self) -> list[dict]:
-        mentions = localisable(self.predictions, self.data.objects)
+        """Localisation in the boxes; without boxes, one row saying the measure is not available."""
+        try:
+            truth = self.data.ground_truth("boxes")
+        except ObjectsUnavailable as error:
+            rows = [{"curve": "all", "mentions": 0, "note": f"not available: correctness needs object boxes; {error}"}]
+            write_table(self.out, "correctness", rows, f"Correctness: {self.scope}")
+            return rows
+        predictions = self.predictions if self.predictions.truth.source == "boxes" else \
+            Predictions(self.predictions.records, self.predictions.captions, self.predictions.synonyms, truth,
+                        self.predictions.image_size, self.workers)
+        objects = truth.annotations
+        mentions = localisable(predictions, objects)
         explanations = {method: self.explanations(method, mentions) for method in {m for m, _ in CURVES.values()}}
-        rows = correctness_curves(self.predictions, self.data.objects, explanations)
-        write_table(self.out, "correctness", rows, f"Correctness of {len(mentions)} correctly predicted object words")
+        rows = correctness_curves(predictions, objects, explanations)
+        if not mentions:
+            rows = [{**row, "note": "no correctly named object word with a box in the image"} for row in rows]
+        write_table(self.out, "correctness", [{**row, "ground_truth": "boxes"} for row in rows],
+                    f"Correctness of {len(mentions)} correctly predicted object words: {self.scope}")
         plot_correctness(rows, self.out / "correctness.png")
         return rows
 
@@ -74,31 +132,43 @@ class Workbench:
         scores = detection_scores(mentions, explanations)
         auc = auc_table(labels, scores)
         rates = chair([c.words for c in p.captions], p.objects, p.synonyms)
+        note = why_empty(labels, min_count)
         result = {"auc": auc, "chair": rates, "true_positives": int(labels.sum()),
-                  "false_positives": int(len(labels) - labels.sum()), "words": sorted({m.word for m in mentions})}
-        write_table(self.out, "hallucination_auc", [{"score": k, "auc": v} for k, v in auc.items()],
+                  "false_positives": int(len(labels) - labels.sum()), "words": sorted({m.word for m in mentions}),
+                  "ground_truth": p.truth.source, "note": note}
+        write_table(self.out, "hallucination_auc",
+                    self._labelled([{"score": k, "auc": v} | ({"note": note} if note else {}) for k, v in auc.items()]),
                     f"AUC of true vs hallucinated object words ({result['true_positives']} TP, "
-                    f"{result['false_positives']} FP; words predicted > {min_count} times)")
-        write_table(self.out, "chair", [rates], "CHAIR hallucination rates")
+                    f"{result['false_positives']} FP; words predicted > {min_count} times): {self.scope}")
+        chair_note = {} if rates["object_mentions"] else {"note": "no object word in any caption"}
+        write_table(self.out, "chair", self._labelled([rates | chair_note]), f"CHAIR hallucination rates: {self.scope}")
         plot_roc(labels, scores, self.out / "hallucination_roc.png")
         return result
 
     def mean_average_precision(self, min_count: int = 50) -> dict:
         mentions = self.predictions.frequent_mentions(min_count)
         probabilities = word_probabilities(self.captioner, self.predictions, mentions)
-        result = mean_average_precision([m.word for m in mentions], labels_of(mentions), probabilities)
-        rows = [{"word": w, "ap": ap} for w, ap in result["per_word"].items()] + [{"word": "mAP", "ap": result["map"]}]
-        write_table(self.out, "map", rows, f"AP of frequent object words (> {min_count})")
-        plot_bars(rows, "word", "ap", self.out / "map.png", "average precision of frequent object words")
+        labels = labels_of(mentions)
+        result = mean_average_precision([m.word for m in mentions], labels, probabilities)
+        result["ground_truth"] = self.predictions.truth.source
+        result["note"] = why_empty(labels, min_count) or (
+            "" if result["per_word"] else "no frequent object word has both true and hallucinated mentions")
+        rows = [{"word": w, "ap": ap} for w, ap in result["per_word"].items()]
+        rows.append({"word": "mAP", "ap": result["map"]} | ({"note": result["note"]} if result["note"] else {}))
+        write_table(self.out, "map", self._labelled(rows), f"AP of frequent object words (> {min_count}): {self.scope}")
+        plot_bars([r for r in rows if r["ap"] == r["ap"]], "word", "ap", self.out / "map.png",
+                  "average precision of frequent object words")
         return result
-
 
     # ---------------------------------------------------------------- Table 2 / Table IV
     def ablation(self, top: int = 3, skip: int = 5, seed: int = 0) -> list[dict]:
         rows = word_ablation(self.captioner, self.predictions, top, skip, seed)
+        reason = ("no object words are known (pass --synonyms)" if self.predictions.synonyms is None
+                  else f"no caption has such a word at position ≥ {skip} (lower --skip)")
+        rows = [row | ({"note": reason} if not row["targets"] else {}) for row in rows]
         write_table(self.out, "ablation", rows, f"Word ablation: top-{top} preceding words deleted "
-                    f"(targets at position ≥ {skip})")
-        plot_bars(rows, ("words", "ranking"), "drop_share", self.out / "ablation.png",
+                    f"(targets at position ≥ {skip}): {self.scope}")
+        plot_bars([r for r in rows if r["targets"]], ("words", "ranking"), "drop_share", self.out / "ablation.png",
                   "share of targets whose probability drops")
         return rows
 
@@ -111,8 +181,10 @@ class Workbench:
         explanations = {method: self.explanations(method, mentions) for method in self.MASKING_METHODS}
         rows = feature_masking(self.captioner, self.predictions, explanations, mentions, fraction, seed,
                                self.beam_size)
-        write_table(self.out, "masking", rows, f"Feature masking: {fraction:.0%} of the pixels masked; share of "
-                    f"{len(mentions)} correctly named objects that are no longer named")
+        if not mentions:
+            rows = [row | {"note": "no correctly named object word to mask"} for row in rows]
+        write_table(self.out, "masking", self._labelled(rows), f"Feature masking: {fraction:.0%} of the pixels "
+                    f"masked; share of {len(mentions)} correctly named objects that are no longer named: {self.scope}")
         plot_bars(rows, ("method", "masked"), "vanished", self.out / "masking.png", "word no longer named after masking")
         return rows
 
@@ -121,16 +193,19 @@ class Workbench:
                  lam: float = 0.5, batch_size: int = 32, min_count: int = 50, train_limit: int | None = 500,
                  save: bool = False, full_metrics: bool = False) -> list[dict]:
         """Fine-tune the captioner with each mode and seed from the same start, then score each tuned
-        model on this split: caption metrics (BLEU-4, ROUGE-L, CIDEr without Java; ``full_metrics``
-        for all of Table 1), the share of true-positive object words (TP%), the mAP of frequent object
-        words and the biased word's hallucination rate; mean ± std over seeds."""
-        training = predict(self.captioner, self.data, "train", self.beam_size, train_limit, self.progress)
+        model on this split (or subset): caption metrics (BLEU-4, ROUGE-L, CIDEr without Java;
+        ``full_metrics`` for all of Table 1), the share of true-positive object words (TP%), the mAP of
+        frequent object words and the biased word's hallucination rate (the shapes world's planted
+        bias, or the subset's excluded word: how often it is said for images whose references never
+        mention it); mean ± std over seeds."""
+        self.predictions.require_truth()
+        training = self._predict(self.captioner, "train", train_limit, subset=False)
         rates = true_positive_rates(training)
         results = {"original": [self._tuned_scores(self.captioner, min_count, full_metrics)]}
         for mode in modes:
             for seed in seeds:
                 config = FinetuneConfig(mode, steps, batch_size, learning_rate, lam, seed)
-                tuned = finetune(self.captioner, self.data, config, rates, self.progress)
+                tuned = finetune(self.captioner, self.data, config, rates, self.progress, self.workers)
                 if save:
                     tuned.save(self.out / "finetuned" / f"{mode}-seed{seed}")
                 results.setdefault(mode, []).append(self._tuned_scores(tuned, min_count, full_metrics))
@@ -142,15 +217,30 @@ class Workbench:
                 finite = values[~np.isnan(values)]
                 row[key] = float(finite.mean()) if finite.size else float("nan")
                 row[f"{key}_std"] = float(finite.std()) if finite.size > 1 else 0.0
+            empty = [key for key in runs[0] if row[key] != row[key]]
+            if empty:
+                row["note"] = f"{', '.join(empty)}: no object mentions to score (TP%), or no frequent word with " \
+                              f"both true and hallucinated mentions (mAP; lower --min-count)"
             rows.append(row)
-        write_table(self.out, "finetune", rows, f"Fine-tuning ({steps} steps, λ = {lam}, lr = {learning_rate}, "
-                    f"seeds {list(seeds)}), scored on {len(self.predictions.records)} {self.split} images")
+        title = f"Fine-tuning ({steps} steps, λ = {lam}, lr = {learning_rate}, seeds {list(seeds)}): {self.scope}"
+        if self._biased_word():
+            title += f"; hallucination_rate: how often '{self._biased_word()[0]}' is said where it is not"
+        write_table(self.out, "finetune", self._labelled(rows), title)
         key = "hallucination_rate" if "hallucination_rate" in rows[0] else "TP%"
         plot_bars(rows, "model", key, self.out / "finetune.png", f"{key} after fine-tuning (mean ± std)", f"{key}_std")
         return rows
 
+    def _biased_word(self) -> tuple[str, str | None] | None:
+        """(biased word, the partner whose presence it is said for) of the shapes world's planted bias,
+        or (the subset's excluded word, None)."""
+        if self.subset is not None and self.subset.exclude:
+            return self.subset.exclude[0], None
+        if self.data.shapes_config:
+            return self.data.shapes_config["bias_word"], self.data.shapes_config["bias_partner"]
+        return None
+
     def _tuned_scores(self, captioner: Captioner, min_count: int, full_metrics: bool) -> dict:
-        p = predict(captioner, self.data, self.split, self.beam_size, self.limit, progress=False)
+        p = self._predict(captioner) if captioner is not self.captioner else self.predictions
         if full_metrics:
             scores = {k: v for k, v in caption_metrics([" ".join(c.words) for c in p.captions],
                                                        [r.raw or [" ".join(t) for t in r.captions] for r in p.records],
@@ -162,9 +252,14 @@ class Workbench:
         frequent = p.frequent_mentions(min_count)
         scores["mAP"] = mean_average_precision([m.word for m in frequent], labels_of(frequent),
                                                word_probabilities(captioner, p, frequent))["map"]
-        bias = self.data.shapes_config
-        if bias:
-            rate = hallucination_rate([c.words for c in p.captions], p.objects, p.synonyms, bias["bias_word"],
-                                      bias["bias_partner"])
-            scores["hallucination_rate"] = rate.rate
+        biased = self._biased_word()
+        if biased:
+            word, partner = biased
+            category = p.synonyms.category(word) or word
+            if partner is None:  # every image of the subset lacks the word in its references
+                said = [category in p.synonyms.categories_in(c.words) or word in c.words for c in p.captions]
+                scores["hallucination_rate"] = float(np.mean(said))
+            else:
+                scores["hallucination_rate"] = hallucination_rate([c.words for c in p.captions], p.objects,
+                                                                  p.synonyms, category, partner).rate
         return scores

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data.bundle import open_data
+from ..data.bundle import DataBundle, open_data
 from ..explain import METHODS, explain, method_parameters
 from ..models import Captioner
 from ..report.figures import normalised
@@ -38,7 +38,7 @@ def _require_web_stack():
 class ViewerState:
     """Images by id, captions by image, explanations cached; one lock around the model."""
 
-    def __init__(self, captioner: Captioner, data: str | Path | None, dataset_images: int) -> None:
+    def __init__(self, captioner: Captioner, data: DataBundle | str | Path | None, dataset_images: int) -> None:
         self.captioner = captioner
         self.lock = threading.Lock()
         self.images: dict[str, Image.Image] = {}
@@ -48,7 +48,8 @@ class ViewerState:
         self.paths: dict[str, Path] = {}  # dataset images: id -> file (the only files the viewer reads)
         self.dataset_ids: list[str] = []
         if data is not None:
-            for record in open_data(data).split("test")[:dataset_images]:
+            bundle = data if isinstance(data, DataBundle) else open_data(data)
+            for record in bundle.split("test")[:dataset_images]:
                 image_id = f"data-{record.image_id}"
                 self.names[image_id] = record.path.name
                 self.dataset_ids.append(image_id)
@@ -65,9 +66,10 @@ class ViewerState:
         return self.images[image_id]
 
 
-def create_app(captioner: Captioner, data: str | Path | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               dataset_images: int = 50):
-    """The FastAPI application for ``captioner`` (and the test images of ``data``)."""
+def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None,
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, dataset_images: int = 50):
+    """The FastAPI application for ``captioner`` (and the test images of ``data``: an opened dataset
+    or a dataset folder)."""
     _require_web_stack()
     from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
