@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.bundle import DataBundle
-from ..data.ground_truth import ObjectsUnavailable, Subset
+from ..data.ground_truth import Subset
 from ..explain import Explanation
 from ..models import Captioner
 from .ablation import word_ablation
@@ -103,12 +103,13 @@ class Workbench:
     # ---------------------------------------------------------------------- Fig. 3 / Fig. 5
     def correctness(self) -> list[dict]:
         """Localisation in the boxes; without boxes, one row saying the measure is not available."""
-        try:
-            truth = self.data.ground_truth("boxes")
-        except ObjectsUnavailable as error:
-            rows = [{"curve": "all", "mentions": 0, "note": f"not available: correctness needs object boxes; {error}"}]
-            write_table(self.out, "correctness", rows, f"Correctness: {self.scope}")
+        if not self.data.instance_files:
+            rows = [{"curve": "all", "mentions": 0, "note": "not available: correctness needs object boxes (COCO "
+                     f"instances_*.json, --instances); {self.data.name} has none"}]
+            write_table(self.out, "correctness", rows, f"Correctness: {len(self.predictions.records)} "
+                        f"{self.split} images of {self.data.name}")
             return rows
+        truth = self.data.ground_truth("boxes")
         predictions = self.predictions if self.predictions.truth.source == "boxes" else \
             Predictions(self.predictions.records, self.predictions.captions, self.predictions.synonyms, truth,
                         self.predictions.image_size, self.workers)
@@ -119,7 +120,8 @@ class Workbench:
         if not mentions:
             rows = [{**row, "note": "no correctly named object word with a box in the image"} for row in rows]
         write_table(self.out, "correctness", [{**row, "ground_truth": "boxes"} for row in rows],
-                    f"Correctness of {len(mentions)} correctly predicted object words: {self.scope}")
+                    f"Correctness of {len(mentions)} correctly predicted object words in {len(predictions.records)} "
+                    f"{self.split} images of {self.data.name}; ground truth: {truth.description}")
         plot_correctness(rows, self.out / "correctness.png")
         return rows
 
