@@ -168,6 +168,10 @@ def train_captioner(
     cached grid features (images decoded by ``workers`` processes), a decoder trained with teacher
     forcing and early stopping."""
     bundle = data if isinstance(data, DataBundle) else open_data(data)
+    for split in ("train", "val"):
+        if not bundle.split(split):
+            raise ValueError(f"the {split} split of {bundle.name} has no images: a captioner needs both a train and "
+                             "a val split (Karpathy's 'restval' counts as train)")
     config = train_config or TrainConfig()
     out = Path(out)
     if resume and not (out / STATE_JSON).is_file():

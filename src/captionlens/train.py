@@ -4,7 +4,6 @@ data (safetensors + JSON), never pickles. It knows nothing about captioning: the
 loss function and batch iterables."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .io import atomic_write, atomic_write_text, read_json, write_json
+from .io import atomic_write, atomic_write_text, dumps, read_json, write_json
 
 
 @dataclass
@@ -88,7 +87,7 @@ class Trainer:
             entry = EpochLog(epoch + 1, train_loss, val_loss, best, time.perf_counter() - began)
             history.append(entry)
             with open(self.out_dir / LOG, "a") as log:
-                log.write(json.dumps(asdict(entry)) + "\n")
+                log.write(dumps(asdict(entry), indent=None) + "\n")
             self._checkpoint(epoch + 1, history, best, stale)
         return history
 
@@ -149,5 +148,5 @@ class Trainer:
         self.optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
         history = [EpochLog(**h) for h in state["history"]]
-        atomic_write_text(self.out_dir / LOG, "".join(json.dumps(asdict(h)) + "\n" for h in history))
+        atomic_write_text(self.out_dir / LOG, "".join(dumps(asdict(h), indent=None) + "\n" for h in history))
         return history, state["best_val_loss"], state["stale_epochs"], state["epochs_done"]
