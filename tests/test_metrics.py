@@ -1,10 +1,10 @@
 """Metrics on planted cases with known answers."""
 import pytest
 
-from captionlens.experiments.metrics import (bleu, hallucination_rate, mentioned_objects, object_precision_recall,
-                                             wilson_interval)
+from captionlens.data.synonyms import Synonyms
+from captionlens.experiments.metrics import bleu, hallucination_rate, object_precision_recall, wilson_interval
 
-SYNONYMS = {"circle": "circle", "circles": "circle", "disk": "circle", "square": "square", "box": "square"}
+SYNONYMS = Synonyms({"circle": "circle", "circles": "circle", "disk": "circle", "square": "square", "box": "square"})
 
 
 def test_bleu_of_a_reference_is_one_and_of_nonsense_is_zero():
@@ -18,7 +18,7 @@ def test_bleu_of_a_reference_is_one_and_of_nonsense_is_zero():
 def test_object_precision_recall_counts_categories_once_per_image():
     captions = [["a", "disk", "and", "two", "circles"], ["a", "box", "and", "a", "circle"]]
     objects = [{"circle", "square"}, {"square"}]
-    assert mentioned_objects(captions[0], SYNONYMS) == {"circle"}
+    assert SYNONYMS.categories_in(captions[0]) == {"circle"}
     scores = object_precision_recall(captions, objects, SYNONYMS)
     assert (scores.mentioned, scores.present) == (3, 3)
     assert scores.precision == pytest.approx(2 / 3) and scores.recall == pytest.approx(2 / 3)

@@ -149,4 +149,5 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         history = [EpochLog(**h) for h in state["history"]]
         atomic_write_text(self.out_dir / LOG, "".join(dumps(asdict(h), indent=None) + "\n" for h in history))
-        return history, state["best_val_loss"], state["stale_epochs"], state["epochs_done"]
+        best = state["best_val_loss"]  # null in the JSON when no epoch had a finite validation loss
+        return history, math.inf if best is None else best, state["stale_epochs"], state["epochs_done"]

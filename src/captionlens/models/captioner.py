@@ -2,6 +2,8 @@
 preprocessing and beam search, built from a JSON-able config through the registries."""
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -141,6 +143,16 @@ class Captioner:
                 ids = [self.vocab.start_id, *hypothesis.token_ids]
                 captions.append(Caption(self.vocab.decode(ids), ids, hypothesis.score))
         return captions
+
+    def fingerprint(self) -> str:
+        """A hash of the configuration, the vocabulary and every weight: two captioners with the same
+        fingerprint compute the same explanations (used to keep an explanation store to one model)."""
+        digest = hashlib.sha1(json.dumps(asdict(self.config), sort_keys=True).encode())
+        digest.update("\n".join(self.vocab.words).encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     # ------------------------------------------------------------------ checkpoints (data, no pickles)
     def save(self, run_dir: str | Path, weights_name: str = "model.safetensors") -> None:
