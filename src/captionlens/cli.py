@@ -70,6 +70,7 @@ class ExperimentOptions:
     exclude_word: Annotated[Optional[str], typer.Option(help="... and never mention this word (comma-separated for several); finetune reports how often it is said.")] = None
     ground_truth: Annotated[GroundTruthChoice, typer.Option(help="Objects of an image: boxes (COCO instances), references (words of its reference captions) or auto (boxes where present).")] = "auto"
     beam_size: Annotated[int, typer.Option(help="Beam size of the captions (paper: 3).")] = 3
+    store: Annotated[Optional[Path], typer.Option(help="Explanation store (Zarr) to read explanations from and add missing ones to; default OUT/explanations.zarr.")] = None
     workers: WorkersOption = default_workers()
     device: DeviceOption = None
 
@@ -354,10 +355,67 @@ def _experiment(model: Path, data: Path, out: Path, dataset: DatasetOptions, opt
         subset = Subset.from_options(options.subset, options.subset_words, options.exclude_word)
         bench = Workbench(load(model, options.device), dataset.open(data), out, options.split, options.limit,
                           options.beam_size, ground_truth=options.ground_truth.value, subset=subset,
-                          workers=options.workers)
+                          workers=options.workers, store=options.store)
         return run(bench)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         fail(str(error))
+
+
+class WordsChoice(str, Enum):
+    all = "all"
+    objects = "objects"
+
+
+@app.command("explain-split")
+@option_groups
+def explain_split(
+    model: ModelOption,
+    data: DataOption,
+    dataset: DatasetOptions,
+    store: Annotated[Path, typer.Option(help="The explanation store to write (Zarr); rerun the same command to resume.")],
+    split: Annotated[str, typer.Option(help="Split to explain.")] = "test",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "lrp,gradcam,guided_gradcam,attention",
+    words: Annotated[WordsChoice, typer.Option(help="Explain every word of each caption, or only its object words.")] = "all",
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N images of the split.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images explained together (fixed, so results do not depend on the number of processes).")] = 8,
+    beam_size: Annotated[int, typer.Option(help="Beam size of the captions (paper: 3).")] = 3,
+    epsilon: Annotated[float, typer.Option(help="LRP ε.")] = 0.01,
+    alpha: Annotated[float, typer.Option(help="LRP α (α − β = 1).")] = 1.0,
+    beta: Annotated[float, typer.Option(help="LRP β.")] = 0.0,
+    workers: WorkersOption = default_workers(),
+    device: DeviceOption = None,
+) -> None:
+    """Caption every image of a split and explain each word (or object word) with each method into an
+    explanation store that the experiments, the report and the viewer read. Killed at any moment and
+    run again, it continues where it stopped. Under torchrun, each process explains its share:
+
+        torchrun --nproc_per_node 2 -m captionlens explain-split --model RUN --data DIR --store S.zarr
+
+    Example: captionlens explain-split --model runs/f30k-gridtd --data data/f30k --store runs/f30k-gridtd/test.zarr
+    """
+    import math
+
+    from .api import load
+    from .distributed import process_group
+    from .explain import METHODS
+    from .experiments.explain_split import explain_split as run_explain_split
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        fail(f"unknown method {', '.join(unknown) or '(none given)'}; choose from: {', '.join(sorted(METHODS))}")
+    if not all(math.isfinite(v) for v in (epsilon, alpha, beta)) or epsilon < 0 or batch_size < 1:
+        fail("--epsilon, --alpha and --beta must be finite numbers (ε ≥ 0), --batch-size ≥ 1")
+    lrp = {"epsilon": epsilon, "alpha": alpha, "beta": beta}
+    with process_group(device) as ranks:
+        try:
+            captioner = load(model, ranks.device(device))
+            result = run_explain_split(captioner, dataset.open(data), store, split, chosen, words.value, batch_size,
+                                       limit, beam_size, workers, {"lrp": lrp} if "lrp" in chosen else {})
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            fail(str(error))
+        if ranks.is_main:
+            console.print(f"{len(result.image_ids())} images explained by {', '.join(chosen)} -> {store}")
 
 
 def _print_table(rows: list[dict]) -> None:

@@ -5,7 +5,7 @@ predicted word, and explanations computed in batches of images decoded by worker
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -18,9 +18,11 @@ from ..data.ground_truth import GroundTruth, ObjectsUnavailable, Subset
 from ..data.images import decoded_batches
 from ..data.karpathy import ImageRecord
 from ..data.synonyms import Synonyms
-from ..explain import Explanation, explain_batch
+from ..explain import Explanation, resolved_parameters
+from ..explain.store import ExplanationStore
 from ..models import Caption, Captioner
 from .captioning import split_features
+from .explain_split import fill
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,11 @@ class Predictions:
 
 def predict(captioner: Captioner, data: DataBundle, split: str = "test", beam_size: int = 3,
             limit: int | None = None, progress: bool = True, ground_truth: str = "auto",
-            subset: Subset | None = None, workers: int = 0) -> Predictions:
+            subset: Subset | None = None, workers: int = 0,
+            known: Callable[[ImageRecord], Caption | None] | None = None) -> Predictions:
     """Caption ``split`` (the images of ``subset`` if given, then the first ``limit``) with beam
-    search on the cached grid features."""
+    search on the cached grid features; ``known(record)`` supplies captions already made (e.g. in an
+    explanation store): when it knows them all, no image is encoded at all."""
     records = data.split(split)
     if not records:
         raise ValueError(f"the {split!r} split of {data.name} has no images")
@@ -95,8 +99,10 @@ def predict(captioner: Captioner, data: DataBundle, split: str = "test", beam_si
         if not indices:
             raise ValueError(f"no {split} image of {data.name} is in the {subset.describe()}")
     indices = indices[:limit]
-    grids = split_features(captioner, data, split, progress, workers)[indices]
-    captions = captioner.caption_features(grids, beam_size)
+    captions = [known(records[i]) if known else None for i in indices]
+    if any(c is None for c in captions):
+        grids = split_features(captioner, data, split, progress, workers)[indices]
+        captions = [k or c for k, c in zip(captions, captioner.caption_features(grids, beam_size))]
     try:
         truth, missing = data.ground_truth(ground_truth), ""
     except ObjectsUnavailable as error:
@@ -116,21 +122,38 @@ def image_batches(items: Sequence, batch_size: int) -> Iterator[list[tuple[int, 
         yield [(image, groups[image]) for image in images[start: start + batch_size]]
 
 
-def explain_mentions(captioner: Captioner, predictions: Predictions, mentions: Sequence[Mention], method: str,
-                     batch_size: int = 32, progress: bool = True, **parameters) -> dict[Mention, Explanation]:
-    """Explanations of the given mentions (one Explanation row each), batched over images."""
-    result: dict[Mention, Explanation] = {}
-    batches = list(image_batches(mentions, batch_size))
-    images = predictions.images([[i for i, _ in batch] for batch in batches])
-    for batch, pixels in tqdm(zip(batches, images), total=len(batches), desc=f"explain ({method})",
-                              disable=not progress):
-        explanations = explain_batch(
-            captioner, list(pixels), [predictions.captions[i] for i, _ in batch], method,
-            words=[[m.position for m in group] for _, group in batch], **parameters)
-        for (_, group), explanation in zip(batch, explanations):
-            for row, mention in enumerate(group):
-                result[mention] = row_of(explanation, row)
-    return result
+def explain_into_store(captioner: Captioner, predictions: Predictions, store: ExplanationStore,
+                       mentions: Sequence[Mention], method: str, batch_size: int = 32,
+                       progress: bool = True) -> "StoredExplanations":
+    """The explanations of ``mentions`` by ``method`` with its default parameters: read from the
+    store, after computing (in batches of images) and writing those it does not hold yet."""
+    parameters = resolved_parameters(method)
+    store.add_methods({method: parameters})
+    records = predictions.records
+    missing = sorted({m.image for m in mentions if not store.has(records[m.image].image_id, method)})
+    batches = [missing[i: i + batch_size] for i in range(0, len(missing), batch_size)]
+    for batch, pixels in tqdm(zip(batches, predictions.images(batches)), total=len(batches),
+                              desc=f"explain ({method})", disable=not progress):
+        fill(captioner, store, [records[i] for i in batch], [predictions.captions[i] for i in batch], pixels,
+             {method: parameters})
+    return StoredExplanations(store, records, method)
+
+
+class StoredExplanations:
+    """``stored[mention]``: its single-word Explanation, read from the store when asked for (memory
+    bounded by the store's small cache, not by the number of mentions)."""
+
+    def __init__(self, store: ExplanationStore, records: Sequence[ImageRecord], method: str) -> None:
+        self.store, self.records, self.method = store, records, method
+
+    def __getitem__(self, mention: Mention) -> Explanation:
+        image_id = self.records[mention.image].image_id
+        explanation = self.store.explanation(image_id, self.method)
+        if mention.position not in explanation.positions:
+            raise ValueError(f"the store {self.store.path} did not explain word {mention.position} "
+                             f"({mention.word!r}) of image {image_id}: it holds {self.store.attributes['words']} "
+                             "words; make it with `explain-split --words all` or the same --synonyms")
+        return row_of(explanation, explanation.positions.index(mention.position))
 
 
 def row_of(explanation: Explanation, row: int) -> Explanation:

@@ -2,10 +2,15 @@
 captions once and each method's explanations of each object mention once, and writing every table
 (CSV + JSON + Markdown) and plot into an output folder.
 
+Explanations live in an explanation store (``--store``, by default ``OUT/explanations.zarr``): read
+from it when it holds them, computed and written into it when not — so memory is bounded by a batch,
+and a second experiment, or the same one after a crash, reuses what was computed.
+
 Tables that label object words say which ground truth they used (``ground_truth``: ``boxes`` or
 ``references``), and every cell left empty says why in a ``note`` column."""
 from __future__ import annotations
 
+import shutil
 from functools import cached_property
 from pathlib import Path
 
@@ -13,12 +18,13 @@ import numpy as np
 
 from ..data.bundle import DataBundle
 from ..data.ground_truth import Subset
-from ..explain import Explanation
+from ..explain.store import ExplanationStore, StoreMismatch
 from ..models import Captioner
 from .ablation import word_ablation
 from .caption_metrics import caption_metrics, token_metrics
-from .context import Mention, Predictions, explain_mentions, predict, word_probabilities
+from .context import Mention, Predictions, StoredExplanations, explain_into_store, predict, word_probabilities
 from .correctness import CURVES, correctness_curves, localisable, plot_correctness
+from .explain_split import explained_positions, stored_caption
 from .finetune import MODES, FinetuneConfig, finetune, true_positive_rates
 from .hallucination import SCORES, auc_table, chair, detection_scores, labels_of, mean_average_precision, plot_roc
 from .masking import feature_masking
@@ -39,22 +45,44 @@ def why_empty(labels: np.ndarray, min_count: int) -> str:
 class Workbench:
     def __init__(self, captioner: Captioner, data: DataBundle, out: str | Path, split: str = "test",
                  limit: int | None = None, beam_size: int = 3, progress: bool = True, ground_truth: str = "auto",
-                 subset: Subset | None = None, workers: int = 0) -> None:
+                 subset: Subset | None = None, workers: int = 0, store: str | Path | None = None) -> None:
         self.captioner, self.data, self.split = captioner, data, split
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.limit, self.beam_size, self.progress = limit, beam_size, progress
         self.ground_truth, self.subset, self.workers = ground_truth, subset, workers
-        self._explanations: dict[str, dict[Mention, Explanation]] = {}
+        self.own_store = store is None
+        self.store_path = self.out / "explanations.zarr" if store is None else Path(store)
+
+    @cached_property
+    def store(self) -> ExplanationStore:
+        """The explanation store (created as ``words="objects"`` when missing). A store given by the
+        user must match the model and split; the workbench's own store in OUT is replaced when not."""
+        try:
+            return ExplanationStore.create(self.store_path, self.captioner.fingerprint(), self.split, "objects", {})
+        except StoreMismatch:
+            if not self.own_store:
+                raise
+            shutil.rmtree(self.store_path)
+            return ExplanationStore.create(self.store_path, self.captioner.fingerprint(), self.split, "objects", {})
 
     @cached_property
     def predictions(self) -> Predictions:
-        return self._predict(self.captioner)
+        """The captions of the images: the store's where it has them, else made now and written to it."""
+        store = self.store
+        p = self._predict(self.captioner, known=lambda r: stored_caption(store, r.image_id)
+                          if store.has_caption(r.image_id) else None)
+        mode = store.attributes["words"]
+        for record, caption in zip(p.records, p.captions):
+            positions = explained_positions(caption.words, mode, p.synonyms) if p.synonyms or mode == "all" else []
+            store.write_caption(record.image_id, record.path.name, caption.words, caption.token_ids, positions,
+                                caption.score)
+        return p
 
     def _predict(self, captioner: Captioner, split: str | None = None, limit: int | None = None,
-                 subset: bool = True) -> Predictions:
+                 subset: bool = True, known=None) -> Predictions:
         return predict(captioner, self.data, split or self.split, self.beam_size, limit or self.limit, self.progress,
-                       self.ground_truth, self.subset if subset else None, self.workers)
+                       self.ground_truth, self.subset if subset else None, self.workers, known)
 
     @property
     def scope(self) -> str:
@@ -68,13 +96,11 @@ class Workbench:
         """Rows with the ground truth's source beside every number."""
         return [{**row, "ground_truth": self.predictions.require_truth().source} for row in rows]
 
-    def explanations(self, method: str, mentions: list[Mention]) -> dict[Mention, Explanation]:
-        """Each mention's explanation by ``method`` (computed once, kept for later experiments)."""
-        known = self._explanations.setdefault(method, {})
-        missing = [m for m in mentions if m not in known]
-        if missing:
-            known.update(explain_mentions(self.captioner, self.predictions, missing, method, progress=self.progress))
-        return {m: known[m] for m in mentions}
+    def explanations(self, method: str, mentions: list[Mention]) -> StoredExplanations:
+        """``explanations[mention]``: its explanation by ``method``, from the store (computed and
+        written there first if missing)."""
+        return explain_into_store(self.captioner, self.predictions, self.store, mentions, method,
+                                  progress=self.progress)
 
     # --------------------------------------------------------------------------- Table 1
     def metrics(self, spice_corenlp=None, bertscore_model=None) -> dict:

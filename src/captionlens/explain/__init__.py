@@ -49,6 +49,16 @@ def method_parameters(method: str) -> list[str]:
     return [name for name in inspect.signature(METHODS[method]).parameters][4:]
 
 
+def resolved_parameters(method: str, **given) -> dict:
+    """Every parameter of ``method`` with its value: ``given`` over the method's defaults."""
+    allowed = method_parameters(method)
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise TypeError(f"method {method!r} takes {', '.join(allowed) or 'no parameters'}, not {', '.join(unknown)}")
+    defaults = {name: p.default for name, p in inspect.signature(METHODS[method]).parameters.items() if name in allowed}
+    return defaults | given
+
+
 def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: Sequence[CaptionLike],
                   method: str = "lrp", words: Sequence[int] | Sequence[Sequence[int]] | None = None,
                   include_end: bool = False, **parameters) -> list[Explanation]:
@@ -57,10 +67,7 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
     ``words`` selects caption positions (0-based) to explain — all words by default, one list for
     every image or one list per image; ``include_end`` also explains the <end> token.
     ``parameters`` go to the method (LRP: epsilon, alpha, beta, first_layer; Grad-CAM: relu)."""
-    allowed = method_parameters(method)
-    unknown = sorted(set(parameters) - set(allowed))
-    if unknown:
-        raise TypeError(f"method {method!r} takes {', '.join(allowed) or 'no parameters'}, not {', '.join(unknown)}")
+    resolved_parameters(method, **parameters)  # unknown parameters are an error
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     vocab = captioner.vocab
@@ -123,4 +130,4 @@ def explain(captioner: Captioner, image: ImageInput, caption: CaptionLike, metho
     return explain_batch(captioner, [image], [caption], method, words, include_end, **parameters)[0]
 
 
-__all__ = ["METHODS", "Explanation", "explain", "explain_batch", "method_parameters"]
+__all__ = ["METHODS", "Explanation", "explain", "explain_batch", "method_parameters", "resolved_parameters"]

@@ -1,0 +1,4 @@
+"""``python -m captionlens`` (and ``torchrun ... -m captionlens``) runs the command line."""
+from .cli import app
+
+app()

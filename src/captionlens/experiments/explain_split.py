@@ -1,0 +1,95 @@
+"""Explain every image of a split into an explanation store, in fixed batches, resumably, and — under
+``torchrun`` — sharded over the ranks.
+
+The split is cut into batches of ``batch_size`` images in dataset order; batch b is done by rank
+b mod world size. A batch always holds the same images, whether one process or eight run and
+whether it runs for the first time or after a crash, so every number in the store is the same as in
+an uninterrupted single-process run. A batch whose images are all complete is skipped.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..data.bundle import DataBundle
+from ..data.images import decoded_batches, normalise
+from ..data.karpathy import ImageRecord
+from ..data.synonyms import Synonyms
+from ..distributed import Ranks, current
+from ..explain import explain_batch, resolved_parameters
+from ..explain.store import ExplanationStore
+from ..models import Caption, Captioner
+
+DEFAULT_METHODS = ("lrp", "gradcam", "guided_gradcam", "attention")
+
+
+def explained_positions(words: Sequence[str], mode: str, synonyms: Synonyms | None) -> list[int]:
+    """Every word (``all``) or the object words (``objects``: the head word of each object phrase)."""
+    if mode == "all":
+        return list(range(len(words)))
+    if synonyms is None:
+        raise ValueError("--words objects needs a synonym list (--synonyms) to know the object words")
+    return [o.position for o in synonyms.find(words)]
+
+
+def fill(captioner: Captioner, store: ExplanationStore, records: Sequence[ImageRecord], captions: Sequence[Caption],
+         pixels, methods: dict[str, dict]) -> None:
+    """Write the explanations of one batch of images (their ``captions`` already in the store) by each
+    method that the store does not yet hold completely for every one of them. ``pixels``: the
+    images decoded at the model's input size, uint8 [B, 3, S, S]."""
+    ids = [r.image_id for r in records]
+    positions = [store.positions(i) for i in ids]
+    for method, parameters in methods.items():
+        if all(store.has(i, method) for i in ids):
+            continue
+        explanations = explain_batch(captioner, list(pixels), list(captions), method, words=positions, **parameters)
+        for image_id, explanation in zip(ids, explanations):
+            if not store.has(image_id, method):
+                store.write_explanation(image_id, explanation)
+
+
+def stored_caption(store: ExplanationStore, image_id: int) -> Caption:
+    record = store.caption(image_id)
+    return Caption(record["words"], record["token_ids"], record["caption_score"])
+
+
+def open_store(captioner: Captioner, path: str | Path, split: str, words: str, methods: dict[str, dict],
+               ranks: Ranks) -> ExplanationStore:
+    """Rank 0 creates (or checks and reopens) the store; the other ranks open it after it."""
+    with ranks.main_first():
+        store = (ExplanationStore.create(path, captioner.fingerprint(), split, words, methods) if ranks.is_main
+                 else ExplanationStore.open(path, "r+"))
+    return store
+
+
+def explain_split(captioner: Captioner, data: DataBundle, store_path: str | Path, split: str = "test",
+                  methods: Sequence[str] = DEFAULT_METHODS, words: str = "all", batch_size: int = 8,
+                  limit: int | None = None, beam_size: int = 3, workers: int = 0,
+                  parameters: dict[str, dict] | None = None, progress: bool = True) -> ExplanationStore:
+    """Caption the split's images (beam search) and explain every word (or every object word) by each
+    method into the store at ``store_path``; this rank's share of the batches under torchrun."""
+    ranks = current()
+    records = data.split(split)[:limit]
+    if not records:
+        raise ValueError(f"the {split!r} split of {data.name} has no images")
+    chosen = {m: resolved_parameters(m, **(parameters or {}).get(m, {})) for m in methods}
+    store = open_store(captioner, store_path, split, words, chosen, ranks)
+    batches = [records[i: i + batch_size] for i in range(0, len(records), batch_size)]
+    todo = [b for b in ranks.shard(batches)
+            if not all(store.has_caption(r.image_id) and all(store.has(r.image_id, m) for m in chosen) for r in b)]
+    encoder = captioner.model.encoder
+    images = decoded_batches([[r.path for r in batch] for batch in todo], captioner.image_size, workers)
+    for batch, pixels in tqdm(zip(todo, images), total=len(todo), desc=f"explain {split} (rank {ranks.rank})",
+                              disable=not progress or not ranks.is_main):
+        with torch.no_grad():
+            grids = encoder(normalise(pixels.to(captioner.device), encoder.mean, encoder.std))
+        captions = captioner.caption_features(grids, beam_size)
+        for record, caption in zip(batch, captions):
+            store.write_caption(record.image_id, record.path.name, caption.words, caption.token_ids,
+                                explained_positions(caption.words, words, data.synonyms), caption.score)
+        fill(captioner, store, batch, [stored_caption(store, r.image_id) for r in batch], pixels, chosen)
+    ranks.barrier()
+    return store

@@ -1,0 +1,270 @@
+"""The explanation store: every explained word of every caption of a split, by several methods, on
+disk in Zarr v3, so experiments at the papers' scale read one word's maps instead of holding a
+split's explanations in memory — and many processes can write one store at once.
+
+Layout (one group per image, so reading one word's map touches one chunk)::
+
+    STORE/zarr.json                 attributes: format, format_version, model (fingerprint), split,
+                                    words ("all" or "objects"), parameters {method: {...}}
+    STORE/images/<image id>/        attributes: image_id, file, words, token_ids, positions (the
+                                    explained caption positions), caption_score
+    STORE/images/<image id>/<method>/
+        image      float16 [K, H, W]   pixel relevance at the model's input size (one chunk), divided
+        image_scale float32 [K]        by each row's max |value| (so float16 keeps 3 digits of every map)
+        grid       float32 [K, h, w]
+        preceding  float32 [K, n+1]    relevance of <start> and each caption word
+        score      float32 [K]
+        beta       float32 [K]         where the method defines it (attention)
+                                    attributes: complete = true, written last
+
+Every file is written atomically by Zarr; an image's caption exists once its group does, and a
+method's explanation counts only once ``complete`` is set, after its arrays: a process killed at
+any moment leaves nothing that is read as complete, and the same command later redoes exactly what
+is missing. A store belongs to one model and one set of method parameters; opening it with another
+is a clear error (:class:`StoreMismatch`).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .explanation import Explanation
+
+STORE_FORMAT, STORE_VERSION = "captionlens-explanations", 1
+WORD_MODES = ("all", "objects")
+_ARRAYS = ("image", "grid", "preceding", "score")
+
+
+class StoreMismatch(ValueError):
+    """The store was written for another model, split, word selection or method parameters."""
+
+
+def _zarr():
+    try:
+        import zarr
+    except ImportError as error:  # pragma: no cover - zarr is a dependency
+        raise ImportError("the explanation store needs zarr>=3: pip install 'zarr>=3'") from error
+    return zarr
+
+
+class ExplanationStore:
+    """``store = ExplanationStore.open(path)``; ``store.image_ids()``, ``store.words(image_id)``,
+    ``store.image_map(image_id, position, "lrp")``, ``store.preceding(...)``, ``store.score(...)``,
+    ``store.query(word="dog")``."""
+
+    def __init__(self, root, path: Path) -> None:
+        self._root = root
+        self.path = path
+        self._cache: OrderedDict[tuple[int, str], Explanation] = OrderedDict()
+
+    # ----------------------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "ExplanationStore":
+        """An existing store (``mode="r+"`` to add to it)."""
+        zarr = _zarr()
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise FileNotFoundError(f"no explanation store at {path} (make one with `captionlens explain-split`)")
+        try:
+            root = zarr.open_group(str(path), mode=mode)
+        except Exception as error:  # zarr raises several types for an unreadable group
+            raise ValueError(f"{path} is not a readable explanation store: {error}") from None
+        if root.attrs.get("format") != STORE_FORMAT:
+            raise ValueError(f"{path} is a Zarr group but not a captionlens explanation store")
+        if root.attrs.get("format_version") != STORE_VERSION:
+            raise ValueError(f"{path} has store format_version {root.attrs.get('format_version')}; this "
+                             f"captionlens reads {STORE_VERSION}")
+        return cls(root, path)
+
+    @classmethod
+    def create(cls, path: str | Path, model: str, split: str, words: str,
+               parameters: dict[str, dict]) -> "ExplanationStore":
+        """A new store, or the existing one at ``path`` if it was made for the same model, split and
+        word selection (its method parameters are checked and extended with new methods)."""
+        zarr = _zarr()
+        if words not in WORD_MODES:
+            raise ValueError(f"words must be one of {WORD_MODES}, not {words!r}")
+        path = Path(path)
+        if (path / "zarr.json").is_file():
+            store = cls.open(path, "r+")
+            store.check(model, split, words)
+            store.add_methods(parameters)
+            store.remove_partial_files()
+            return store
+        root = zarr.open_group(str(path), mode="w", attributes={
+            "format": STORE_FORMAT, "format_version": STORE_VERSION, "model": model, "split": split,
+            "words": words, "parameters": parameters})
+        root.create_group("images")
+        return cls(root, path)
+
+    @property
+    def attributes(self) -> dict:
+        return dict(self._root.attrs)
+
+    def check(self, model: str, split: str | None = None, words: str | None = None) -> None:
+        """Raise :class:`StoreMismatch` unless the store was made for this model (and split, words)."""
+        attrs = self._root.attrs
+        for key, wanted in (("model", model), ("split", split), ("words", words)):
+            if wanted is not None and attrs.get(key) != wanted:
+                what = "model (weights, vocabulary or config differ)" if key == "model" else key
+                raise StoreMismatch(f"{self.path} was written for another {what}: {attrs.get(key)!r}, not {wanted!r}; "
+                                    "use another --store path")
+
+    def add_methods(self, parameters: dict[str, dict]) -> None:
+        """Record the parameters of methods new to the store; a known method must keep its parameters."""
+        known = dict(self._root.attrs.get("parameters", {}))
+        for method, values in parameters.items():
+            if method in known and known[method] != values:
+                raise StoreMismatch(f"{self.path} holds {method} explanations with parameters {known[method]}, "
+                                    f"not {values}; use another --store path")
+        if set(parameters) - set(known):
+            self._root.attrs["parameters"] = known | parameters
+
+    def parameters(self, method: str) -> dict:
+        return dict(self._root.attrs.get("parameters", {}).get(method, {}))
+
+    def remove_partial_files(self) -> None:
+        """Temporary files of writes that a killed process never finished."""
+        for partial in self.path.rglob("*.partial"):
+            partial.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------------------- reading
+    def _image(self, image_id: int):
+        try:
+            return self._root[f"images/{int(image_id)}"]
+        except KeyError:
+            raise KeyError(f"image {image_id} is not in the store {self.path}") from None
+
+    def image_ids(self) -> list[int]:
+        """The images whose captions are in the store, in increasing id order."""
+        return sorted(int(key) for key in self._root["images"].group_keys())
+
+    def has_caption(self, image_id: int) -> bool:
+        return f"images/{int(image_id)}" in self._root
+
+    def words(self, image_id: int) -> list[str]:
+        return list(self._image(image_id).attrs["words"])
+
+    def caption(self, image_id: int) -> dict:
+        """The caption record: ``words``, ``token_ids``, ``positions`` (explained), ``caption_score``, ``file``."""
+        return dict(self._image(image_id).attrs)
+
+    def positions(self, image_id: int) -> list[int]:
+        return list(self._image(image_id).attrs["positions"])
+
+    def has(self, image_id: int, method: str) -> bool:
+        """Whether ``method``'s explanation of the image was written completely."""
+        name = f"images/{int(image_id)}/{method}"
+        if name not in self._root:
+            return False
+        try:
+            return bool(self._root[name].attrs.get("complete", False))
+        except Exception:  # noqa: BLE001  an unreadable group is an unfinished one
+            return False
+
+    def methods(self, image_id: int) -> list[str]:
+        return sorted(m for m in self._image(image_id).group_keys() if self.has(image_id, m))
+
+    def explanation(self, image_id: int, method: str) -> Explanation:
+        """All explained words of one image by ``method`` (a few recent ones are kept in memory)."""
+        key = (int(image_id), method)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        if not self.has(image_id, method):
+            raise KeyError(f"the store {self.path} has no complete {method} explanation of image {image_id}")
+        group = self._root[f"images/{int(image_id)}/{method}"]
+        caption = self.caption(image_id)
+        tensors = {name: torch.from_numpy(np.asarray(group[name][...], dtype=np.float32)) for name in _ARRAYS}
+        scale = np.asarray(group["image_scale"][...], dtype=np.float32)
+        tensors["image"] *= torch.from_numpy(scale).view(-1, 1, 1)
+        extra = {"beta": torch.from_numpy(np.asarray(group["beta"][...], dtype=np.float32))} if "beta" in group else {}
+        words = caption["words"]
+        positions = caption["positions"]
+        result = Explanation(method, [words[p] if p < len(words) else "<end>" for p in positions], positions,
+                             ["<start>", *words], tensors["image"], tensors["grid"], tensors["preceding"],
+                             tensors["score"], self.parameters(method), extra)
+        self._cache[key] = result
+        while len(self._cache) > 64:
+            self._cache.popitem(last=False)
+        return result
+
+    def _row(self, image_id: int, position: int) -> int:
+        positions = self.positions(image_id)
+        if position not in positions:
+            raise KeyError(f"word {position} of image {image_id} was not explained (explained: {positions})")
+        return positions.index(position)
+
+    def image_map(self, image_id: int, position: int, method: str) -> np.ndarray:
+        """Pixel relevance [H, W] (float32) of the word at ``position``."""
+        return self.explanation(image_id, method).image[self._row(image_id, position)].numpy()
+
+    def grid_map(self, image_id: int, position: int, method: str) -> np.ndarray:
+        return self.explanation(image_id, method).grid[self._row(image_id, position)].numpy()
+
+    def preceding(self, image_id: int, position: int, method: str) -> np.ndarray:
+        """Relevance of <start> and the caption words [n+1] (0 after the explained word)."""
+        return self.explanation(image_id, method).preceding[self._row(image_id, position)].numpy()
+
+    def score(self, image_id: int, position: int, method: str) -> float:
+        return float(self.explanation(image_id, method).score[self._row(image_id, position)])
+
+    def beta(self, image_id: int, position: int, method: str = "attention") -> float | None:
+        extra = self.explanation(image_id, method).extra
+        return float(extra["beta"][self._row(image_id, position)]) if "beta" in extra else None
+
+    def query(self, word: str | None = None) -> list[tuple[int, int]]:
+        """(image id, position) of every explained word (equal to ``word`` when given)."""
+        found = []
+        for image_id in self.image_ids():
+            caption = self.caption(image_id)
+            words = caption["words"]
+            found += [(image_id, p) for p in caption["positions"]
+                      if word is None or (p < len(words) and words[p] == word)]
+        return found
+
+    # ---------------------------------------------------------------------------- writing
+    def write_caption(self, image_id: int, file: str, words: Sequence[str], token_ids: Sequence[int],
+                      positions: Sequence[int], caption_score: float) -> None:
+        """The image's caption and the positions that will be explained (written once)."""
+        if self.has_caption(image_id):
+            stored = self.caption(image_id)
+            if stored["words"] != list(words) or stored["positions"] != list(positions):
+                raise StoreMismatch(f"image {image_id} is in {self.path} with the caption {stored['words']} "
+                                    f"(positions {stored['positions']}), not {list(words)} ({list(positions)})")
+            return
+        self._root["images"].create_group(str(int(image_id)), attributes={
+            "image_id": int(image_id), "file": file, "words": list(words), "token_ids": [int(t) for t in token_ids],
+            "positions": [int(p) for p in positions], "caption_score": float(caption_score)})
+
+    def write_explanation(self, image_id: int, explanation: Explanation) -> None:
+        """One method's explanation of the image's explained positions; ``complete`` is set last."""
+        method = explanation.method
+        if explanation.positions != self.positions(image_id):
+            raise ValueError(f"image {image_id}: explained {explanation.positions}, the store wants "
+                             f"{self.positions(image_id)}")
+        known = self.parameters(method)
+        if known and known != explanation.parameters:
+            raise StoreMismatch(f"{self.path} holds {method} with parameters {known}, not {explanation.parameters}")
+        image_group = self._image(image_id)
+        if method in image_group:  # an unfinished earlier attempt
+            del image_group[method]
+        group = image_group.create_group(method)
+        image = explanation.image.numpy().astype(np.float32)
+        scale = np.abs(image).reshape(len(image), -1).max(axis=1, initial=0.0)
+        scale[scale == 0] = 1.0
+        arrays = {"image": image / scale[:, None, None], "image_scale": scale, "grid": explanation.grid.numpy(),
+                  "preceding": explanation.preceding.numpy(), "score": explanation.score.numpy()}
+        if "beta" in explanation.extra:
+            arrays["beta"] = explanation.extra["beta"].numpy()
+        for name, values in arrays.items():
+            values = np.ascontiguousarray(values, dtype=np.float16 if name == "image" else np.float32)
+            array = group.create_array(name, shape=values.shape, dtype=values.dtype,
+                                       chunks=tuple(max(1, n) for n in values.shape))
+            if values.size:
+                array[...] = values
+        group.attrs["complete"] = True
