@@ -223,21 +223,30 @@ def train(
     workers: WorkersOption = default_workers(),
     device: DeviceOption = None,
 ) -> None:
-    """Train a captioner with teacher forcing on cached grid features.
+    """Train a captioner with teacher forcing on cached grid features. Under torchrun the decoder
+    trains as DistributedDataParallel (--batch-size images per step across all processes; rank 0
+    writes the run folder; --resume works the same):
+
+        torchrun --nproc_per_node 4 -m captionlens train --data DIR --arch gridtd --out RUN
 
     Example: captionlens train --data data/shapes --arch gridtd --out runs/gridtd --hidden-size 256
     """
+    from .distributed import process_group
     from .pipeline import train_captioner
     from .train import TrainConfig
 
-    try:
-        bundle = dataset.open(data)
-        captioner = train_captioner(bundle, arch.value, out, encoder.value, encoder_weights, hidden_size, embed_size,
-                                    min_count=min_count, train_config=TrainConfig(epochs, batch_size, lr, patience=patience, seed=seed),
-                                    resume=resume, device=device, workers=workers)
-    except (FileNotFoundError, ValueError) as error:
-        fail(str(error))
-    console.print(f"trained {arch.value} ({len(captioner.vocab)} words) -> {out}")
+    with process_group(device) as ranks:
+        try:
+            bundle = dataset.open(data)
+            captioner = train_captioner(bundle, arch.value, out, encoder.value, encoder_weights, hidden_size,
+                                        embed_size, min_count=min_count,
+                                        train_config=TrainConfig(epochs, batch_size, lr, patience=patience, seed=seed),
+                                        resume=resume, device=ranks.device(device), workers=workers)
+        except (FileNotFoundError, ValueError) as error:
+            fail(str(error))
+        if ranks.is_main:
+            console.print(f"trained {arch.value} ({len(captioner.vocab)} words) on {ranks.world_size} "
+                          f"process{'es' if ranks.active else ''} -> {out}")
 
 
 @app.command("pretrain-encoder")

@@ -2,17 +2,20 @@
 grid features, train the decoder on them with teacher forcing, write the run folder."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from .data.bundle import DataBundle, open_data
 from .data.features import grid_features
 from .data.shapes import COLOURS, SHAPES, ShapesConfig, generate_image
 from .data.vocab import Vocabulary
+from .distributed import current
 from .io import atomic_write
 from .models import Captioner, CaptionerConfig, build_model
 from .models.captioner import resolve_device
@@ -117,8 +120,11 @@ def caption_loss(decoder: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], p
 def train_decoder(captioner: Captioner, data: DataBundle, features: dict[str, np.ndarray], out: str | Path,
                   config: TrainConfig, resume: bool = False, progress: bool = True) -> Captioner:
     """Train ``captioner.model.decoder`` on cached grids; the best weights (by validation loss) end up
-    in ``out/model.safetensors`` and in the returned captioner."""
+    in ``out/model.safetensors`` and in the returned captioner. Under torchrun the decoder trains as
+    DistributedDataParallel: each rank takes its DistributedSampler share of the training images
+    (``batch_size`` / world size of them per step, so a step sees ``batch_size`` images in all)."""
     vocab, device = captioner.vocab, captioner.device
+    ranks = current()
     max_words = captioner.config.max_length
     encoded = {s: [[vocab.encode(c[:max_words]) for c in r.captions] for r in data.split(s)] for s in ("train", "val")}
     decoder = captioner.model.decoder
@@ -128,10 +134,17 @@ def train_decoder(captioner: Captioner, data: DataBundle, features: dict[str, np
         return grids, pad_captions(captions, vocab.pad_id).to(device)
 
     def train_batches(epoch: int):
-        rng = np.random.default_rng([config.seed, epoch])
-        order = rng.permutation(len(encoded["train"]))  # each image once, with one of its captions
-        for i in range(0, len(order), config.batch_size):
-            rows = sorted(order[i: i + config.batch_size].tolist())
+        if ranks.active:
+            sampler = DistributedSampler(range(len(encoded["train"])), ranks.world_size, ranks.rank, shuffle=True,
+                                         seed=config.seed)
+            sampler.set_epoch(epoch)
+            order, size = np.array(list(sampler)), math.ceil(config.batch_size / ranks.world_size)
+            rng = np.random.default_rng([config.seed, epoch, ranks.rank])
+        else:
+            rng = np.random.default_rng([config.seed, epoch])
+            order, size = rng.permutation(len(encoded["train"])), config.batch_size  # each image once
+        for i in range(0, len(order), size):
+            rows = sorted(order[i: i + size].tolist())  # with one of its captions
             yield to_batch("train", rows, [encoded["train"][r][rng.integers(len(encoded["train"][r]))] for r in rows])
 
     def val_batches():
@@ -143,8 +156,9 @@ def train_decoder(captioner: Captioner, data: DataBundle, features: dict[str, np
     out = Path(out)
     captioner.model.encoder.requires_grad_(False)
     trainer = Trainer(decoder, lambda model, batch: caption_loss(model, batch, vocab.pad_id), config, out, progress,
-                      name=captioner.config.architecture)
+                      name=captioner.config.architecture, ranks=ranks)
     trainer.fit(train_batches, val_batches, lambda: captioner.save(out), resume=resume)
+    ranks.barrier()  # rank 0 has written the best weights
     return Captioner.load(out, device)
 
 
@@ -181,8 +195,11 @@ def train_captioner(
     else:
         vocab = Vocabulary.build((c for r in bundle.split("train") for c in r.captions),
                                  min_count if min_count is not None else bundle.default_min_count)
+    ranks = current()
     if encoder == "shapes":
-        cnn = shapes_encoder(bundle, encoder_weights, replace(ENCODER_TRAINING, seed=config.seed), progress, device)
+        with ranks.main_first():  # rank 0 pretrains and caches the encoder; the others load it
+            cnn = shapes_encoder(bundle, encoder_weights, replace(ENCODER_TRAINING, seed=config.seed),
+                                 progress and ranks.is_main, device)
     elif encoder_weights is None:
         raise ValueError(f"the {encoder!r} encoder needs pretrained weights: pass encoder_weights=<local file> "
                          "(e.g. torchvision's vgg16-397923af.pth); captionlens never downloads them")
@@ -194,6 +211,8 @@ def train_captioner(
     model = build_model(captioner_config)
     model.encoder = cnn
     captioner = Captioner(model, vocab, captioner_config, device)
-    features = {s: grid_features(cnn, [r.path for r in bundle.split(s)], bundle.cache_dir, f"{encoder}-{s}",
-                                 device=captioner.device, progress=progress, workers=workers) for s in ("train", "val")}
+    with ranks.main_first():  # rank 0 fills the feature cache; the others read it
+        features = {s: grid_features(cnn, [r.path for r in bundle.split(s)], bundle.cache_dir, f"{encoder}-{s}",
+                                     device=captioner.device, progress=progress and ranks.is_main, workers=workers)
+                    for s in ("train", "val")}
     return train_decoder(captioner, bundle, features, out, config, resume, progress)

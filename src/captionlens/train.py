@@ -1,9 +1,16 @@
 """A model-agnostic training loop: Adam, gradient clipping, validation every epoch with early
 stopping, a progress bar, a per-epoch JSONL log and resumable state — all written atomically and as
 data (safetensors + JSON), never pickles. It knows nothing about captioning: the caller passes a
-loss function and batch iterables."""
+loss function and batch iterables.
+
+Under ``torchrun`` (pass the process group's ``Ranks``) the model trains as PyTorch's
+``DistributedDataParallel``: the caller gives each rank its own shard of the training batches (the
+same number on every rank), gradients are averaged across ranks, the validation batches are shared
+out and their losses summed, and rank 0 alone writes weights, log and resumable state — which holds
+every rank's random state and a checksum of every rank's weights (they must agree)."""
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -12,8 +19,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .distributed import Ranks
 from .io import atomic_write, atomic_write_text, dumps, read_json, write_json
 
 
@@ -52,27 +61,34 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, object], torch.Tensor],
-                 config: TrainConfig, out_dir: str | Path, progress: bool = True, name: str = "train") -> None:
+                 config: TrainConfig, out_dir: str | Path, progress: bool = True, name: str = "train",
+                 ranks: Ranks | None = None) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.config = config
         self.out_dir = Path(out_dir)
-        self.progress = progress
+        self.ranks = ranks or Ranks()
+        self.progress = progress and self.ranks.is_main
         self.name = name
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.parameters, lr=config.learning_rate)
+        # the module the training steps call: gradients are averaged across ranks under torchrun
+        self.trained = DistributedDataParallel(model) if self.ranks.active else model
 
     # ------------------------------------------------------------------------------------ loop
     def fit(self, train_batches: Callable[[int], Iterable], val_batches: Callable[[], Iterable],
             on_best: Callable[[], None], resume: bool = False) -> list[EpochLog]:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        main = self.ranks.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         history: list[EpochLog] = []
         best, stale, start = math.inf, 0, 0
         if resume:
             history, best, stale, start = self._restore()
         else:
-            torch.manual_seed(self.config.seed)
-            (self.out_dir / LOG).unlink(missing_ok=True)
+            torch.manual_seed(self.config.seed + self.ranks.rank)
+            if main:
+                (self.out_dir / LOG).unlink(missing_ok=True)
         for epoch in range(start, self.config.epochs):
             if stale >= self.config.patience:
                 break
@@ -81,13 +97,15 @@ class Trainer:
             val_loss = self.evaluate(val_batches())
             if val_loss < best:
                 best, stale = val_loss, 0
-                on_best()
+                if main:
+                    on_best()
             else:
                 stale += 1
             entry = EpochLog(epoch + 1, train_loss, val_loss, best, time.perf_counter() - began)
             history.append(entry)
-            with open(self.out_dir / LOG, "a") as log:
-                log.write(dumps(asdict(entry), indent=None) + "\n")
+            if main:
+                with open(self.out_dir / LOG, "a") as log:
+                    log.write(dumps(asdict(entry), indent=None) + "\n")
             self._checkpoint(epoch + 1, history, best, stale)
         return history
 
@@ -97,7 +115,7 @@ class Trainer:
         bar = tqdm(batches, desc=f"{self.name} epoch {epoch + 1}/{self.config.epochs}", disable=not self.progress,
                    leave=False)
         for batch in bar:
-            loss = self.loss_fn(self.model, batch)
+            loss = self.loss_fn(self.trained, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the training loss became {loss.item()} in epoch {epoch + 1}")
             self.optimizer.zero_grad(set_to_none=True)
@@ -106,29 +124,43 @@ class Trainer:
             self.optimizer.step()
             total, count = total + loss.item(), count + 1
             bar.set_postfix(loss=f"{total / count:.3f}")
+        total, count = self.ranks.sum([total, count])
         return total / max(count, 1)
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable) -> float:
+        """The mean loss of the batches (under torchrun, each rank takes every world-size-th batch)."""
         self.model.eval()
-        losses = [self.loss_fn(self.model, batch).item() for batch in batches]
-        return sum(losses) / max(len(losses), 1)
+        mine = itertools.islice(batches, self.ranks.rank, None, self.ranks.world_size)
+        losses = [self.loss_fn(self.model, batch).item() for batch in mine]
+        total, count = self.ranks.sum([sum(losses), len(losses)])
+        return total / max(count, 1)
 
     # ------------------------------------------------------------------------- resumable state
+    def weight_checksum(self) -> float:
+        """A number that differs between two models whose weights differ (sum of w + w² in float64)."""
+        return float(sum((p.detach().double().sum() + p.detach().double().square().sum()).item()
+                         for p in self.model.parameters()))
+
     def _checkpoint(self, epochs_done: int, history: list[EpochLog], best: float, stale: int) -> None:
         from safetensors.torch import save_file
 
+        rng_states = self.ranks.gather(torch.get_rng_state().double().tolist())
+        checksums = [values[0] for values in self.ranks.gather([self.weight_checksum()])]
+        if not self.ranks.is_main:
+            return
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         optimizer = self.optimizer.state_dict()
         for index, slots in optimizer["state"].items():
             for slot, value in slots.items():
                 tensors[f"optimizer.{index}.{slot}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        tensors["rng.torch"] = torch.get_rng_state()
+        for rank, state in enumerate(rng_states):
+            tensors["rng.torch" if rank == 0 else f"rng.torch.{rank}"] = torch.tensor(state).to(torch.uint8)
         atomic_write(self.out_dir / STATE_TENSORS, lambda tmp: save_file(tensors, str(tmp)))
         write_json(self.out_dir / STATE_JSON, {
             "epochs_done": epochs_done, "best_val_loss": best, "stale_epochs": stale,
             "param_groups": optimizer["param_groups"], "history": [asdict(h) for h in history],
-            "config": asdict(self.config),
+            "config": asdict(self.config), "world_size": self.ranks.world_size, "rank_weight_checksums": checksums,
         })
 
     def _restore(self) -> tuple[list[EpochLog], float, int, int]:
@@ -146,8 +178,10 @@ class Trainer:
                 _, index, slot = key.split(".", 2)
                 slots.setdefault(int(index), {})[slot] = value
         self.optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
+        rank = self.ranks.rank
+        torch.set_rng_state(tensors[f"rng.torch.{rank}" if rank and f"rng.torch.{rank}" in tensors else "rng.torch"])
         history = [EpochLog(**h) for h in state["history"]]
-        atomic_write_text(self.out_dir / LOG, "".join(dumps(asdict(h), indent=None) + "\n" for h in history))
+        if self.ranks.is_main:
+            atomic_write_text(self.out_dir / LOG, "".join(dumps(asdict(h), indent=None) + "\n" for h in history))
         best = state["best_val_loss"]  # null in the JSON when no epoch had a finite validation loss
         return history, math.inf if best is None else best, state["stale_epochs"], state["epochs_done"]

@@ -56,15 +56,17 @@ class Workbench:
 
     @cached_property
     def store(self) -> ExplanationStore:
-        """The explanation store (created as ``words="objects"`` when missing). A store given by the
+        """The explanation store (created for the object words when missing). A store given by the
         user must match the model and split; the workbench's own store in OUT is replaced when not."""
+        create = lambda: ExplanationStore.create(self.store_path, self.captioner.fingerprint(), self.split,  # noqa: E731
+                                                 "objects", {}, any_words=True)
         try:
-            return ExplanationStore.create(self.store_path, self.captioner.fingerprint(), self.split, "objects", {})
+            return create()
         except StoreMismatch:
             if not self.own_store:
                 raise
             shutil.rmtree(self.store_path)
-            return ExplanationStore.create(self.store_path, self.captioner.fingerprint(), self.split, "objects", {})
+            return create()
 
     @cached_property
     def predictions(self) -> Predictions:

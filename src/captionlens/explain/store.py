@@ -81,17 +81,18 @@ class ExplanationStore:
         return cls(root, path)
 
     @classmethod
-    def create(cls, path: str | Path, model: str, split: str, words: str,
-               parameters: dict[str, dict]) -> "ExplanationStore":
+    def create(cls, path: str | Path, model: str, split: str, words: str, parameters: dict[str, dict],
+               any_words: bool = False) -> "ExplanationStore":
         """A new store, or the existing one at ``path`` if it was made for the same model, split and
-        word selection (its method parameters are checked and extended with new methods)."""
+        word selection (any selection with ``any_words``; its method parameters are checked and
+        extended with new methods)."""
         zarr = _zarr()
         if words not in WORD_MODES:
             raise ValueError(f"words must be one of {WORD_MODES}, not {words!r}")
         path = Path(path)
         if (path / "zarr.json").is_file():
             store = cls.open(path, "r+")
-            store.check(model, split, words)
+            store.check(model, split, None if any_words else words)
             store.add_methods(parameters)
             store.remove_partial_files()
             return store

@@ -1,0 +1,187 @@
+"""The explanation store and explain-split: the round trip equals cl.explain for every method; a store
+never mixes models or parameters; killed with SIGKILL mid-image and run again it ends exactly as an
+uninterrupted run; two torchrun processes (gloo) write the same store as one process."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import captionlens as cl
+from captionlens.cli import app
+from captionlens.data.bundle import open_data
+from captionlens.explain import METHODS
+from captionlens.explain.store import ExplanationStore, StoreMismatch
+from captionlens.experiments.explain_split import explain_split
+
+runner = CliRunner()
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_shapes, tmp_path_factory):
+    """A tiny untrained grid-TD run folder whose captions are a few words long."""
+    data = open_data(tiny_shapes)
+    vocab = sorted({w for r in data.split("train") for c in r.captions for w in c})
+    cap = cl.build_captioner("gridtd", encoder="shapes", vocab=vocab, hidden_size=16, embed_size=8, seed=0)
+    with torch.no_grad():
+        cap.model.decoder.fc.bias[cap.vocab.index("circle")] += 4.0
+    cap.config.max_length = 4
+    run = tmp_path_factory.mktemp("store-run") / "run"
+    cap.save(run)
+    return cl.load(run), data, run
+
+
+def store_content(path: Path) -> dict:
+    """Everything a store holds, as plain data (arrays as bytes), for exact comparison."""
+    store = ExplanationStore.open(path)
+    content = {"attributes": store.attributes}
+    for image_id in store.image_ids():
+        content[image_id] = {"caption": store.caption(image_id)}
+        for method in store.methods(image_id):
+            group = store._root[f"images/{image_id}/{method}"]
+            content[image_id][method] = {name: np.asarray(group[name][...]).tobytes() for name in sorted(group.array_keys())}
+    return content
+
+
+def test_round_trip_equals_explain_for_every_method(tiny, tmp_path):
+    cap, data, _ = tiny
+    store = explain_split(cap, data, tmp_path / "s.zarr", "test", sorted(METHODS), "all", batch_size=3, limit=5,
+                          progress=False)
+    records = data.split("test")[:5]
+    assert store.image_ids() == sorted(r.image_id for r in records)
+    for record in records:
+        words = store.words(record.image_id)
+        assert store.positions(record.image_id) == list(range(len(words)))
+        for method in METHODS:
+            direct = cl.explain(cap, record.path, words, method)
+            stored = store.explanation(record.image_id, method)
+            scale = float(direct.image.abs().max()) or 1.0
+            assert torch.allclose(stored.image, direct.image, atol=2e-3 * scale), method  # float16 of map / max|map|
+            assert torch.allclose(stored.grid, direct.grid, atol=1e-5), method
+            assert torch.allclose(stored.preceding, direct.preceding, atol=1e-5), method
+            assert torch.allclose(stored.score, direct.score, atol=1e-5), method
+            for position in range(len(words)):
+                assert np.allclose(store.image_map(record.image_id, position, method), stored.image[position].numpy())
+                assert store.score(record.image_id, position, method) == pytest.approx(float(stored.score[position]))
+                assert store.preceding(record.image_id, position, method).shape == (len(words) + 1,)
+        assert store.beta(record.image_id, 0) == pytest.approx(float(cl.explain(cap, record.path, words, "attention")
+                                                                     .extra["beta"][0]), abs=1e-5)
+    first = records[0].image_id
+    word = store.words(first)[0]
+    assert (first, 0) in store.query(word=word) and all(store.words(i)[p] == word for i, p in store.query(word=word))
+    with pytest.raises(KeyError, match="not in the store"):
+        store.words(123456789)
+
+
+def test_a_store_never_mixes_models_or_parameters(tiny, tmp_path):
+    cap, data, _ = tiny
+    explain_split(cap, data, tmp_path / "s.zarr", "test", ["lrp"], "all", batch_size=4, limit=2, progress=False)
+    other = cl.build_captioner("gridtd", encoder="shapes", vocab=cap.vocab.words[4:], hidden_size=16, embed_size=8,
+                               seed=1)
+    with pytest.raises(StoreMismatch, match="another model"):
+        explain_split(other, data, tmp_path / "s.zarr", "test", ["lrp"], "all", limit=2, progress=False)
+    with pytest.raises(StoreMismatch, match="parameters"):
+        explain_split(cap, data, tmp_path / "s.zarr", "test", ["lrp"], "all", limit=2, progress=False,
+                      parameters={"lrp": {"epsilon": 0.5}})
+    with pytest.raises(StoreMismatch, match="words"):
+        explain_split(cap, data, tmp_path / "s.zarr", "test", ["lrp"], "objects", limit=2, progress=False)
+    result = runner.invoke(app, ["explain-split", "--model", str(tiny[2]), "--data", str(tiny_data_folder(data)),
+                                 "--store", str(tmp_path / "s.zarr"), "--epsilon", "0.5", "--limit", "2",
+                                 "--methods", "lrp", "--workers", "0"])
+    assert result.exit_code != 0 and "another --store" in result.output
+    with pytest.raises(FileNotFoundError, match="explain-split"):
+        ExplanationStore.open(tmp_path / "missing.zarr")
+
+
+def tiny_data_folder(data) -> Path:
+    return data.root
+
+
+CRASHING = """
+import os, signal, sys
+from captionlens.cli import app
+from captionlens.explain.store import ExplanationStore
+
+calls = {"n": 0}
+original = ExplanationStore.write_explanation
+
+def dying(self, image_id, explanation):
+    calls["n"] += 1
+    if calls["n"] == int(os.environ["DIE_AT"]):  # half an explanation on disk, then SIGKILL
+        group = self._image(image_id).create_group(explanation.method)
+        group.create_array("image", shape=(2,), dtype="float32")[...] = 1.0
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, image_id, explanation)
+
+ExplanationStore.write_explanation = dying
+app(sys.argv[1:])
+"""
+
+
+def test_killed_mid_image_and_rerun_equals_an_uninterrupted_run(tiny, tmp_path):
+    _, data, run = tiny
+    command = ["explain-split", "--model", str(run), "--data", str(data.root), "--methods", "lrp,gradcam,attention",
+               "--batch-size", "2", "--limit", "6", "--workers", "0"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING)
+    reference = tmp_path / "reference.zarr"
+    done = subprocess.run([sys.executable, str(script), *command, "--store", str(reference)], env=env | {"DIE_AT": "0"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    crashed = tmp_path / "crashed.zarr"
+    killed = subprocess.run([sys.executable, str(script), *command, "--store", str(crashed)], env=env | {"DIE_AT": "5"},
+                            capture_output=True, text=True)
+    assert killed.returncode == -9  # SIGKILL, mid-image
+    partial = ExplanationStore.open(crashed)
+    on_disk = [(i, m) for i in partial.image_ids() for m in ("lrp", "gradcam", "attention")
+               if f"images/{i}/{m}" in partial._root]
+    unfinished = [(i, m) for i, m in on_disk if not partial.has(i, m)]
+    assert len(unfinished) == 1  # the half-written explanation is on disk, and not read as complete
+    with pytest.raises(KeyError, match="no complete"):
+        partial.explanation(*unfinished[0])
+    again = subprocess.run([sys.executable, str(script), *command, "--store", str(crashed)], env=env | {"DIE_AT": "0"},
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert store_content(crashed) == store_content(reference)
+
+
+@pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun is installed with torch")
+def test_two_processes_write_the_same_store_as_one(tiny, tmp_path):
+    _, data, run = tiny
+    command = ["-m", "captionlens", "explain-split", "--model", str(run), "--data", str(data.root), "--methods",
+               "lrp,guided_gradcam,attention", "--batch-size", "2", "--limit", "7", "--workers", "0"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *command, "--store", str(tmp_path / "one.zarr")], env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *command,
+                          "--store", str(tmp_path / "two.zarr")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    assert len(ExplanationStore.open(tmp_path / "two.zarr").image_ids()) == 7
+    assert store_content(tmp_path / "two.zarr") == store_content(tmp_path / "one.zarr")
+
+
+def test_experiments_read_a_store_and_never_recompute(tiny, tmp_path, monkeypatch):
+    from captionlens.experiments.workbench import Workbench
+
+    cap, data, _ = tiny
+    explain_split(cap, data, tmp_path / "s.zarr", "test", ["lrp", "gradcam", "guided_gradcam", "attention"],
+                  "all", limit=6, progress=False)
+
+    def never(*args, **kwargs):
+        raise AssertionError("recomputed")
+    monkeypatch.setattr("captionlens.experiments.explain_split.explain_batch", never)
+    monkeypatch.setattr("captionlens.experiments.context.split_features", never)  # captions come from the store
+    bench = Workbench(cap, data, tmp_path / "out", "test", limit=6, progress=False, store=tmp_path / "s.zarr")
+    result = bench.hallucination(min_count=0)
+    assert result["true_positives"] + result["false_positives"] == len(bench.predictions.mentions()) > 0
+    assert [c.words for c in bench.predictions.captions] == [ExplanationStore.open(tmp_path / "s.zarr").words(r.image_id)
+                                                             for r in bench.predictions.records]
