@@ -35,16 +35,17 @@ def forward_hooks(modules: list[tuple[nn.Module, ForwardHook]]) -> Iterator[None
 class Trace:
     """One forward of ``model.run`` with the tensors explanations are read at."""
 
-    pixels: torch.Tensor  # [B, 3, H, W], requires grad
+    pixels: torch.Tensor  # [B, 3, H, W], requires grad unless the trace stops at the grid
     grid: torch.Tensor  # encoder output A [B, C, h, w]
     embeddings: list[torch.Tensor]  # word embedding fed at step j, [B, E] each
     output: DecoderOutput  # logits [B, S, V], alpha [B, S, L], beta [B, S]
 
 
 def trace(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
-          extra_hooks: list[tuple[nn.Module, ForwardHook]] = ()) -> Trace:
-    """Run ``model`` (teacher forcing on ``token_ids`` [B, S]) and keep the grid and the embeddings."""
-    pixels = pixels.detach().requires_grad_(True)
+          extra_hooks: list[tuple[nn.Module, ForwardHook]] = (), to_pixels: bool = True) -> Trace:
+    """Run ``model`` (teacher forcing on ``token_ids`` [B, S]) and keep the grid and the embeddings.
+    With ``to_pixels=False`` the encoder runs without a graph and gradients stop at the grid (all
+    that Grad-CAM needs): the same forward, without the cost of the CNN's backward."""
     captured: dict[str, list[torch.Tensor]] = {"grid": [], "embeddings": []}
 
     def keep(name: str) -> ForwardHook:
@@ -52,10 +53,18 @@ def trace(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
             captured[name].append(output)
         return hook
 
-    hooks = [*extra_hooks, (model.encoder, keep("grid")), (model.decoder.embedding, keep("embeddings"))]
-    with forward_hooks(hooks), torch.enable_grad():
-        output = model.run(pixels, token_ids)
-    return Trace(pixels, captured["grid"][0], captured["embeddings"], output)
+    if to_pixels:
+        pixels = pixels.detach().requires_grad_(True)
+        hooks = [*extra_hooks, (model.encoder, keep("grid")), (model.decoder.embedding, keep("embeddings"))]
+        with forward_hooks(hooks), torch.enable_grad():
+            output = model.run(pixels, token_ids)
+        return Trace(pixels, captured["grid"][0], captured["embeddings"], output)
+    with torch.no_grad():
+        grid = model.encoder(pixels)
+    grid = grid.requires_grad_(True)
+    with forward_hooks([*extra_hooks, (model.decoder.embedding, keep("embeddings"))]), torch.enable_grad():
+        output = model.decoder(grid, token_ids)
+    return Trace(pixels.detach(), grid, captured["embeddings"], output)
 
 
 @dataclass
@@ -88,15 +97,19 @@ class Targets:
 class Backward:
     """What flows back to the inputs for each explained word (first axis: the K words)."""
 
-    pixels: torch.Tensor  # [K, B, 3, H, W]
+    pixels: torch.Tensor | None  # [K, B, 3, H, W]; None when the trace stopped at the grid
     grid: torch.Tensor  # [K, B, C, h, w]
     embeddings: torch.Tensor  # [K, B, S, E]
 
 
 def batched_backward(traced: Trace, seeds: torch.Tensor) -> Backward:
-    """All K seeds back through one forward graph in one batched call."""
-    inputs = [traced.pixels, traced.grid, *traced.embeddings]
+    """All K seeds back through one forward graph in one batched call (to the pixels only when the
+    trace kept their graph)."""
+    to_pixels = traced.pixels.requires_grad
+    inputs = [traced.pixels, traced.grid, *traced.embeddings] if to_pixels else [traced.grid, *traced.embeddings]
     grads = torch.autograd.grad(traced.output.logits, inputs, seeds, is_grads_batched=True, allow_unused=True)
     grads = [torch.zeros((seeds.shape[0], *x.shape), device=x.device) if g is None else g
              for g, x in zip(grads, inputs)]
+    if not to_pixels:
+        grads = [None, *grads]
     return Backward(grads[0], grads[1], torch.stack(grads[2:], dim=2))

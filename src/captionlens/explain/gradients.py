@@ -47,9 +47,10 @@ def guided_relu_hooks(model: CaptionModel):
 
 
 def gradients(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,
-              guided: bool = False) -> tuple[Trace, Backward, torch.Tensor]:
-    """The gradients of every explained logit at pixels, grid and embeddings (one batched backward)."""
-    traced = trace(model, pixels, token_ids, guided_relu_hooks(model) if guided else [])
+              guided: bool = False, to_pixels: bool = True) -> tuple[Trace, Backward, torch.Tensor]:
+    """The gradients of every explained logit at pixels (unless ``to_pixels=False``), grid and
+    embeddings (one batched backward)."""
+    traced = trace(model, pixels, token_ids, guided_relu_hooks(model) if guided else [], to_pixels)
     logits = traced.output.logits
     return traced, batched_backward(traced, targets.seeds(logits)), targets.scores(logits).detach()
 
@@ -72,7 +73,7 @@ def _image_size(traced: Trace) -> tuple[int, int]:
 @register_method("gradcam")
 def gradcam(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,
             relu: bool = False) -> MethodOutput:
-    traced, back, score = gradients(model, pixels, token_ids, targets)
+    traced, back, score = gradients(model, pixels, token_ids, targets, to_pixels=False)  # the grid is enough
     cam = grad_cam(traced, back, relu)
     return MethodOutput(upsample(cam, _image_size(traced)), cam, _linguistic(back), score, {"relu": relu})
 
