@@ -217,3 +217,44 @@ def test_explanations_save_and_load(tmp_path):
     back = Explanation.load(tmp_path / "attention.json", exp.save_heatmaps(tmp_path))
     assert back.words == exp.words and back.tokens == ["<start>", *CAPTION]
     assert torch.allclose(back.image, exp.image.float()) and torch.allclose(back.extra["beta"].double(), exp.extra["beta"])
+
+
+# ------------------------------------------------------------------ passes, precision, no waste
+@pytest.mark.parametrize("method", ["lrp", "gradcam", "guided_gradcam", "gradient_x_input"])
+def test_words_split_over_several_passes_equal_one_pass(method):
+    cap = captioner("gridtd")
+    whole = explain(cap, image(), CAPTION, method=method)
+    split = explain(cap, image(), CAPTION, method=method, max_words_per_pass=3)
+    for name in ("image", "grid", "preceding", "score"):
+        assert torch.allclose(getattr(whole, name), getattr(split, name), atol=1e-10), name
+    with pytest.raises(ValueError, match="max_words_per_pass"):
+        explain(cap, image(), CAPTION, method=method, max_words_per_pass=0)
+
+
+def test_gradcam_never_backpropagates_into_the_encoder(monkeypatch):
+    cap = captioner("adaptive")
+    reference = explain(cap, image(), CAPTION, method="gradcam")
+    for module in cap.model.encoder.modules():  # any backward through the CNN would now fail
+        module.register_full_backward_hook(lambda *args: pytest.fail("backward reached the encoder"))
+    again = explain(cap, image(), CAPTION, method="gradcam")
+    assert torch.equal(reference.image, again.image) and torch.equal(reference.preceding, again.preceding)
+
+
+def test_bfloat16_maps_follow_float32_and_the_copy_follows_the_weights():
+    cap = captioner("gridtd", zero_biases=True)
+    cap.model.float()
+    full = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9)
+    fast = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9, precision="bf16")
+    assert fast.image.dtype == torch.float32 and fast.parameters["precision"] == "bf16"
+    assert full.parameters["precision"] == "fp32"
+    for row in range(len(CAPTION)):
+        pair = torch.stack([full.image[row].flatten(), fast.image[row].flatten()]).double()
+        assert torch.corrcoef(pair)[0, 1] > 0.99
+    total = fast.image.sum(dim=(1, 2)) + fast.preceding.sum(dim=1)
+    assert torch.allclose(total, fast.score, rtol=0, atol=0.02 * float(fast.score.abs().max()))  # within 2%
+    with torch.no_grad():
+        cap.model.decoder.fc.weight.mul_(2.0)  # the bf16 copy must not go stale
+    doubled = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9, precision="bf16")
+    assert torch.allclose(doubled.score, 2 * fast.score, rtol=0.02)
+    with pytest.raises(ValueError, match="precision"):
+        explain(cap, image(), CAPTION, method="lrp", precision="fp8")

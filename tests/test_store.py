@@ -1,9 +1,7 @@
 """The explanation store and explain-split: the round trip equals cl.explain for every method; a store
 never mixes models or parameters; killed with SIGKILL mid-image and run again it ends exactly as an
 uninterrupted run; two torchrun processes (gloo) write the same store as one process."""
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -51,7 +51,8 @@ def build_captioner(
 
 def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, methods: Sequence[str],
                   caption: str | Sequence[str] | None = None, words: Sequence[int] | None = None,
-                  include_end: bool = False, lrp: dict | None = None, beam_size: int = 3) -> Path:
+                  include_end: bool = False, lrp: dict | None = None, beam_size: int = 3, precision: str = "fp32",
+                  max_words_per_pass: int | None = None) -> Path:
     """Explain one image's caption (the model's own by default) with several methods and write
     caption.txt, explanation.json, ``<method>.npz`` heatmaps and figure.png into ``out``."""
     from .report.figures import explanation_figure
@@ -66,7 +67,8 @@ def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, meth
     explanations: list[Explanation] = []
     for method in methods:
         parameters = {k: v for k, v in (lrp or {}).items() if k in method_parameters(method)}
-        explanations.append(explain(captioner, picture, words_to_explain, method, words, include_end, **parameters))
+        explanations.append(explain(captioner, picture, words_to_explain, method, words, include_end, precision,
+                                    max_words_per_pass, **parameters))
     (out / "caption.txt").write_text(" ".join(words_to_explain) + "\n")
     write_json(out / "explanation.json", {
         "image": str(image) if isinstance(image, (str, Path)) else None,

@@ -36,16 +36,18 @@ def explained_positions(words: Sequence[str], mode: str, synonyms: Synonyms | No
 
 
 def fill(captioner: Captioner, store: ExplanationStore, records: Sequence[ImageRecord], captions: Sequence[Caption],
-         pixels, methods: dict[str, dict]) -> None:
+         pixels, methods: dict[str, dict], max_words_per_pass: int | None = None) -> None:
     """Write the explanations of one batch of images (their ``captions`` already in the store) by each
     method that the store does not yet hold completely for every one of them. ``pixels``: the
-    images decoded at the model's input size, uint8 [B, 3, S, S]."""
+    images decoded at the model's input size, uint8 [B, 3, S, S]; ``methods``: each method's
+    resolved parameters (precision included)."""
     ids = [r.image_id for r in records]
     positions = [store.positions(i) for i in ids]
     for method, parameters in methods.items():
         if all(store.has(i, method) for i in ids):
             continue
-        explanations = explain_batch(captioner, list(pixels), list(captions), method, words=positions, **parameters)
+        explanations = explain_batch(captioner, list(pixels), list(captions), method, words=positions,
+                                     max_words_per_pass=max_words_per_pass, **parameters)
         for image_id, explanation in zip(ids, explanations):
             if not store.has(image_id, method):
                 store.write_explanation(image_id, explanation)
@@ -68,14 +70,15 @@ def open_store(captioner: Captioner, path: str | Path, split: str, words: str, m
 def explain_split(captioner: Captioner, data: DataBundle, store_path: str | Path, split: str = "test",
                   methods: Sequence[str] = DEFAULT_METHODS, words: str = "all", batch_size: int = 8,
                   limit: int | None = None, beam_size: int = 3, workers: int = 0,
-                  parameters: dict[str, dict] | None = None, progress: bool = True) -> ExplanationStore:
+                  parameters: dict[str, dict] | None = None, progress: bool = True, precision: str = "fp32",
+                  max_words_per_pass: int | None = None) -> ExplanationStore:
     """Caption the split's images (beam search) and explain every word (or every object word) by each
     method into the store at ``store_path``; this rank's share of the batches under torchrun."""
     ranks = current()
     records = data.split(split)[:limit]
     if not records:
         raise ValueError(f"the {split!r} split of {data.name} has no images")
-    chosen = {m: resolved_parameters(m, **(parameters or {}).get(m, {})) for m in methods}
+    chosen = {m: resolved_parameters(m, precision, **(parameters or {}).get(m, {})) for m in methods}
     store = open_store(captioner, store_path, split, words, chosen, ranks)
     batches = [records[i: i + batch_size] for i in range(0, len(records), batch_size)]
     todo = [b for b in ranks.shard(batches)
@@ -90,6 +93,7 @@ def explain_split(captioner: Captioner, data: DataBundle, store_path: str | Path
         for record, caption in zip(batch, captions):
             store.write_caption(record.image_id, record.path.name, caption.words, caption.token_ids,
                                 explained_positions(caption.words, words, data.synonyms), caption.score)
-        fill(captioner, store, batch, [stored_caption(store, r.image_id) for r in batch], pixels, chosen)
+        fill(captioner, store, batch, [stored_caption(store, r.image_id) for r in batch], pixels, chosen,
+             max_words_per_pass)
     ranks.barrier()
     return store

@@ -8,6 +8,7 @@ so nothing accumulates from one word into the next.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -102,13 +103,35 @@ class Backward:
     embeddings: torch.Tensor  # [K, B, S, E]
 
 
+_WORDS_PER_PASS: contextvars.ContextVar[int | None] = contextvars.ContextVar("words_per_pass", default=None)
+
+
+@contextlib.contextmanager
+def words_per_pass(limit: int | None) -> Iterator[None]:
+    """Within the block, at most ``limit`` words share one batched backward (the forward is still run
+    once): memory grows with the words of a pass, so this bounds it for long captions and big batches."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"max_words_per_pass must be ≥ 1, got {limit}")
+    token = _WORDS_PER_PASS.set(limit)
+    try:
+        yield
+    finally:
+        _WORDS_PER_PASS.reset(token)
+
+
 def batched_backward(traced: Trace, seeds: torch.Tensor) -> Backward:
-    """All K seeds back through one forward graph in one batched call (to the pixels only when the
-    trace kept their graph)."""
+    """All K seeds back through one forward graph in batched calls of at most ``words_per_pass``
+    seeds (all K at once by default), to the pixels only when the trace kept their graph."""
     to_pixels = traced.pixels.requires_grad
     inputs = [traced.pixels, traced.grid, *traced.embeddings] if to_pixels else [traced.grid, *traced.embeddings]
-    grads = torch.autograd.grad(traced.output.logits, inputs, seeds, is_grads_batched=True, allow_unused=True)
-    grads = [torch.zeros((seeds.shape[0], *x.shape), device=x.device) if g is None else g
+    step = _WORDS_PER_PASS.get() or seeds.shape[0]
+    chunks = []
+    for start in range(0, seeds.shape[0], step):
+        last = start + step >= seeds.shape[0]
+        chunks.append(torch.autograd.grad(traced.output.logits, inputs, seeds[start: start + step],
+                                          is_grads_batched=True, allow_unused=True, retain_graph=not last))
+    grads = [None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks)]
+    grads = [torch.zeros((seeds.shape[0], *x.shape), device=x.device, dtype=x.dtype) if g is None else g
              for g, x in zip(grads, inputs)]
     if not to_pixels:
         grads = [None, *grads]

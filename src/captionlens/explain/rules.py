@@ -20,8 +20,8 @@ Relevance of a rule's inputs, with ``z`` the module's output and ``stab(z) = z +
   with ``z_j^± = Σ_i (x_i w_ij)^±`` (the bias is left out, so α − β = 1 conserves relevance)
 * zB-rule (first layer, inputs in [low, high]):         ``R_i = Σ_j (x_i w_ij − l_i w_ij^+ − h_i w_ij^−) / z_j^B · R_j``
 
-ReLU and max-pooling need no rule: their ordinary backward passes relevance unchanged to the active
-units and to the pooling winner (winner-take-all).
+ReLU passes relevance unchanged (an inactive unit's output is 0, so the next rule gives it none);
+max-pooling needs no rule: its ordinary backward passes relevance to the pooling winner.
 """
 from __future__ import annotations
 
@@ -133,14 +133,16 @@ class _AlphaBetaConv(_RelevanceFunction):
         if bool((x < 0).any()):  # after a ReLU every input is ≥ 0: half the work
             pairs["pos"].append((x_neg, w_neg))
             pairs["neg"].append((x_neg, w_pos))
-        terms = []
+        result = None  # accumulated in place: no extra pass over the (many-word) relevance tensors
         for sign, factor in (("pos", alpha), ("neg", -beta)):
             if factor == 0:
                 continue
-            z = sum(_conv(xs, ws, module) for xs, ws in pairs[sign])  # z^+ ≥ 0 or z^- ≤ 0
+            z = sum(_conv(xs, ws, module) for xs, ws in pairs[sign])  # z^+ ≥ 0 or z^- ≤ 0, computed once
             share = relevance / (z + (TINY if sign == "pos" else -TINY))
-            terms += [factor * xs * _conv_transpose(share, ws, module, x.shape) for xs, ws in pairs[sign]]
-        return (sum(terms),)
+            for xs, ws in pairs[sign]:
+                term = _conv_transpose(share, ws, module, x.shape) * (xs if factor == 1 else factor * xs)
+                result = term if result is None else result + term
+        return (result,)
 
 
 class _ZBoxConv(_RelevanceFunction):
@@ -221,9 +223,12 @@ RULES = {
     WeightedSum: epsilon_weighted_sum,
     GateProduct: gate_product,
     SignalTanh: pass_through,
+    # ReLU passes relevance unchanged: every rule that receives a ReLU's output multiplies by its
+    # input, so an inactive unit gets exactly 0 anyway and the ReLU's own mask would be wasted work.
+    nn.ReLU: pass_through,
 }
-# ReLU, max-pooling and (eval-mode) dropout pass relevance correctly with their ordinary backward;
+# Max-pooling (winner-take-all) and (eval-mode) dropout pass relevance correctly with their ordinary backward;
 # the embedding's output is where the linguistic relevance is read; the attention's tanh only feeds
 # the attention scores, which get no relevance.
-NEUTRAL = (nn.ReLU, nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Embedding, nn.Tanh, nn.Sequential, nn.ModuleDict,
+NEUTRAL = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Embedding, nn.Tanh, nn.Sequential, nn.ModuleDict,
            nn.ModuleList)
