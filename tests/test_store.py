@@ -183,3 +183,30 @@ def test_experiments_read_a_store_and_never_recompute(tiny, tmp_path, monkeypatc
     assert result["true_positives"] + result["false_positives"] == len(bench.predictions.mentions()) > 0
     assert [c.words for c in bench.predictions.captions] == [ExplanationStore.open(tmp_path / "s.zarr").words(r.image_id)
                                                              for r in bench.predictions.records]
+
+
+def test_report_and_viewer_read_the_store(tiny, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from captionlens.report.html import build_report
+    from captionlens.viewer.app import create_app
+
+    cap, data, _ = tiny
+    store = explain_split(cap, data, tmp_path / "s.zarr", "test", ["lrp", "attention"], "all", limit=3,
+                          progress=False)
+    records = data.split("test")[:3]
+
+    def never(*args, **kwargs):
+        raise AssertionError("recomputed")
+    monkeypatch.setattr("captionlens.report.html.explain", never)
+    monkeypatch.setattr("captionlens.viewer.app.explain", never)
+    report = build_report(cap, [r.path for r in records], tmp_path / "r.html", ["lrp", "attention"], store=store,
+                          image_ids=[r.image_id for r in records])
+    assert " ".join(store.words(records[0].image_id)) in report.read_text()
+    client = TestClient(create_app(cap, data, store=store))
+    image_id = f"data-{records[0].image_id}"
+    caption = client.post("/api/caption", data={"image_id": image_id}).json()
+    assert caption["words"] == store.words(records[0].image_id)
+    result = client.post("/api/explain", json={"image_id": image_id, "word_index": 1, "method": "lrp"}).json()
+    assert result["source"] == "store"
+    assert result["score"] == pytest.approx(store.score(records[0].image_id, 1, "lrp"))

@@ -584,6 +584,7 @@ def report(
     images: Annotated[Optional[list[Path]], typer.Option("--images", help="Images to explain (repeat the option); default: the first --count test images of --data.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder to take test images from.")] = None,
     image_root: Annotated[Optional[Path], typer.Option(help="Image root of --data, overriding the folder's (--images names image files here).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Explanation store of this model (explain-split) to read captions and explanations of --data's images from.")] = None,
     count: Annotated[int, typer.Option(help="How many test images when --images is not given.")] = 4,
     results: Annotated[Optional[Path], typer.Option(help="Folder of experiment tables and plots to include (e.g. OUT/results of the demo).")] = None,
     methods: Annotated[str, typer.Option(help="Comma-separated methods, one column each.")] = "attention,gradcam,guided_gradcam,guided_backprop,gradient_x_input,lrp",
@@ -598,16 +599,23 @@ def report(
     """
     from .api import load
     from .data.images import ImageLoadError
+    from .explain.store import ExplanationStore
     from .report.html import build_report
 
     try:
-        chosen = list(images or [])
+        chosen, image_ids = list(images or []), None
         if not chosen:
             if data is None:
                 fail("give --images, or --data to take test images from")
-            chosen = [r.path for r in DatasetOptions(image_root).open(data).split("test")[:count]]
-        path = build_report(load(run, device), chosen, out, [m.strip() for m in methods.split(",") if m.strip()],
-                            results_dir=results)
+            records = DatasetOptions(image_root).open(data).split("test")[:count]
+            chosen, image_ids = [r.path for r in records], [r.image_id for r in records]
+        captioner = load(run, device)
+        explanations = None
+        if store is not None:
+            explanations = ExplanationStore.open(store)
+            explanations.check(captioner.fingerprint())
+        path = build_report(captioner, chosen, out, [m.strip() for m in methods.split(",") if m.strip()],
+                            results_dir=results, store=explanations, image_ids=image_ids)
     except (FileNotFoundError, ValueError, ImageLoadError) as error:
         fail(str(error))
     console.print(f"report: {path}")
@@ -622,6 +630,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload (MB); larger ones get 413.")] = 10.0,
+    store: Annotated[Optional[Path], typer.Option(help="Explanation store of this model (explain-split): explanations of --data's images are read from it.")] = None,
     device: DeviceOption = None,
 ) -> None:
     """The interactive viewer: upload or pick an image, see its caption, click a word to see its
@@ -637,8 +646,14 @@ def serve(
 
         from .viewer.app import create_app
 
+        from .explain.store import ExplanationStore
+
         bundle = dataset.open(data) if data is not None else None
-        application = create_app(load(model, device), bundle, int(max_upload_mb * 1024 * 1024))
+        captioner = load(model, device)
+        explanations = ExplanationStore.open(store) if store is not None else None
+        if explanations is not None:
+            explanations.check(captioner.fingerprint())
+        application = create_app(captioner, bundle, int(max_upload_mb * 1024 * 1024), store=explanations)
     except (FileNotFoundError, ValueError, ImportError) as error:
         fail(str(error))
     console.print(f"captionlens viewer on http://{host}:{port}")

@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from ..data.images import ImageInput, load_image
-from ..explain import METHODS, Explanation, explain
+from ..explain import METHODS, Explanation, explain, resolved_parameters
+from ..explain.store import ExplanationStore
 from ..io import atomic_write_text
 from ..models import Captioner
 from .figures import COLUMN_ORDER, LINGUISTIC_PREFERENCE, TITLES, normalised, symmetric_limit, word_colour
@@ -97,7 +98,7 @@ def image_section(name: str, picture: Image.Image, explanations: Sequence[Explan
 def results_section(results_dir: Path) -> str:
     """The experiments' tables (from their JSON files) and plots, per architecture folder."""
     parts = ["<h2>Experiments</h2>"]
-    folders = sorted(p for p in results_dir.iterdir() if p.is_dir()) or [results_dir]
+    folders = [results_dir, *sorted(p for p in results_dir.iterdir() if p.is_dir() and not (p / "zarr.json").is_file())]
     for folder in folders:
         tables = sorted(folder.glob("*.json"))
         plots = sorted(folder.glob("*.png"))
@@ -127,24 +128,45 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def stored_or_explained(captioner: Captioner, picture: Image.Image, words: Sequence[str], method: str,
+                        store: ExplanationStore | None = None, image_id: int | None = None,
+                        **parameters) -> Explanation:
+    """Every word's explanation by ``method``: from the store when it holds this image with this
+    caption, every word explained and the same parameters; computed otherwise."""
+    wanted = resolved_parameters(method, **parameters)
+    if (store is not None and image_id is not None and store.has_caption(image_id) and store.has(image_id, method)
+            and store.words(image_id) == list(words) and store.positions(image_id) == list(range(len(words)))
+            and store.parameters(method) == wanted):
+        return store.explanation(image_id, method)
+    return explain(captioner, picture, words, method, **parameters)
+
+
 def build_report(captioner: Captioner, images: Sequence[ImageInput], out: str | Path,
                  methods: Sequence[str] = DEFAULT_METHODS, captions: Sequence[Sequence[str]] | None = None,
                  results_dir: str | Path | None = None, title: str = "captionlens report", beam_size: int = 3,
+                 store: ExplanationStore | None = None, image_ids: Sequence[int] | None = None,
                  **lrp_parameters) -> Path:
-    """Write the report for ``images`` (their model captions, or ``captions``) to ``out``."""
+    """Write the report for ``images`` (their model captions, or ``captions``) to ``out``. With a
+    ``store`` and the images' dataset ``image_ids``, captions and explanations are read from it."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(sorted(METHODS))}")
     sections = []
     for index, image in enumerate(images):
         picture = load_image(image)
-        words = list(captions[index]) if captions is not None else captioner.caption([picture], beam_size)[0].words
+        image_id = image_ids[index] if image_ids is not None else None
+        if captions is not None:
+            words = list(captions[index])
+        elif store is not None and image_id is not None and store.has_caption(image_id):
+            words = store.words(image_id)
+        else:
+            words = captioner.caption([picture], beam_size)[0].words
         name = Path(image).name if isinstance(image, (str, Path)) else f"image {index + 1}"
         if not words:
             sections.append(f"<h2>{html.escape(name)}</h2><p>(empty caption)</p>")
             continue
-        explanations = [explain(captioner, picture, words, method, **(lrp_parameters if method == "lrp" else {}))
-                        for method in methods]
+        explanations = [stored_or_explained(captioner, picture, words, method, store, image_id,
+                                            **(lrp_parameters if method == "lrp" else {})) for method in methods]
         sections.append(image_section(name, picture, explanations))
     if results_dir is not None and Path(results_dir).is_dir():
         sections.append(results_section(Path(results_dir)))

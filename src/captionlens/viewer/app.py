@@ -17,7 +17,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..data.bundle import DataBundle, open_data
-from ..explain import METHODS, explain, method_parameters
+from ..explain import METHODS, explain, method_parameters, resolved_parameters
+from ..explain.store import ExplanationStore
 from ..models import Captioner
 from ..report.figures import normalised
 from ..report.html import heatmap_image, png_data_uri
@@ -38,14 +39,17 @@ def _require_web_stack():
 class ViewerState:
     """Images by id, captions by image, explanations cached; one lock around the model."""
 
-    def __init__(self, captioner: Captioner, data: DataBundle | str | Path | None, dataset_images: int) -> None:
+    def __init__(self, captioner: Captioner, data: DataBundle | str | Path | None, dataset_images: int,
+                 store: ExplanationStore | None = None) -> None:
         self.captioner = captioner
+        self.store = store  # explanations of the dataset's images made by explain-split, read when they fit
         self.lock = threading.Lock()
         self.images: dict[str, Image.Image] = {}
         self.names: dict[str, str] = {}
         self.captions: dict[str, list[str]] = {}
         self.cache: OrderedDict = OrderedDict()
         self.paths: dict[str, Path] = {}  # dataset images: id -> file (the only files the viewer reads)
+        self.dataset_numbers: dict[str, int] = {}  # dataset images: id -> the dataset's image id
         self.dataset_ids: list[str] = []
         if data is not None:
             bundle = data if isinstance(data, DataBundle) else open_data(data)
@@ -54,6 +58,7 @@ class ViewerState:
                 self.names[image_id] = record.path.name
                 self.dataset_ids.append(image_id)
                 self.paths[image_id] = record.path
+                self.dataset_numbers[image_id] = record.image_id
 
     def image(self, image_id: str) -> Image.Image | None:
         if image_id in self.images:
@@ -67,15 +72,16 @@ class ViewerState:
 
 
 def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, dataset_images: int = 50):
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, dataset_images: int = 50,
+               store: ExplanationStore | None = None):
     """The FastAPI application for ``captioner`` (and the test images of ``data``: an opened dataset
-    or a dataset folder)."""
+    or a dataset folder; explanations of them are read from ``store`` where it holds them)."""
     _require_web_stack()
     from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel, Field
 
-    state = ViewerState(captioner, data, dataset_images)
+    state = ViewerState(captioner, data, dataset_images, store)
     app = FastAPI(title="captionlens viewer", version="1",
                   description="Caption images and explain every word of the caption.")
     page = (Path(__file__).parent / "static" / "index.html").read_text()
@@ -133,10 +139,16 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
         picture = state.image(image_id)
         if picture is None:
             raise HTTPException(404, f"no image with id {image_id!r}")
-        with state.lock:
-            result = state.captioner.caption([picture], beam_size=beam_size)[0]
-        state.captions[image_id] = result.words
-        return {"image_id": image_id, "name": state.names[image_id], "words": result.words, "score": result.score}
+        number = state.dataset_numbers.get(image_id)
+        if state.store is not None and number is not None and state.store.has_caption(number):
+            stored = state.store.caption(number)  # the caption its stored explanations belong to
+            words, score = stored["words"], stored["caption_score"]
+        else:
+            with state.lock:
+                result = state.captioner.caption([picture], beam_size=beam_size)[0]
+            words, score = result.words, result.score
+        state.captions[image_id] = words
+        return {"image_id": image_id, "name": state.names[image_id], "words": words, "score": score}
 
     class ExplainRequest(BaseModel):
         image_id: str
@@ -166,13 +178,18 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
         parameters = {k: getattr(request, k) for k in method_parameters(request.method)}
         key = (request.image_id, tuple(words), request.word_index, request.method, tuple(sorted(parameters.items())))
         if key not in state.cache:
-            try:
-                with state.lock:
-                    result = explain(state.captioner, picture, words, request.method, words=[request.word_index],
-                                     **parameters)
-            except ValueError as error:
-                raise HTTPException(400, str(error)) from None
-            state.cache[key] = _payload(result, request.word_index)
+            stored = _from_store(state, request.image_id, words, request.method, request.word_index, parameters)
+            if stored is not None:
+                (result, row), source = stored, "store"
+            else:
+                try:
+                    with state.lock:
+                        result = explain(state.captioner, picture, words, request.method, words=[request.word_index],
+                                         **parameters)
+                except ValueError as error:
+                    raise HTTPException(400, str(error)) from None
+                row, source = 0, "computed"
+            state.cache[key] = _payload(result, row, request.word_index) | {"source": source}
             while len(state.cache) > CACHE_SIZE:
                 state.cache.popitem(last=False)
         state.cache.move_to_end(key)
@@ -181,19 +198,30 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
     return app
 
 
-def _payload(result, index: int) -> dict:
-    heatmap = result.image[0].numpy()
-    values = result.preceding[0, : index + 1]
+def _from_store(state: ViewerState, image_id: str, words: list[str], method: str, index: int, parameters: dict):
+    """(explanation, row) from the explanation store when it holds this dataset image with this
+    caption, this word and the same parameters; else None."""
+    store, number = state.store, state.dataset_numbers.get(image_id)
+    if store is None or number is None or not store.has(number, method) or store.words(number) != list(words):
+        return None
+    if index not in store.positions(number) or store.parameters(method) != resolved_parameters(method, **parameters):
+        return None
+    return store.explanation(number, method), store.positions(number).index(index)
+
+
+def _payload(result, row: int, index: int) -> dict:
+    heatmap = result.image[row].numpy()
+    values = result.preceding[row, : index + 1]
     return {
-        "word": result.words[0],
+        "word": result.words[row],
         "word_index": index,
         "method": result.method,
         "parameters": result.parameters,
-        "score": float(result.score[0]),
+        "score": float(result.score[row]),
         "heatmap_png": png_data_uri(heatmap_image(heatmap)),
         "heatmap_max_abs": float(abs(heatmap).max()),
-        "grid": result.grid[0].tolist(),
+        "grid": result.grid[row].tolist(),
         "preceding": [{"token": t, "relevance": float(v), "normalised": float(n)}
                       for t, v, n in zip(result.tokens[: index + 1], values.tolist(), normalised(values))],
-        "extra": {k: v[0].tolist() for k, v in result.extra.items()},
+        "extra": {k: v[row].tolist() for k, v in result.extra.items()},
     }
