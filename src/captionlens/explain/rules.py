@@ -113,9 +113,14 @@ class _PassThrough(_RelevanceFunction):
 
 
 def _conv_transpose(share: torch.Tensor, weight: torch.Tensor, module: nn.Conv2d, input_shape) -> torch.Tensor:
-    """The adjoint of ``module``'s convolution applied to ``share`` (shapes of the input)."""
-    return torch.nn.grad.conv2d_input(input_shape, weight, share, module.stride, module.padding,
-                                      module.dilation, module.groups)
+    """The adjoint of ``module``'s convolution applied to ``share`` (shapes of the input). Written as
+    a transposed convolution, which vmap batches over the explained words in one call (the
+    convolution's own backward would be looped word by word)."""
+    produced = [(o - 1) * s - 2 * p + d * (k - 1) + 1 for o, s, p, d, k in zip(
+        share.shape[-2:], module.stride, module.padding, module.dilation, weight.shape[-2:])]
+    extra = tuple(size - made for size, made in zip(input_shape[-2:], produced))  # rows/columns no output saw
+    return F.conv_transpose2d(share, weight, None, module.stride, module.padding, extra, module.groups,
+                              module.dilation)
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, module: nn.Conv2d) -> torch.Tensor:
@@ -127,20 +132,24 @@ class _AlphaBetaConv(_RelevanceFunction):
     def relevance(cls, ctx, relevance):
         (x,) = ctx.saved_tensors
         module, alpha, beta = ctx.settings
-        w_pos, w_neg = module.weight.clamp(min=0), module.weight.clamp(max=0)
+        weight = module.weight.detach()
+        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
         x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
         pairs = {"pos": [(x_pos, w_pos)], "neg": [(x_pos, w_neg)]}
         if bool((x < 0).any()):  # after a ReLU every input is ≥ 0: half the work
             pairs["pos"].append((x_neg, w_neg))
             pairs["neg"].append((x_neg, w_pos))
-        result = None  # accumulated in place: no extra pass over the (many-word) relevance tensors
+        result = None
         for sign, factor in (("pos", alpha), ("neg", -beta)):
             if factor == 0:
                 continue
             z = sum(_conv(xs, ws, module) for xs, ws in pairs[sign])  # z^+ ≥ 0 or z^- ≤ 0, computed once
             share = relevance / (z + (TINY if sign == "pos" else -TINY))
-            for xs, ws in pairs[sign]:
-                term = _conv_transpose(share, ws, module, x.shape) * (xs if factor == 1 else factor * xs)
+            # one transposed convolution for both input signs (weights side by side): one pass over share
+            spread = _conv_transpose(share, torch.cat([ws for _, ws in pairs[sign]], dim=1), module,
+                                     (*x.shape[:-3], x.shape[-3] * len(pairs[sign]), *x.shape[-2:]))
+            for part, (xs, _) in zip(spread.split(x.shape[-3], dim=-3), pairs[sign]):
+                term = part * (xs if factor == 1 else factor * xs)
                 result = term if result is None else result + term
         return (result,)
 
