@@ -52,10 +52,8 @@ def cli(*args: str) -> str:
     return f"""
         import torch
         from captionlens.cli import app
-        try:
-            app({list(args)!r}, standalone_mode=False)
-        except SystemExit as stop:
-            assert not stop.code, stop.code
+        code = app({list(args)!r}, standalone_mode=False)  # returns the exit code of a failed verb
+        assert not code, f"captionlens exited with {{code}}"
         result = {{}}
     """
 

@@ -210,3 +210,22 @@ def test_report_and_viewer_read_the_store(tiny, tmp_path, monkeypatch):
     result = client.post("/api/explain", json={"image_id": image_id, "word_index": 1, "method": "lrp"}).json()
     assert result["source"] == "store"
     assert result["score"] == pytest.approx(store.score(records[0].image_id, 1, "lrp"))
+
+
+def test_images_without_object_words_are_stored_as_empty_explanations(tiny, tmp_path):
+    cap, data, _ = tiny
+    store = explain_split(cap, data, tmp_path / "s.zarr", "test", ["lrp", "gradcam"], "objects", limit=4,
+                          progress=False)
+    empty = [i for i in store.image_ids() if not store.positions(i)]
+    with_objects = [i for i in store.image_ids() if store.positions(i)]
+    assert with_objects  # the planted bias names circles
+    for image_id in store.image_ids():
+        for method in ("lrp", "gradcam"):
+            explanation = store.explanation(image_id, method)
+            assert len(explanation.words) == len(store.positions(image_id)) == explanation.image.shape[0]
+            assert explanation.parameters["precision"] == "fp32"
+    assert all(store.explanation(i, "lrp").image.shape[0] == 0 for i in empty)
+    record = data.split("test")[5]  # and one written by hand: a caption with no object word at all
+    store.write_caption(record.image_id, record.path.name, ["a", "red"], cap.vocab.encode(["a", "red"]), [], 0.0)
+    store.write_explanation(record.image_id, cl.explain(cap, record.path, ["a", "red"], "lrp", words=[]))
+    assert store.has(record.image_id, "lrp") and store.explanation(record.image_id, "lrp").words == []

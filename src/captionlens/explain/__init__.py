@@ -102,7 +102,7 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
         raise ValueError(f"{len(words)} lists of word positions for {len(images)} images")
     selected = [_positions(words[b] if per_image else words, len(w), include_end) for b, w in enumerate(word_lists)]
     if not any(selected):
-        return [_empty(method, w) for w in word_lists]
+        return [_empty(method, w, recorded) for w in word_lists]
     device = captioner.device
     longest = max(len(w) for w in word_lists) + 1  # steps fed: <start>, w_1 .. w_n
     token_ids = torch.full((len(images), longest), vocab.pad_id, dtype=torch.long, device=device)
@@ -138,10 +138,10 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
     return explanations
 
 
-def _empty(method: str, words: list[str]) -> Explanation:
+def _empty(method: str, words: list[str], parameters: dict) -> Explanation:
     """An explanation of no words (nothing was selected)."""
     return Explanation(method, [], [], ["<start>", *words], torch.zeros(0, 0, 0), torch.zeros(0, 0, 0),
-                       torch.zeros(0, len(words) + 1), torch.zeros(0))
+                       torch.zeros(0, len(words) + 1), torch.zeros(0), parameters)
 
 
 def _pad_columns(preceding: torch.Tensor, columns: int) -> torch.Tensor:

@@ -256,7 +256,7 @@ class ExplanationStore:
             del image_group[method]
         group = image_group.create_group(method)
         image = explanation.image.numpy().astype(np.float32)
-        scale = np.abs(image).reshape(len(image), -1).max(axis=1, initial=0.0)
+        scale = np.abs(image).max(axis=(1, 2), initial=0.0)
         scale[scale == 0] = 1.0
         arrays = {"image": image / scale[:, None, None], "image_scale": scale, "grid": explanation.grid.numpy(),
                   "preceding": explanation.preceding.numpy(), "score": explanation.score.numpy()}
