@@ -10,6 +10,7 @@ import torch
 from .data.images import ImageInput, load_image
 from .data.vocab import SPECIAL_TOKENS, Vocabulary
 from .explain import METHODS, Explanation, explain, explain_batch, method_parameters
+from .explain.store import ExplanationStore
 from .io import write_json
 from .models import Captioner, CaptionerConfig, build_model
 from .models.encoders import build_encoder
@@ -79,5 +80,5 @@ def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, meth
     return out
 
 
-__all__ = ["METHODS", "Captioner", "Explanation", "build_captioner", "build_encoder", "explain", "explain_batch",
+__all__ = ["METHODS", "Captioner", "Explanation", "ExplanationStore", "build_captioner", "build_encoder", "explain", "explain_batch",
            "explain_image", "load", "train_captioner"]
