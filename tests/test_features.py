@@ -19,7 +19,7 @@ def test_cache_matches_the_encoder_and_is_reused(tiny_shapes, tmp_path):
         direct = encoder(pixels).numpy()
     assert np.allclose(grids, direct, rtol=1e-2, atol=1e-2)  # float16 storage
     files = sorted(tmp_path.glob("*.npy"))
-    assert len(files) == 1 and not list(tmp_path.glob(".*tmp"))
+    assert len(files) == 1 and not list(tmp_path.glob(".tmp-*"))
     mtime = files[0].stat().st_mtime_ns
     grid_features(encoder, paths, tmp_path, "val", progress=False)
     assert files[0].stat().st_mtime_ns == mtime  # read back, not recomputed

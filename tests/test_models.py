@@ -115,7 +115,8 @@ def test_beam_search_scores_and_greedy(arch):
 def test_checkpoint_round_trip_is_data_not_pickle(arch, tmp_path):
     cap = tiny(arch)
     cap.save(tmp_path / "run")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "manifest.json", "model.safetensors",
+                                                                   "vocab.json"]
     loaded = cl.load(tmp_path / "run")
     ids = cap.encode(["a", "red", "circle"])
     pixels = torch.randn(1, 3, 64, 64)
@@ -129,7 +130,10 @@ def test_load_rejects_other_folders_and_versions(tmp_path):
     cap = tiny("gridtd")
     cap.save(tmp_path)
     (tmp_path / "config.json").write_text((tmp_path / "config.json").read_text().replace('"format_version": 1', '"format_version": 99'))
-    with pytest.raises(ValueError, match="format_version"):
+    with pytest.raises(ValueError, match="config.json is not the file saved"):  # the manifest notices first
+        cl.load(tmp_path)
+    (tmp_path / "manifest.json").unlink()  # a folder from before manifests: still checked field by field
+    with pytest.warns(UserWarning, match="no manifest.json"), pytest.raises(ValueError, match="format_version"):
         cl.load(tmp_path)
 
 

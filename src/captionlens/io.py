@@ -1,6 +1,7 @@
 """Small file helpers: every file captionlens writes appears whole or not at all."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -53,4 +54,47 @@ def write_json(path: str | Path, data: object) -> None:
 
 
 def read_json(path: str | Path) -> object:
-    return json.loads(Path(path).read_text())
+    """Parsed JSON; a missing file is a FileNotFoundError and bad content a ValueError, each naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+
+
+def sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (read in 1 MiB pieces)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for piece in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs (used to tell a dead writer's leftovers from a live one's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(folder: Path, pattern: str) -> None:
+    """Delete the files or folders matching ``pattern`` (their names carry the writer's pid as the
+    first run of digits after the pattern's prefix) whose writer no longer runs."""
+    import re
+    import shutil
+
+    prefix = pattern.split("*")[0]
+    for path in folder.glob(pattern):
+        found = re.search(r"\d+", path.name[len(prefix):])
+        if found and not process_alive(int(found.group())):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

@@ -3,6 +3,7 @@ grid features, train the decoder on them with teacher forcing, write the run fol
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -68,13 +69,18 @@ def pretrain_shapes_encoder(out_path: str | Path, config: TrainConfig | None = N
         return nn.functional.binary_cross_entropy_with_logits(model["head"](model["encoder"](pixels)), targets)
 
     out_path = Path(out_path)
-    save = lambda: atomic_write(out_path, lambda tmp: save_file(  # noqa: E731
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # the best weights so far live beside out_path until training ends: a killed pretraining never
+    # leaves a half-trained encoder where the next run would take it for a finished one
+    best = out_path.with_name(f".{out_path.name}.{os.getpid()}.best")
+    save = lambda: atomic_write(best, lambda tmp: save_file(  # noqa: E731
         {k: v.contiguous() for k, v in classifier.state_dict().items()}, str(tmp)))
     trainer = Trainer(classifier, loss_fn, config, out_path.parent / f"{out_path.stem}-training", progress,
                       name="encoder")
     generator = lambda epoch: torch.Generator().manual_seed(config.seed * 1000 + epoch)  # noqa: E731
     trainer.fit(lambda epoch: batches("train", torch.randperm(images, generator=generator(epoch))),
                 lambda: batches("val", torch.arange(len(splits["val"][1]))), save)
+    os.replace(best, out_path)
     encoder.load_pretrained(out_path)
     return freeze(encoder)
 

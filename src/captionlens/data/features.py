@@ -2,8 +2,10 @@
 trains the decoder on the stored grids.
 
 One ``.npy`` file (float16, memory-mapped on load, so COCO-sized caches need not fit in memory) per
-(encoder weights, image list); its name carries a fingerprint of both, so a changed encoder or image
-list never reads stale features. Written to a temporary file and renamed when complete.
+(encoder weights, image files); its name carries a fingerprint of the weights and of every image's
+path, size and modification time, so a changed encoder or a replaced or regenerated image never reads
+stale features. Written to a temporary file and renamed when complete; temporary files of processes
+that died are removed.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..io import remove_leftovers
 from ..models.encoders import Encoder
 from .images import decoded_batches, normalise
 
@@ -44,13 +47,19 @@ def grid_features(
     in ``cache_dir`` as ``{name}-{fingerprint}.npy``; ``workers`` processes decode the images."""
     digest = hashlib.sha1(encoder_fingerprint(encoder).encode())
     for path in paths:
-        digest.update(str(path).encode())
+        try:
+            stat = os.stat(path)
+        except OSError:
+            raise FileNotFoundError(f"no image file at {path} (pass --images with the folder that holds the "
+                                    "dataset's images)") from None
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     cache = Path(cache_dir) / f"{name}-{digest.hexdigest()[:16]}.npy"
     if cache.is_file():
         return np.load(cache, mmap_mode="r")
     cache.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(cache.parent, ".tmp-*")
     shape = (len(paths), encoder.out_channels, encoder.grid_size, encoder.grid_size)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    tmp = cache.with_name(f".tmp-{os.getpid()}-{cache.name}")
     store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
     encoder = encoder.to(device).eval()
     try:

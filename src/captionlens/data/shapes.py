@@ -22,6 +22,8 @@ for VGG16 in the papers — is independent of the captioning data and so cannot 
 """
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ..io import write_json
+from ..io import remove_leftovers, write_json
 from .karpathy import CaptionDataset, ImageRecord, write_karpathy
 from .vocab import tokenize
 
@@ -274,9 +276,30 @@ def generate_image(config: ShapesConfig, split: str, index: int) -> tuple[Image.
 
 
 def write_shapes_dataset(out: str | Path, config: ShapesConfig | None = None, progress: bool = True) -> Path:
-    """Generate the dataset into ``out`` (see the module docstring); returns ``out``."""
+    """Generate the dataset into ``out`` (see the module docstring); returns ``out``.
+
+    Everything is written into a temporary folder beside ``out`` that replaces ``out`` only once it is
+    complete, so ``out`` is always one whole dataset (an earlier one, or none, if the process dies);
+    temporary folders left by processes that died are removed."""
     config = config or ShapesConfig()
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out.parent, f".{out.name}.*.partial")
+    work = out.parent / f".{out.name}.{os.getpid()}.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    _write(work, config, progress)
+    if out.exists():
+        retired = out.parent / f".{out.name}.{os.getpid()}.retired.partial"
+        os.replace(out, retired)
+        os.replace(work, out)
+        shutil.rmtree(retired)
+    else:
+        os.replace(work, out)
+    return out
+
+
+def _write(out: Path, config: ShapesConfig, progress: bool) -> None:
+    """Every file of the dataset, into ``out``."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     category_ids = {shape: i + 1 for i, shape in enumerate(SHAPES)}
     records, coco_images, annotations = [], [], []
@@ -312,4 +335,3 @@ def write_shapes_dataset(out: str | Path, config: ShapesConfig | None = None, pr
                 synonyms[word + ("es" if word.endswith(("s", "x")) else "s")] = shape
     write_json(out / "synonyms.json", synonyms)
     write_json(out / "shapes_config.json", asdict(config))
-    return out

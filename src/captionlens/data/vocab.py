@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, read_json
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
@@ -72,4 +72,11 @@ class Vocabulary:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Vocabulary":
-        return cls(json.loads(Path(path).read_text())["words"])
+        data = read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("words"), list) or \
+                not all(isinstance(w, str) for w in data["words"]):
+            raise ValueError(f"{path} is not a vocabulary: it must hold {{\"words\": [strings]}}")
+        try:
+            return cls(data["words"])
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None

@@ -2,6 +2,7 @@
 preprocessing and beam search, built from a JSON-able config through the registries."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..data.images import ImageInput, load_image, to_tensor
 from ..data.vocab import Vocabulary, tokenize
-from ..io import atomic_write, read_json, write_json
+from ..io import atomic_write, read_json, sha256, write_json
 from .beam import beam_search
 from .decoder import Decoder, DecoderOutput
 from .encoders import Encoder
@@ -156,7 +157,8 @@ class Captioner:
 
     # ------------------------------------------------------------------ checkpoints (data, no pickles)
     def save(self, run_dir: str | Path, weights_name: str = "model.safetensors") -> None:
-        """Write ``config.json``, ``vocab.json`` and the weights (safetensors), each atomically."""
+        """Write ``config.json``, ``vocab.json`` and the weights (safetensors), each atomically, then
+        ``manifest.json`` with their SHA-256: the files of one save, bound together."""
         from safetensors.torch import save_file
 
         run_dir = Path(run_dir)
@@ -165,21 +167,112 @@ class Captioner:
         atomic_write(run_dir / weights_name, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
         self.vocab.to_json(run_dir / "vocab.json")
         write_json(run_dir / "config.json", {"format_version": FORMAT_VERSION, "captioner": asdict(self.config)})
+        files = (weights_name, "vocab.json", "config.json")
+        write_json(run_dir / MANIFEST, {"format_version": FORMAT_VERSION,
+                                        "files": {name: sha256(run_dir / name) for name in files}})
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device | None = None,
              weights_name: str = "model.safetensors") -> "Captioner":
-        from safetensors.torch import load_file
-
+        """A captioner from a run folder, every file checked: the manifest's checksums, the config's
+        fields, the weights' shapes against the config and their values (finite)."""
         run_dir = Path(run_dir)
         config_path = run_dir / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{run_dir} is not a captionlens run folder (no config.json)")
-        stored = read_json(config_path)
-        if stored.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{config_path}: format_version {stored.get('format_version')} is not "
-                             f"{FORMAT_VERSION}, which this captionlens reads")
-        config = CaptionerConfig(**stored["captioner"])
+        verify_manifest(run_dir, weights_name)
+        config = read_config(config_path)
+        vocab = Vocabulary.from_json(run_dir / "vocab.json")
+        if len(vocab) != config.vocab_size:
+            raise ValueError(f"{run_dir / 'vocab.json'} has {len(vocab)} words but {config_path} says vocab_size "
+                             f"{config.vocab_size}")
         model = build_model(config)
-        model.load_state_dict(load_file(str(run_dir / weights_name)))
-        return cls(model, Vocabulary.from_json(run_dir / "vocab.json"), config, device)
+        load_weights(model, run_dir / weights_name, config_path)
+        return cls(model, vocab, config, device)
+
+
+MANIFEST = "manifest.json"
+
+
+def verify_manifest(run_dir: Path, weights_name: str) -> None:
+    """Every file the manifest lists must have its recorded SHA-256 (a run folder saved before
+    manifests existed loads with a warning)."""
+    import warnings
+
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        warnings.warn(f"{run_dir} has no {MANIFEST}: its files cannot be checked for corruption "
+                      "(saving the captioner again writes one)", stacklevel=3)
+        return
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ValueError(f"{path} is not a run-folder manifest (needs 'files': {{name: sha256}})")
+    for name in ("config.json", "vocab.json", weights_name):
+        if name not in manifest["files"]:
+            raise ValueError(f"{path} does not list {name}")
+        file = run_dir / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{run_dir} is missing {name}")
+        if sha256(file) != manifest["files"][name]:
+            raise ValueError(f"{file} is not the file saved with this run (its SHA-256 differs from {path}): "
+                             "it was changed, corrupted or only partly written")
+
+
+def read_config(path: Path) -> CaptionerConfig:
+    """``config.json``, validated field by field."""
+    stored = read_json(path)
+    if not isinstance(stored, dict) or not isinstance(stored.get("captioner"), dict):
+        raise ValueError(f"{path} is not a captionlens config (needs 'format_version' and a 'captioner' object)")
+    if stored.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {stored.get('format_version')} is not {FORMAT_VERSION}, which "
+                         "this captionlens reads")
+    fields = {f.name: f for f in dataclasses.fields(CaptionerConfig)}
+    values = stored["captioner"]
+    unknown = sorted(set(values) - set(fields))
+    missing = sorted(n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if unknown or missing:
+        raise ValueError(f"{path}: {'unknown field(s) ' + ', '.join(unknown) if unknown else ''}"
+                         f"{'; ' if unknown and missing else ''}{'missing field(s) ' + ', '.join(missing) if missing else ''}")
+    kinds = {"architecture": str, "encoder": str, "vocab_size": int, "hidden_size": int, "embed_size": int,
+             "max_length": int, "dropout": (int, float), "encoder_options": dict}
+    for name, kind in kinds.items():
+        if name in values and (not isinstance(values[name], kind) or isinstance(values[name], bool)):
+            raise ValueError(f"{path}: field {name!r} must be {getattr(kind, '__name__', 'a number')}, "
+                             f"not {values[name]!r}")
+    for name in ("vocab_size", "hidden_size", "embed_size", "max_length"):
+        if name in values and values[name] < 1:
+            raise ValueError(f"{path}: field {name!r} must be ≥ 1, not {values[name]}")
+    config = CaptionerConfig(**values)
+    for registry, kind, name in ((ARCHITECTURES, "architecture", config.architecture),
+                                 (ENCODERS, "encoder", config.encoder)):
+        if name not in registry:
+            raise ValueError(f"{path}: unknown {kind} {name!r}; this captionlens has {', '.join(sorted(registry))}")
+    return config
+
+
+def load_weights(model: nn.Module, path: Path, config_path: Path) -> None:
+    """Load a safetensors state dict into ``model``: an unreadable file, weights of another shape and
+    NaN or infinite values are each a clear error naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights at {path}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"cannot read {path}: it is truncated or not a safetensors file ({error})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or extra or wrong:
+        details = [f"missing {', '.join(missing[:3])}" if missing else "", f"unexpected {', '.join(extra[:3])}" if extra
+                   else "", ", ".join(f"{k} is {tuple(state[k].shape)} not {tuple(expected[k].shape)}" for k in wrong[:3])]
+        raise ValueError(f"{path} does not fit the model that {config_path} describes (another architecture, "
+                         f"encoder or vocabulary size?): {'; '.join(d for d in details if d)}")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: weight {name!r} holds NaN or infinite values")
+    model.load_state_dict(state)
