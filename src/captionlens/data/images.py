@@ -17,20 +17,32 @@ class ImageLoadError(ValueError):
     """An input that is not a readable image."""
 
 
-def load_image(image: ImageInput) -> Image.Image:
+MAX_PIXELS = 64_000_000  # larger images (e.g. 8000×8000 and up) are refused, not decoded into GBs of memory
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+
+
+def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """An RGB PIL image from a path, a PIL image, an ``H×W×3`` array (uint8, or floats in [0, 1])
-    or a ``3×H×W`` float tensor in [0, 1]."""
+    or a ``3×H×W`` float tensor in [0, 1].
+
+    Decoded by mode: 16-bit images are scaled to 8 bits (not clipped), images with transparency are
+    composited on white (not shown with the colours hidden under transparent pixels); an image of
+    more than ``max_pixels`` pixels is refused before it is decoded."""
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise ImageLoadError(f"no image file at {path}")
         try:
             with Image.open(path) as opened:
-                return opened.convert("RGB")
-        except (UnidentifiedImageError, OSError) as error:
+                _check_size(opened, max_pixels, str(path))
+                return to_rgb(opened)
+        except ImageLoadError:
+            raise
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as error:
             raise ImageLoadError(f"cannot read {path} as an image: {error}") from None
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        _check_size(image, max_pixels, "the image")
+        return to_rgb(image)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().permute(1, 2, 0).numpy()
     if isinstance(image, np.ndarray):
@@ -42,6 +54,29 @@ def load_image(image: ImageInput) -> Image.Image:
             image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
         return Image.fromarray(image[:, :, :3])
     raise ImageLoadError(f"cannot use an object of type {type(image).__name__} as an image")
+
+
+def _check_size(image: Image.Image, max_pixels: int, name: str) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageLoadError(f"{name} is {width}×{height} = {width * height / 1e6:.0f} megapixels, more than the "
+                             f"{max_pixels / 1e6:.0f} allowed")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16/32-bit greyscale scaled by its bit depth, transparency composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        image = Image.fromarray((np.clip(values, 0, top) / top * 255).round().astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray((np.clip(values, 0, 1) * 255).round().astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def resized_pixels(image: Image.Image, size: int) -> torch.Tensor:

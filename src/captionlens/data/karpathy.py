@@ -51,20 +51,44 @@ def load_karpathy(json_path: str | Path, image_root: str | Path | None = None) -
     data = read_json(json_path)
     if not isinstance(data, dict) or "images" not in data:
         raise ValueError(f"{json_path} is not a Karpathy-split JSON (no 'images' list)")
-    images = []
-    for entry in data["images"]:
-        split = "train" if entry["split"] == "restval" else entry["split"]
-        sentences = entry["sentences"]
-        images.append(
-            ImageRecord(
-                image_id=int(entry.get("cocoid", entry.get("imgid"))),
-                path=root / entry.get("filepath", "") / entry["filename"],
-                split=split,
-                captions=[s["tokens"] if "tokens" in s else tokenize(s["raw"]) for s in sentences],
-                raw=[s.get("raw", " ".join(s.get("tokens", []))) for s in sentences],
-            )
-        )
-    return CaptionDataset(data.get("dataset", json_path.stem.removeprefix("dataset_")), images)
+    if not isinstance(data["images"], list):
+        raise ValueError(f"{json_path}: 'images' must be a list")
+    images = [_record(entry, index, json_path, root) for index, entry in enumerate(data["images"])]
+    ids = [r.image_id for r in images]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{json_path}: image ids (cocoid, else imgid) must be unique")
+    name = data.get("dataset", json_path.stem.removeprefix("dataset_"))
+    return CaptionDataset(name if isinstance(name, str) else json_path.stem, images)
+
+
+def _record(entry: object, index: int, json_path: Path, root: Path) -> ImageRecord:
+    """One image entry of a Karpathy JSON, every field checked (errors name the file, entry and field)."""
+    where = f"{json_path}: images[{index}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} is not an object")
+    for key in ("split", "sentences", "filename"):
+        if key not in entry:
+            raise ValueError(f"{where} has no {key!r}")
+    if entry["split"] not in (*SPLITS, "restval"):
+        raise ValueError(f"{where}: unknown split {entry['split']!r} (Karpathy's are train, val, test, restval)")
+    identifier = entry.get("cocoid", entry.get("imgid"))
+    if isinstance(identifier, bool) or not isinstance(identifier, int):
+        raise ValueError(f"{where} needs an integer 'imgid' (or 'cocoid'), has {identifier!r}")
+    if not isinstance(entry["filename"], str) or not isinstance(entry.get("filepath", ""), str) or not entry["filename"]:
+        raise ValueError(f"{where}: 'filename' and 'filepath' must be strings")
+    sentences = entry["sentences"]
+    if not isinstance(sentences, list) or not sentences:
+        raise ValueError(f"{where}: 'sentences' must be a non-empty list")
+    captions, raw = [], []
+    for k, sentence in enumerate(sentences):
+        tokens = sentence.get("tokens") if isinstance(sentence, dict) else None
+        text = sentence.get("raw") if isinstance(sentence, dict) else None
+        if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)) and not isinstance(text, str):
+            raise ValueError(f"{where}.sentences[{k}] needs 'tokens' (a list of strings) or 'raw' (a string)")
+        captions.append(tokens if isinstance(tokens, list) else tokenize(text))
+        raw.append(text if isinstance(text, str) else " ".join(tokens))
+    return ImageRecord(identifier, root / entry.get("filepath", "") / entry["filename"],
+                       "train" if entry["split"] == "restval" else entry["split"], captions, raw)
 
 
 def write_karpathy(dataset: CaptionDataset, json_path: str | Path, image_root: str | Path) -> None:
@@ -114,12 +138,21 @@ def _coco_caption_records(path: str | Path, folder: Path, split: str) -> list[Im
     data = read_json(path)
     if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
         raise ValueError(f"{path} is not a COCO captions file (needs 'images' and 'annotations')")
-    records = {
-        image["id"]: ImageRecord(image["id"], folder / image["file_name"], split, [], [])
-        for image in data["images"]
-    }
-    for annotation in sorted(data["annotations"], key=lambda a: a["id"]):
-        record = records[annotation["image_id"]]
-        record.captions.append(tokenize(annotation["caption"]))
-        record.raw.append(annotation["caption"].strip())
+    try:
+        records = {image["id"]: ImageRecord(image["id"], folder / image["file_name"], split, [], [])
+                   for image in data["images"]}
+        annotations = sorted(data["annotations"], key=lambda a: a["id"])
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path}: an image or annotation lacks {error} (images need id and file_name, "
+                         "annotations id, image_id and caption)") from None
+    for annotation in annotations:
+        record = records.get(annotation.get("image_id"))
+        caption = annotation.get("caption")
+        if record is None:
+            raise ValueError(f"{path}: annotation {annotation['id']} refers to image {annotation.get('image_id')!r}, "
+                             "which is not in its 'images'")
+        if not isinstance(caption, str):
+            raise ValueError(f"{path}: annotation {annotation['id']} has no caption string")
+        record.captions.append(tokenize(caption))
+        record.raw.append(caption.strip())
     return sorted(records.values(), key=lambda r: r.image_id)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ..data.images import ImageInput
+from ..data.vocab import UNK
 from ..models.captioner import Caption, Captioner
 from . import attention, gradients, lrp  # noqa: F401  (registration)
 from .engine import Targets, words_per_pass
@@ -96,7 +97,8 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     vocab = captioner.vocab
-    word_lists = [_words(c, captioner) for c in captions]
+    # a word the vocabulary lacks is read by the model as <unk>, and labelled so: what was explained
+    word_lists = [[w if w in vocab else UNK for w in _words(c, captioner)] for c in captions]
     per_image = words is not None and len(words) > 0 and not isinstance(words[0], (int, float))
     if per_image and len(words) != len(images):
         raise ValueError(f"{len(words)} lists of word positions for {len(images)} images")

@@ -25,6 +25,7 @@ max-pooling needs no rule: its ordinary backward passes relevance to the pooling
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -182,6 +183,8 @@ class LRPParameters:
     first_layer: str = "alphabeta"
 
     def __post_init__(self) -> None:
+        if not all(math.isfinite(v) for v in (self.epsilon, self.alpha, self.beta)):
+            raise ValueError(f"ε, α and β must be finite numbers, got ε={self.epsilon}, α={self.alpha}, β={self.beta}")
         if self.epsilon < 0:
             raise ValueError("epsilon must be ≥ 0")
         if self.alpha - self.beta != 1 or self.beta < 0:
