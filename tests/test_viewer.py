@@ -86,10 +86,45 @@ def test_bad_requests(client, tiny_shapes):
     client.post("/api/caption", data={"image_id": image_id})
     unknown = client.post("/api/explain", json={"image_id": image_id, "word_index": 0, "method": "saliency"})
     assert unknown.status_code == 400 and "saliency" in unknown.json()["detail"]
-    far = client.post("/api/explain", json={"image_id": image_id, "word_index": 99})
+    words = client.post("/api/caption", data={"image_id": image_id}).json()["words"]
+    far = client.post("/api/explain", json={"image_id": image_id, "word_index": len(words)})
     assert far.status_code == 400 and "out of range" in far.json()["detail"]
+    assert client.post("/api/explain", json={"image_id": image_id, "word_index": 99}).status_code == 422
     assert client.post("/api/explain", json={"image_id": "nope", "word_index": 0}).status_code == 404
     assert client.post("/api/explain", json={"image_id": image_id, "word_index": -1}).status_code == 422
+
+
+def test_numbers_and_lengths_that_make_no_sense_are_4xx_never_500(client):
+    image_id = client.get("/api/images").json()[0]["id"]
+    client.post("/api/caption", data={"image_id": image_id})
+    for body in ('{"image_id": "%s", "word_index": 0, "epsilon": NaN}', '{"image_id": "%s", "word_index": 0, "epsilon": 1e999}',
+                 '{"image_id": "%s", "word_index": 0, "alpha": "x"}', '{"image_id": "%s", "word_index": 1e30}'):
+        answer = client.post("/api/explain", content=body % image_id, headers={"content-type": "application/json"})
+        assert answer.status_code == 422, body
+    long = client.post("/api/explain", json={"image_id": image_id, "word_index": 0, "caption": ["a"] * 3000})
+    assert long.status_code == 422
+    assert client.post("/api/caption", data={"image_id": "x" * 5000}).status_code == 422
+
+
+def test_uploads_are_bounded_in_pixels_count_and_rate(captioner, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from captionlens.viewer.app import ViewerLimits, create_app
+
+    limits = ViewerLimits(max_upload_pixels=100 * 100, max_uploads=3, requests_per_second=1000)
+    client = TestClient(create_app(captioner, limits=limits, upload_dir=tmp_path / "uploads"))
+    huge = client.post("/api/caption", files={"file": ("huge.png", png_bytes((200, 120)), "image/png")})
+    assert huge.status_code == 413 and "megapixels" in huge.json()["detail"]
+    ids = [client.post("/api/caption", files={"file": (f"{k}.png", png_bytes((40 + k, 30)), "image/png")}).json()["image_id"]
+           for k in range(5)]
+    kept = [i["id"] for i in client.get("/api/images").json()]
+    assert kept == ids[2:] and len(list((tmp_path / "uploads").iterdir())) == 3  # the oldest two were evicted
+    assert client.get(f"/api/images/{ids[0]}").status_code == 404
+    picture = Image.open(io.BytesIO(client.get(f"/api/images/{ids[-1]}").content))
+    assert picture.size == (44, 30)
+    slow = TestClient(create_app(captioner, limits=ViewerLimits(requests_per_second=2)))
+    codes = [slow.get("/api/methods").status_code for _ in range(8)]
+    assert codes[:4] == [200] * 4 and 429 in codes  # a burst of 2 × rate, then 429
 
 
 def _free_port() -> int:

@@ -630,6 +630,9 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload (MB); larger ones get 413.")] = 10.0,
+    max_upload_megapixels: Annotated[float, typer.Option(help="Largest accepted upload in pixels (checked before decoding); larger ones get 413.")] = 25.0,
+    max_uploads: Annotated[int, typer.Option(help="Uploads kept (as files); the least recently used go first.")] = 100,
+    rate_limit: Annotated[float, typer.Option(help="API requests per second per client (bursts of twice that); more get 429.")] = 20.0,
     store: Annotated[Optional[Path], typer.Option(help="Explanation store of this model (explain-split): explanations of --data's images are read from it.")] = None,
     device: DeviceOption = None,
 ) -> None:
@@ -641,19 +644,23 @@ def serve(
     """
     from .api import load
 
+    if min(max_upload_mb, max_upload_megapixels, max_uploads, rate_limit) <= 0:
+        fail("--max-upload-mb, --max-upload-megapixels, --max-uploads and --rate-limit must be positive")
     try:
         import uvicorn
 
-        from .viewer.app import create_app
-
         from .explain.store import ExplanationStore
+        from .viewer.app import ViewerLimits, create_app
 
         bundle = dataset.open(data) if data is not None else None
         captioner = load(model, device)
         explanations = ExplanationStore.open(store) if store is not None else None
         if explanations is not None:
             explanations.check(captioner.fingerprint())
-        application = create_app(captioner, bundle, int(max_upload_mb * 1024 * 1024), store=explanations)
+        limits = ViewerLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                              max_upload_pixels=int(max_upload_megapixels * 1e6), max_uploads=max_uploads,
+                              requests_per_second=rate_limit)
+        application = create_app(captioner, bundle, store=explanations, limits=limits)
     except (FileNotFoundError, ValueError, ImportError) as error:
         fail(str(error))
     console.print(f"captionlens viewer on http://{host}:{port}")

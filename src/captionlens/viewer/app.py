@@ -2,21 +2,32 @@
 and see its heatmaps and linguistic explanation by each method. A JSON API under ``/api/`` (OpenAPI at
 ``/openapi.json``) serves the page and scripts alike.
 
-Safety: the server binds to 127.0.0.1 unless told otherwise; uploads over the size limit get 413 and
-non-images 415; images are addressed by id only, so no path outside the dataset can be read; the page
-writes every word with ``textContent``, never as HTML.
+Safety: the server binds to 127.0.0.1 unless told otherwise; images are addressed by id only, so no
+path outside the dataset can be read; the page writes every word with ``textContent``, never as HTML.
+Nothing a client sends can exhaust the server (``ViewerLimits``): uploads are bounded in bytes (413)
+and in pixels (413, checked before decoding), kept as files in a folder of bounded size and count
+(least recently used evicted), decoded images are cached only at display and model size for a few
+images; captions to explain are bounded in length; every invalid number is a 4xx; each client is
+rate-limited (429).
 
 (No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at runtime.)
 """
+import contextlib
 import hashlib
 import io
+import shutil
+import tempfile
 import threading
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+import torch
+from PIL import Image
 
 from ..data.bundle import DataBundle, open_data
+from ..data.images import MAX_PIXELS, ImageLoadError, load_image, resized_pixels
 from ..explain import METHODS, explain, method_parameters, resolved_parameters
 from ..explain.store import ExplanationStore
 from ..models import Captioner
@@ -24,7 +35,22 @@ from ..report.figures import normalised
 from ..report.html import heatmap_image, png_data_uri
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
-CACHE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class ViewerLimits:
+    """What one client (or all of them) can make the server hold or do."""
+
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    max_upload_pixels: int = 25_000_000  # e.g. 5000×5000; checked before the image is decoded
+    max_uploads: int = 100  # uploads kept (files), least recently used evicted first
+    max_upload_store_bytes: int = 200 * 1024 * 1024  # their total size on disk
+    decoded_images: int = 8  # images kept decoded (at display and model size only)
+    display_side: int = 1024  # the longest side of the image served to the page
+    max_caption_words: int = 40  # a caption sent to /api/explain
+    explanations_cached: int = 256
+    requests_per_second: float = 20.0  # per client, with bursts of twice that
+    dataset_images: int = 50
 
 
 def _require_web_stack():
@@ -36,62 +62,174 @@ def _require_web_stack():
                           "pip install 'captionlens[viewer]'") from error
 
 
-class ViewerState:
-    """Images by id, captions by image, explanations cached; one lock around the model."""
+class LRU(OrderedDict):
+    """An OrderedDict that forgets its least recently used entries beyond ``size``."""
 
-    def __init__(self, captioner: Captioner, data: DataBundle | str | Path | None, dataset_images: int,
-                 store: ExplanationStore | None = None) -> None:
-        self.captioner = captioner
-        self.store = store  # explanations of the dataset's images made by explain-split, read when they fit
+    def __init__(self, size: int, on_evict=None) -> None:
+        super().__init__()
+        self.size, self.on_evict = size, on_evict
+
+    def get_recent(self, key):
+        if key not in self:
+            return None
+        self.move_to_end(key)
+        return self[key]
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            old_key, old_value = self.popitem(last=False)
+            if self.on_evict:
+                self.on_evict(old_key, old_value)
+
+
+class RateLimiter:
+    """A token bucket per client: ``rate`` requests per second, bursts of ``2 × rate``."""
+
+    def __init__(self, rate: float, clients: int = 10_000) -> None:
+        self.rate, self.burst = rate, 2 * rate
+        self.buckets: LRU = LRU(clients)
         self.lock = threading.Lock()
-        self.images: dict[str, Image.Image] = {}
+
+    def allow(self, client: str) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            tokens, last = self.buckets.get_recent(client) or (self.burst, now)
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            allowed = tokens >= 1
+            self.buckets.put(client, (tokens - 1 if allowed else tokens, now))
+        return allowed
+
+
+class ViewerState:
+    """Images by id (dataset files, and uploads kept as files), a few decoded images, captions and
+    explanations cached within bounds; one lock around the model."""
+
+    def __init__(self, captioner: Captioner, data: DataBundle | str | Path | None, limits: ViewerLimits,
+                 store: ExplanationStore | None = None, upload_dir: Path | None = None) -> None:
+        self.captioner, self.limits = captioner, limits
+        self.store = store  # explanations of the dataset's images made by explain-split, read when they fit
+        self.lock = threading.Lock()  # the model
+        self.state_lock = threading.Lock()  # the dictionaries below
+        self.upload_dir = Path(upload_dir) if upload_dir else Path(tempfile.mkdtemp(prefix="captionlens-uploads-"))
+        self.upload_dir.mkdir(parents=True, exist_ok=True)
         self.names: dict[str, str] = {}
-        self.captions: dict[str, list[str]] = {}
-        self.cache: OrderedDict = OrderedDict()
-        self.paths: dict[str, Path] = {}  # dataset images: id -> file (the only files the viewer reads)
+        self.uploads: LRU = LRU(limits.max_uploads, self._forget_upload)  # id -> (file, bytes)
+        self.decoded: LRU = LRU(limits.decoded_images)  # id -> (display image, model-size uint8 pixels)
+        self.captions: LRU = LRU(limits.max_uploads + limits.dataset_images)
+        self.cache: LRU = LRU(limits.explanations_cached)
+        self.paths: dict[str, Path] = {}  # dataset images: id -> file (the only dataset files the viewer reads)
         self.dataset_numbers: dict[str, int] = {}  # dataset images: id -> the dataset's image id
         self.dataset_ids: list[str] = []
         if data is not None:
             bundle = data if isinstance(data, DataBundle) else open_data(data)
-            for record in bundle.split("test")[:dataset_images]:
+            for record in bundle.split("test")[:limits.dataset_images]:
                 image_id = f"data-{record.image_id}"
                 self.names[image_id] = record.path.name
                 self.dataset_ids.append(image_id)
                 self.paths[image_id] = record.path
                 self.dataset_numbers[image_id] = record.image_id
 
-    def image(self, image_id: str) -> Image.Image | None:
-        if image_id in self.images:
-            return self.images[image_id]
-        path = self.paths.get(image_id)
+    def _forget_upload(self, image_id: str, entry) -> None:
+        entry[0].unlink(missing_ok=True)
+        self.names.pop(image_id, None)
+        self.decoded.pop(image_id, None)
+        self.captions.pop(image_id, None)
+
+    def add_upload(self, content: bytes, name: str) -> str:
+        """Keep an upload (already checked to be a small enough image) as a file; returns its id."""
+        image_id = "upload-" + hashlib.sha1(content).hexdigest()[:16]
+        with self.state_lock:
+            if image_id not in self.uploads:
+                path = self.upload_dir / f"{image_id}.bin"
+                path.write_bytes(content)
+                self.uploads.put(image_id, (path, len(content)))
+                while sum(size for _, size in self.uploads.values()) > self.limits.max_upload_store_bytes:
+                    oldest = next(iter(self.uploads))
+                    self._forget_upload(oldest, self.uploads.pop(oldest))
+            self.uploads.get_recent(image_id)
+            self.names[image_id] = name
+        return image_id
+
+    def upload_ids(self) -> list[str]:
+        with self.state_lock:
+            return list(self.uploads)
+
+    def pictures(self, image_id: str) -> tuple[Image.Image, torch.Tensor] | None:
+        """(the image at display size, its pixels at the model's input size as uint8 [3, S, S]), or
+        None for an unknown id. Decoded from the file on first use; a few are kept."""
+        with self.state_lock:
+            cached = self.decoded.get_recent(image_id)
+            upload = self.uploads.get_recent(image_id)
+        if cached is not None:
+            return cached
+        path = self.paths.get(image_id) or (upload[0] if upload else None)
         if path is None:
             return None
-        with Image.open(path) as opened:
-            self.images[image_id] = opened.convert("RGB")
-        return self.images[image_id]
+        full = load_image(path, self.limits.max_upload_pixels if upload else MAX_PIXELS)
+        pixels = resized_pixels(full, self.captioner.image_size)  # exactly what `captionlens explain` feeds the model
+        display = full.copy()
+        display.thumbnail((self.limits.display_side, self.limits.display_side))
+        with self.state_lock:
+            self.decoded.put(image_id, (display, pixels))
+        return display, pixels
+
+    def close(self) -> None:
+        shutil.rmtree(self.upload_dir, ignore_errors=True)
 
 
 def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, dataset_images: int = 50,
-               store: ExplanationStore | None = None):
+               store: ExplanationStore | None = None, limits: ViewerLimits | None = None,
+               upload_dir: str | Path | None = None):
     """The FastAPI application for ``captioner`` (and the test images of ``data``: an opened dataset
     or a dataset folder; explanations of them are read from ``store`` where it holds them)."""
     _require_web_stack()
     from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel, Field
 
-    state = ViewerState(captioner, data, dataset_images, store)
-    app = FastAPI(title="captionlens viewer", version="1",
+    limits = limits or ViewerLimits(max_upload_bytes=max_upload_bytes, dataset_images=dataset_images)
+    state = ViewerState(captioner, data, limits, store, Path(upload_dir) if upload_dir else None)
+    limiter = RateLimiter(limits.requests_per_second)
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        state.close()  # the uploads folder goes with the server
+
+    app = FastAPI(title="captionlens viewer", version="1", lifespan=lifespan,
                   description="Caption images and explain every word of the caption.")
+    app.state.viewer = state
     page = (Path(__file__).parent / "static" / "index.html").read_text()
 
     @app.middleware("http")
-    async def limit_upload_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if request.url.path == "/api/caption" and length and int(length) > max_upload_bytes + 64 * 1024:
-            return JSONResponse({"detail": f"upload larger than {max_upload_bytes} bytes"}, status_code=413)
+    async def guard(request: Request, call_next):
+        if request.url.path.startswith("/api/"):
+            if not limiter.allow(request.client.host if request.client else "unknown"):
+                return JSONResponse({"detail": "too many requests: slow down"}, status_code=429,
+                                    headers={"Retry-After": "1"})
+            length = request.headers.get("content-length")
+            if request.url.path == "/api/caption" and length and length.isdigit() and \
+                    int(length) > limits.max_upload_bytes + 64 * 1024:
+                return JSONResponse({"detail": f"upload larger than {limits.max_upload_bytes} bytes"}, status_code=413)
         return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        """422 with what was wrong, without echoing the input (a NaN cannot even be written as JSON)."""
+        return JSONResponse({"detail": [{"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg")),
+                                         "type": str(e.get("type"))} for e in error.errors()]}, status_code=422)
+
+    def pictures_of(image_id: str):
+        try:
+            found = state.pictures(image_id)
+        except ImageLoadError as error:
+            raise HTTPException(413 if "megapixels" in str(error) else 415, str(error)) from None
+        if found is None:
+            raise HTTPException(404, f"no image with id {image_id!r}")
+        return found
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> str:
@@ -104,62 +242,60 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
 
     @app.get("/api/images")
     def images() -> list[dict]:
-        """The dataset's test images and the uploaded ones: id and file name."""
-        ids = state.dataset_ids + [i for i in state.images if i not in state.dataset_ids]
-        return [{"id": i, "name": state.names[i]} for i in ids]
+        """The dataset's test images and the uploads kept (at most ``max_uploads``): id and file name."""
+        ids = state.dataset_ids + state.upload_ids()
+        return [{"id": i, "name": state.names.get(i, i)} for i in ids]
 
     @app.get("/api/images/{image_id}", responses={200: {"content": {"image/png": {}}}})
     def image(image_id: str) -> Response:
-        """An image by id, as PNG."""
-        picture = state.image(image_id)
-        if picture is None:
-            raise HTTPException(404, f"no image with id {image_id!r}")
+        """An image by id, as PNG (at most ``display_side`` pixels on its longer side)."""
+        display, _ = pictures_of(image_id)
         buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
+        display.save(buffer, format="PNG")
         return Response(buffer.getvalue(), media_type="image/png")
 
     @app.post("/api/caption")
-    def caption(file: UploadFile | None = File(None), image_id: str | None = Form(None),
+    def caption(file: UploadFile | None = File(None), image_id: str | None = Form(None, max_length=64),
                 beam_size: int = Form(3, ge=1, le=10)) -> dict:
         """Caption an uploaded image (multipart ``file``) or a known one (``image_id``)."""
         if file is not None:
-            content = file.file.read(max_upload_bytes + 1)
-            if len(content) > max_upload_bytes:
-                raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
-            try:
+            content = file.file.read(limits.max_upload_bytes + 1)
+            if len(content) > limits.max_upload_bytes:
+                raise HTTPException(413, f"upload larger than {limits.max_upload_bytes} bytes")
+            try:  # size and format from the header, before anything is decoded
                 with Image.open(io.BytesIO(content)) as opened:
-                    picture = opened.convert("RGB")
-            except (UnidentifiedImageError, OSError):
+                    width, height = opened.size
+            except Exception:  # noqa: BLE001  Pillow raises many types for hostile bytes
                 raise HTTPException(415, "the upload is not an image that Pillow can read (PNG, JPEG, ...)") from None
-            image_id = "upload-" + hashlib.sha1(content).hexdigest()[:16]
-            state.images[image_id] = picture
-            state.names[image_id] = Path(file.filename or "upload").name
+            if width * height > limits.max_upload_pixels:
+                raise HTTPException(413, f"the upload is {width}×{height} pixels, more than the "
+                                         f"{limits.max_upload_pixels / 1e6:.0f} megapixels allowed")
+            image_id = state.add_upload(content, Path(file.filename or "upload").name[:200])
         elif image_id is None:
             raise HTTPException(422, "send a multipart 'file' or an 'image_id'")
-        picture = state.image(image_id)
-        if picture is None:
-            raise HTTPException(404, f"no image with id {image_id!r}")
+        _, pixels = pictures_of(image_id)
         number = state.dataset_numbers.get(image_id)
         if state.store is not None and number is not None and state.store.has_caption(number):
             stored = state.store.caption(number)  # the caption its stored explanations belong to
             words, score = stored["words"], stored["caption_score"]
         else:
             with state.lock:
-                result = state.captioner.caption([picture], beam_size=beam_size)[0]
+                result = state.captioner.caption([pixels], beam_size=beam_size)[0]
             words, score = result.words, result.score
-        state.captions[image_id] = words
-        return {"image_id": image_id, "name": state.names[image_id], "words": words, "score": score}
+        state.captions.put(image_id, words)
+        return {"image_id": image_id, "name": state.names.get(image_id, image_id), "words": words, "score": score}
 
     class ExplainRequest(BaseModel):
-        image_id: str
-        word_index: int = Field(ge=0, description="0-based position of the word in the caption")
-        method: str = "lrp"
-        epsilon: float = Field(0.01, ge=0)
-        alpha: float = 1.0
-        beta: float = Field(0.0, ge=0)
-        first_layer: str = "alphabeta"
+        image_id: str = Field(max_length=64)
+        word_index: int = Field(ge=0, le=limits.max_caption_words, description="0-based position of the word")
+        method: str = Field("lrp", max_length=32)
+        epsilon: float = Field(0.01, ge=0, le=1e6, allow_inf_nan=False)
+        alpha: float = Field(1.0, ge=1, le=1e6, allow_inf_nan=False)
+        beta: float = Field(0.0, ge=0, le=1e6, allow_inf_nan=False)
+        first_layer: str = Field("alphabeta", max_length=16)
         relu: bool = False
-        caption: list[str] | None = Field(None, description="the caption to explain; default: the image's caption")
+        caption: list[str] | None = Field(None, max_length=limits.max_caption_words,
+                                          description="the caption to explain; default: the image's caption")
 
     @app.post("/api/explain")
     def explain_word(request: ExplainRequest) -> dict:
@@ -167,33 +303,32 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
         relevance of <start> and each preceding word."""
         if request.method not in METHODS:
             raise HTTPException(400, f"unknown method {request.method!r}; choose from {', '.join(sorted(METHODS))}")
-        picture = state.image(request.image_id)
-        if picture is None:
-            raise HTTPException(404, f"no image with id {request.image_id!r}")
-        words = request.caption or state.captions.get(request.image_id)
+        if request.caption is not None and any(len(w) > 64 for w in request.caption):
+            raise HTTPException(422, "caption words are at most 64 characters long")
+        _, pixels = pictures_of(request.image_id)
+        words = request.caption or state.captions.get_recent(request.image_id)
         if not words:
             raise HTTPException(400, "caption the image first (POST /api/caption) or send a caption")
         if request.word_index >= len(words):
             raise HTTPException(400, f"word_index {request.word_index} is out of range for {len(words)} words")
         parameters = {k: getattr(request, k) for k in method_parameters(request.method)}
         key = (request.image_id, tuple(words), request.word_index, request.method, tuple(sorted(parameters.items())))
-        if key not in state.cache:
+        cached = state.cache.get_recent(key)
+        if cached is None:
             stored = _from_store(state, request.image_id, words, request.method, request.word_index, parameters)
             if stored is not None:
                 (result, row), source = stored, "store"
             else:
                 try:
                     with state.lock:
-                        result = explain(state.captioner, picture, words, request.method, words=[request.word_index],
+                        result = explain(state.captioner, pixels, words, request.method, words=[request.word_index],
                                          **parameters)
                 except ValueError as error:
                     raise HTTPException(400, str(error)) from None
                 row, source = 0, "computed"
-            state.cache[key] = _payload(result, row, request.word_index) | {"source": source}
-            while len(state.cache) > CACHE_SIZE:
-                state.cache.popitem(last=False)
-        state.cache.move_to_end(key)
-        return state.cache[key]
+            cached = _payload(result, row, request.word_index) | {"source": source}
+            state.cache.put(key, cached)
+        return cached
 
     return app
 
