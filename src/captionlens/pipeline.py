@@ -17,7 +17,7 @@ from .data.features import grid_features
 from .data.shapes import COLOURS, SHAPES, ShapesConfig, generate_image
 from .data.vocab import Vocabulary
 from .distributed import current
-from .io import atomic_write
+from .io import atomic_write, remove_leftovers
 from .models import Captioner, CaptionerConfig, build_model
 from .models.captioner import resolve_device
 from .models.encoders import Encoder, ShapesEncoder, build_encoder
@@ -72,6 +72,7 @@ def pretrain_shapes_encoder(out_path: str | Path, config: TrainConfig | None = N
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # the best weights so far live beside out_path until training ends: a killed pretraining never
     # leaves a half-trained encoder where the next run would take it for a finished one
+    remove_leftovers(out_path.parent, f".{out_path.name}.*.best")
     best = out_path.with_name(f".{out_path.name}.{os.getpid()}.best")
     save = lambda: atomic_write(best, lambda tmp: save_file(  # noqa: E731
         {k: v.contiguous() for k, v in classifier.state_dict().items()}, str(tmp)))
