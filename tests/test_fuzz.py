@@ -2,7 +2,6 @@
 to the loaders and the command line end in a clean exit with a message — never a traceback."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
