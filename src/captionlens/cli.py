@@ -22,7 +22,7 @@ app = typer.Typer(help="Explain image-captioning models beyond attention.", no_a
 data_app = typer.Typer(help="Make a dataset folder: generate the shapes world, or describe where Flickr30K / "
                        "COCO files live (nothing is copied).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never break a path in the middle
 
 from . import models as _models  # noqa: E402,F401  (fills the registries the choices come from)
 
