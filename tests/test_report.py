@@ -33,9 +33,10 @@ def test_report_is_self_contained_complete_and_escaped(captioner, tiny_shapes, t
     assert "lrp<i>" not in text and "lrp&lt;i&gt;" in text
     assert re.search(r'\b(?:src|href)="(?!data:)', text) is None  # every image is embedded
     assert "http://" not in text and "https://" not in text and "<link" not in text
-    for words in captions:
+    for words in captions:  # each word's row; the one the model does not know was explained as <unk>
         for word in words:
-            assert f'<td class="word">{html.escape(word)}</td>' in text
+            shown = word if word in captioner.vocab else "<unk>"
+            assert f'<td class="word">{html.escape(shown)}</td>' in text
     assert text.count('class="map"') == 2 * 3 + 2 * 3  # 2 methods × 3 words × 2 images
     assert "overlay opacity" in text and "setOpacity" in text  # the slider
 

@@ -138,21 +138,28 @@ def _coco_caption_records(path: str | Path, folder: Path, split: str) -> list[Im
     data = read_json(path)
     if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
         raise ValueError(f"{path} is not a COCO captions file (needs 'images' and 'annotations')")
-    try:
-        records = {image["id"]: ImageRecord(image["id"], folder / image["file_name"], split, [], [])
-                   for image in data["images"]}
-        annotations = sorted(data["annotations"], key=lambda a: a["id"])
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{path}: an image or annotation lacks {error} (images need id and file_name, "
-                         "annotations id, image_id and caption)") from None
-    for annotation in annotations:
-        record = records.get(annotation.get("image_id"))
-        caption = annotation.get("caption")
-        if record is None:
-            raise ValueError(f"{path}: annotation {annotation['id']} refers to image {annotation.get('image_id')!r}, "
+    if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
+        raise ValueError(f"{path}: 'images' and 'annotations' must be lists")
+    records: dict[int, ImageRecord] = {}
+    for k, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or not _is_int(image.get("id")) or not isinstance(image.get("file_name"), str):
+            raise ValueError(f"{path}: images[{k}] needs an integer 'id' and a 'file_name' string")
+        records[image["id"]] = ImageRecord(image["id"], folder / image["file_name"], split, [], [])
+    annotations = []
+    for k, annotation in enumerate(data["annotations"]):
+        if not isinstance(annotation, dict) or not _is_int(annotation.get("id")) or \
+                not _is_int(annotation.get("image_id")) or not isinstance(annotation.get("caption"), str):
+            raise ValueError(f"{path}: annotations[{k}] needs integer 'id' and 'image_id' and a 'caption' string")
+        if annotation["image_id"] not in records:
+            raise ValueError(f"{path}: annotation {annotation['id']} refers to image {annotation['image_id']}, "
                              "which is not in its 'images'")
-        if not isinstance(caption, str):
-            raise ValueError(f"{path}: annotation {annotation['id']} has no caption string")
-        record.captions.append(tokenize(caption))
-        record.raw.append(caption.strip())
+        annotations.append(annotation)
+    for annotation in sorted(annotations, key=lambda a: a["id"]):
+        record = records[annotation["image_id"]]
+        record.captions.append(tokenize(annotation["caption"]))
+        record.raw.append(annotation["caption"].strip())
     return sorted(records.values(), key=lambda r: r.image_id)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -186,7 +186,10 @@ class Captioner:
         if len(vocab) != config.vocab_size:
             raise ValueError(f"{run_dir / 'vocab.json'} has {len(vocab)} words but {config_path} says vocab_size "
                              f"{config.vocab_size}")
-        model = build_model(config)
+        try:
+            model = build_model(config)
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"{config_path} describes no model this captionlens can build: {error}") from None
         load_weights(model, run_dir / weights_name, config_path)
         return cls(model, vocab, config, device)
 

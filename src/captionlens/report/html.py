@@ -67,8 +67,10 @@ def _tokens_html(explanation: Explanation, row: int) -> str:
         for t, v in zip(explanation.tokens[: position + 1], values))
 
 
-def image_section(name: str, picture: Image.Image, explanations: Sequence[Explanation]) -> str:
-    """One image's table: rows = words, columns = image, methods, preceding words."""
+def image_section(name: str, picture: Image.Image, explanations: Sequence[Explanation],
+                  caption: Sequence[str] | None = None) -> str:
+    """One image's table: rows = words (as explained: a word the model does not know is <unk>),
+    columns = image, methods, preceding words; above it the caption as given."""
     by_method = {e.method: e for e in explanations}
     methods = [m for m in COLUMN_ORDER if m in by_method] + [m for m in by_method if m not in COLUMN_ORDER]
     first = by_method[methods[0]]
@@ -90,7 +92,7 @@ def image_section(name: str, picture: Image.Image, explanations: Sequence[Explan
         if linguistic is not None:
             cells.append(f"<td>{_tokens_html(linguistic, row)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    caption = html.escape(" ".join(w for w in first.tokens[1:]))
+    caption = html.escape(" ".join(caption if caption is not None else first.tokens[1:]))
     return (f"<h2>{html.escape(name)}</h2><p class=\"caption\">{caption}</p>"
             f"<table><tr><th></th><th>image</th>{header}</tr>{''.join(rows)}</table>")
 
@@ -167,7 +169,7 @@ def build_report(captioner: Captioner, images: Sequence[ImageInput], out: str | 
             continue
         explanations = [stored_or_explained(captioner, picture, words, method, store, image_id,
                                             **(lrp_parameters if method == "lrp" else {})) for method in methods]
-        sections.append(image_section(name, picture, explanations))
+        sections.append(image_section(name, picture, explanations, words))
     if results_dir is not None and Path(results_dir).is_dir():
         sections.append(results_section(Path(results_dir)))
     document = (
