@@ -144,3 +144,17 @@ def test_lrp_numbers_must_be_finite_and_unknown_words_are_labelled_unk(run, tiny
         assert result.exit_code == 2 and "finite" in result.output, option
     explanation = cl.explain(cl.load(run), image, "a zebra circle", "gradcam")
     assert explanation.words == ["a", "<unk>", "circle"] and explanation.tokens == ["<start>", "a", "<unk>", "circle"]
+
+
+def test_a_damaged_training_state_is_a_clear_error_on_resume(tiny_shapes, tmp_path):
+    weights = tmp_path / "encoder.safetensors"
+    assert runner.invoke(app, ["pretrain-encoder", "--out", str(weights), "--images", "16", "--epochs", "1"]).exit_code == 0
+    def train(epochs: str, *extra: str):
+        return runner.invoke(app, ["train", "--data", str(tiny_shapes), "--arch", "gridtd", "--out", str(tmp_path / "run"),
+                                   "--epochs", epochs, "--hidden-size", "8", "--embed-size", "8", "--encoder-weights",
+                                   str(weights), "--workers", "0", *extra])
+    assert train("1").exit_code == 0
+    state = tmp_path / "run" / "training_state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    result = train("2", "--resume")
+    assert result.exit_code == 2 and "cannot resume" in result.output and "training_state" in result.output

@@ -338,6 +338,11 @@ def test_images_decode_in_workers_exactly_as_in_process(tmp_path):
     assert alone[0].dtype == torch.uint8 and alone[0].shape == (5, 3, 32, 32)
     grey, cmyk = alone[0][1], alone[0][2]  # greyscale and CMYK JPEGs come out as RGB
     assert torch.equal(grey[0], grey[1]) and cmyk.shape == (3, 32, 32)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    list(decoded_batches(batches, 32, workers=1))
+    assert torch.equal(torch.rand(3), expected)  # decoding never shifts the random stream training uses
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     with pytest.raises(ImageLoadError, match="broken.jpg"):
         list(decoded_batches([[paths[0], tmp_path / "broken.jpg"]], 32, workers=2))

@@ -170,18 +170,23 @@ class Trainer:
         if not state_path.is_file():
             raise FileNotFoundError(f"nothing to resume in {self.out_dir}: no {STATE_JSON}")
         state = read_json(state_path)
-        tensors = load_file(str(self.out_dir / STATE_TENSORS))
-        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        slots: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, slot = key.split(".", 2)
-                slots.setdefault(int(index), {})[slot] = value
-        self.optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
-        rank = self.ranks.rank
-        torch.set_rng_state(tensors[f"rng.torch.{rank}" if rank and f"rng.torch.{rank}" in tensors else "rng.torch"])
-        history = [EpochLog(**h) for h in state["history"]]
+        try:
+            tensors = load_file(str(self.out_dir / STATE_TENSORS))
+            self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+            slots: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in tensors.items():
+                if key.startswith("optimizer."):
+                    _, index, slot = key.split(".", 2)
+                    slots.setdefault(int(index), {})[slot] = value
+            self.optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+            rank = self.ranks.rank
+            torch.set_rng_state(tensors[f"rng.torch.{rank}" if rank and f"rng.torch.{rank}" in tensors else "rng.torch"])
+            history = [EpochLog(**h) for h in state["history"]]
+            best, stale, done = state["best_val_loss"], int(state["stale_epochs"]), int(state["epochs_done"])
+        except Exception as error:  # noqa: BLE001  any damage to the state is reported, never half-applied silently
+            raise ValueError(f"cannot resume from {self.out_dir}: {STATE_JSON} / {STATE_TENSORS} are damaged or "
+                             f"from another model ({type(error).__name__}: {error}); train without --resume") from None
         if self.ranks.is_main:
             atomic_write_text(self.out_dir / LOG, "".join(dumps(asdict(h), indent=None) + "\n" for h in history))
-        best = state["best_val_loss"]  # null in the JSON when no epoch had a finite validation loss
-        return history, math.inf if best is None else best, state["stale_epochs"], state["epochs_done"]
+        # best is null in the JSON when no epoch had a finite validation loss
+        return history, math.inf if best is None else float(best), stale, done

@@ -125,8 +125,10 @@ def decoded_batches(batches: Sequence[Sequence[ImageInput]], size: int, workers:
     """For each batch of image files, its images decoded and resized to ``size×size``: uint8
     ``[B, 3, size, size]``, in order. With ``workers`` > 0 the decoding runs in that many worker
     processes (a torch ``DataLoader``) ahead of the consumer, so a large dataset is not bound to one core."""
+    # its own generator: decoding images must not draw from (and so shift) the global random stream
+    # that training and fine-tuning use for dropout
     loader = torch.utils.data.DataLoader(_BatchesOfFiles(batches, size), batch_size=None, num_workers=workers,
-                                         prefetch_factor=2 if workers else None)
+                                         prefetch_factor=2 if workers else None, generator=torch.Generator())
     for pixels, error in loader:
         if error is not None:
             raise ImageLoadError(error)

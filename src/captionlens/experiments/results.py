@@ -136,10 +136,9 @@ def results_markdown(results: dict, seconds: float, quick: bool) -> str:
     rows, reasons = [], {}
     for arch in ARCHITECTURES:
         metrics = results.get("metrics", {}).get(arch, {})
-        for name, value in metrics.items():
-            if isinstance(value, str):
-                reasons[name] = value
-        rows.append({"model": arch} | {k: ("n/a" if isinstance(v, str) else v) for k, v in metrics.items()})
+        missing = {k for k, v in metrics.items() if isinstance(v, str) and v.startswith("not available")}
+        reasons |= {name: metrics[name] for name in missing}
+        rows.append({"model": arch} | {k: ("n/a" if k in missing else v) for k, v in metrics.items()})
         rows.append({"model": f"{arch} (paper, Flickr30K, ×100)"} | PAPER_METRICS[arch])
     lines += [markdown_table(rows), ""] + [f"- {name}: {reason}" for name, reason in reasons.items()]
     lines += ["- BERTScore uses the offline MiniLM (6 layers, no baseline rescaling): not comparable with the "
