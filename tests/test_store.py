@@ -97,6 +97,11 @@ def test_a_store_never_mixes_models_or_parameters(tiny, tmp_path):
     assert result.exit_code != 0 and "another --store" in result.output
     with pytest.raises(FileNotFoundError, match="explain-split"):
         ExplanationStore.open(tmp_path / "missing.zarr")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table.csv").write_text("precious")
+    with pytest.raises(ValueError, match="is not an explanation store"):  # an existing folder is never overwritten
+        explain_split(cap, data, tmp_path / "results", "test", ["lrp"], "all", limit=1, progress=False)
+    assert (tmp_path / "results" / "table.csv").read_text() == "precious"
 
 
 def tiny_data_folder(data) -> Path:

@@ -96,6 +96,8 @@ class ExplanationStore:
             store.add_methods(parameters)
             store.remove_partial_files()
             return store
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):  # never overwrite what is not ours
+            raise ValueError(f"{path} exists and is not an explanation store: choose another --store path")
         root = zarr.open_group(str(path), mode="w", attributes={
             "format": STORE_FORMAT, "format_version": STORE_VERSION, "model": model, "split": split,
             "words": words, "parameters": parameters})
