@@ -40,6 +40,19 @@ def test_correctness_of_planted_heatmaps():
     assert np.allclose(correctness(signed, mask, negative=True), 1.0)
 
 
+def test_the_map_free_baselines_on_planted_boxes():
+    from captionlens.experiments.correctness import centre_map, uniform_map
+
+    left_half = box_mask([Box("circle", 0, 0, 32, 64)], image_size=(64, 64), map_size=(16, 16))
+    assert np.allclose(correctness(uniform_map(16, 16), left_half, thresholds=(0.0, 0.5, 0.9)), 0.5)  # its area
+    middle = box_mask([Box("circle", 24, 24, 16, 16)], image_size=(64, 64), map_size=(16, 16))
+    area = float(middle.float().mean())
+    at_zero = correctness(centre_map(16, 16), middle)[0]
+    assert area < at_zero < 1  # the centre prior beats the uniform map on a centred object, but is no oracle
+    corner = box_mask([Box("circle", 0, 0, 16, 16)], image_size=(64, 64), map_size=(16, 16))
+    assert correctness(centre_map(16, 16), corner)[0] < float(corner.float().mean())  # and loses on a corner one
+
+
 def test_auc_of_perfect_and_reversed_rankings():
     labels = np.array([1, 1, 0, 0])
     table = auc_table(labels, {"perfect": np.array([0.9, 0.8, 0.1, 0.2]), "reversed": np.array([0.1, 0.2, 0.9, 0.8])})
@@ -121,7 +134,7 @@ def test_workbench_hallucination_correctness_and_map(bench):
     assert 0 <= result["chair"]["chair_i"] <= 1
     rows = bench.correctness()
     assert [r["curve"] for r in rows] == ["attention", "gradcam", "guided_gradcam", "gradient_x_input", "lrp", "n_lrp",
-                                          "n_guided_gradcam"]
+                                          "n_guided_gradcam", "uniform", "centre"]
     average = bench.mean_average_precision(min_count=0)
     for name in ("hallucination_auc.csv", "chair.md", "correctness.json", "correctness.png", "hallucination_roc.png",
                  "map.csv"):

@@ -64,6 +64,23 @@ CURVES = {
 }
 
 
+def uniform_map(height: int, width: int) -> torch.Tensor:
+    """The same score everywhere: its correctness is the share of the image the boxes cover."""
+    return torch.ones(height, width)
+
+
+def centre_map(height: int, width: int) -> torch.Tensor:
+    """A centre prior: a Gaussian at the image centre with σ of a quarter of each side (photographers,
+    and dataset makers, put objects near the middle)."""
+    ys = (torch.arange(height) + 0.5 - height / 2) / (height / 4)
+    xs = (torch.arange(width) + 0.5 - width / 2) / (width / 4)
+    return torch.exp(-0.5 * (ys.unsqueeze(1) ** 2 + xs.unsqueeze(0) ** 2))
+
+
+# Baselines that look at no model: a map must beat them to say anything about where the object is.
+BASELINES = {"uniform": uniform_map, "centre": centre_map}
+
+
 def localisable(predictions, objects) -> list:
     """Correctly predicted object words that also occur in the image's references and have boxes."""
     chosen = []
@@ -79,21 +96,28 @@ def correctness_curves(predictions, objects, explanations: dict[str, dict], thre
     """Mean correctness per curve and threshold over the localisable mentions; ``explanations``
     maps a method name to {mention: single-word Explanation}."""
     mentions = localisable(predictions, objects)
+    shown = [m for m in explanations if m in {method for method, _ in CURVES.values()}]
     rows = []
-    for curve, (method, negative) in CURVES.items():
-        if method not in explanations:
-            continue
+
+    def row(curve: str, heatmap_of, negative: bool = False) -> dict:
         values = []
         for mention in mentions:
             record = predictions.records[mention.image]
-            heatmap = explanations[method][mention].image[0]
+            heatmap = heatmap_of(mention)
             boxes = [b for b in objects.boxes[record.image_id] if b.category == mention.category]
             mask = box_mask(boxes, objects.image_sizes[record.image_id], tuple(heatmap.shape))
             values.append(correctness(heatmap, mask, thresholds, negative))
         with warnings.catch_warnings():  # a threshold that no map passes has no mean: NaN, said in the table
             warnings.simplefilter("ignore", RuntimeWarning)
             means = np.nanmean(np.array(values), axis=0) if values else np.full(len(thresholds), np.nan)
-        rows.append({"curve": curve, "mentions": len(mentions)} | {f"{t:.1f}": float(v) for t, v in zip(thresholds, means)})
+        return {"curve": curve, "mentions": len(mentions)} | {f"{t:.1f}": float(v) for t, v in zip(thresholds, means)}
+
+    for curve, (method, negative) in CURVES.items():
+        if method in explanations:
+            rows.append(row(curve, lambda m, method=method: explanations[method][m].image[0], negative))
+    if shown:  # the baselines on the explanations' map size
+        for curve, baseline in BASELINES.items():
+            rows.append(row(curve, lambda m, baseline=baseline: baseline(*explanations[shown[0]][m].image.shape[1:])))
     return rows
 
 
@@ -106,8 +130,8 @@ def plot_correctness(rows: list[dict], out) -> None:
     figure, axis = plt.subplots(figsize=(5.5, 4))
     for row in rows:
         thresholds = [t for t in THRESHOLDS if f"{t:.1f}" in row]
-        axis.plot(thresholds, [row[f"{t:.1f}"] for t in thresholds], marker="o",
-                  linestyle="--" if row["curve"].startswith("n_") else "-", label=row["curve"])
+        style = ":" if row["curve"] in BASELINES else "--" if row["curve"].startswith("n_") else "-"
+        axis.plot(thresholds, [row[f"{t:.1f}"] for t in thresholds], marker="o", linestyle=style, label=row["curve"])
     axis.set_xlabel("threshold on the normalised explanation")
     axis.set_ylabel("correctness (mass inside the boxes)")
     axis.set_ylim(0, 1)
