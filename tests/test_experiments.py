@@ -53,6 +53,26 @@ def test_the_map_free_baselines_on_planted_boxes():
     assert correctness(centre_map(16, 16), corner)[0] < float(corner.float().mean())  # and loses on a corner one
 
 
+def test_auc_intervals_and_ablation_statistics_on_planted_cases():
+    from captionlens.experiments.ablation import drop_statistics
+    from captionlens.experiments.hallucination import auc_interval
+
+    labels = np.array([1] * 20 + [0] * 20)
+    assert auc_interval(labels, labels.astype(float)) == (1.0, 1.0)  # a perfect score stays perfect
+    noise = np.random.default_rng(3).random(40)
+    low, high = auc_interval(labels, noise)
+    assert low < 0.5 < high and high - low > 0.1  # a random score: an interval around chance
+    assert np.isnan(auc_interval(np.ones(5), noise[:5])[0])
+    rng = np.random.default_rng(0)
+    random_drops = rng.normal(0, 0.01, 200)
+    strong = drop_statistics(random_drops + 0.05, random_drops)
+    assert strong["drop_low"] > 0 and strong["p_vs_random"] < 1e-6  # deletions that matter, clearly
+    same = drop_statistics(random_drops + rng.normal(0, 0.01, 200), random_drops)
+    assert same["p_vs_random"] > 0.01 and same["drop_low"] < 0 < same["drop_high"]
+    baseline = drop_statistics(random_drops)
+    assert np.isnan(baseline["p_vs_random"]) and baseline["note"] == "the random baseline itself"
+
+
 def test_auc_of_perfect_and_reversed_rankings():
     labels = np.array([1, 1, 0, 0])
     table = auc_table(labels, {"perfect": np.array([0.9, 0.8, 0.1, 0.2]), "reversed": np.array([0.1, 0.2, 0.9, 0.8])})

@@ -105,9 +105,27 @@ def word_ablation(captioner: Captioner, predictions: Predictions, top: int = 3, 
                 drops[key].append(float(original - probability))
     table = []
     for (kind, ranking), values in drops.items():
-        values = np.array(values)
-        table.append({"words": kind, "ranking": ranking, "targets": len(values),
-                      "drop_share": float((values > 0).mean()) if len(values) else float("nan"),
-                      "mean_drop": float(values.mean()) if len(values) else float("nan"),
-                      "std_drop": float(values.std()) if len(values) else float("nan")})
+        baseline = None if ranking == "random" else np.array(drops[(kind, "random")])
+        table.append({"words": kind, "ranking": ranking} | drop_statistics(np.array(values), baseline))
     return table
+
+
+def drop_statistics(drops: np.ndarray, random_drops: np.ndarray | None = None) -> dict:
+    """How often and how much a target's probability dropped: the share, the mean with its 95% interval
+    (normal approximation) and, against the random deletions of the same targets, the p-value of a
+    paired Wilcoxon signed-rank test (two-sided); empty cells carry a note."""
+    from scipy.stats import wilcoxon
+
+    n = len(drops)
+    row = {"targets": n, "drop_share": float((drops > 0).mean()) if n else float("nan"),
+           "mean_drop": float(drops.mean()) if n else float("nan"),
+           "std_drop": float(drops.std()) if n else float("nan")}
+    half = 1.96 * drops.std(ddof=1) / np.sqrt(n) if n > 1 else float("nan")
+    row |= {"drop_low": row["mean_drop"] - half, "drop_high": row["mean_drop"] + half}
+    if random_drops is None:
+        row |= {"p_vs_random": float("nan"), "note": "the random baseline itself"}
+    elif n and np.any(drops != random_drops):
+        row["p_vs_random"] = float(wilcoxon(drops, random_drops).pvalue)
+    else:
+        row |= {"p_vs_random": float("nan"), "note": "no targets, or no difference from random"}
+    return row

@@ -41,6 +41,24 @@ def auc_table(labels: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, fl
     return {name: float(roc_auc_score(labels, values)) for name, values in scores.items()}
 
 
+def auc_interval(labels: np.ndarray, values: np.ndarray, resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the ROC AUC, resampling mentions with replacement (draws with
+    one class only are skipped); NaN when there is only one class."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(set(labels.tolist())) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(resamples):
+        rows = rng.integers(len(labels), size=len(labels))
+        if labels[rows].min() != labels[rows].max():
+            aucs.append(roc_auc_score(labels[rows], values[rows]))
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
+
+
 def plot_roc(labels: np.ndarray, scores: dict[str, np.ndarray], out) -> None:
     import matplotlib
 

@@ -26,7 +26,7 @@ from .context import Mention, Predictions, StoredExplanations, explain_into_stor
 from .correctness import CURVES, correctness_curves, localisable, plot_correctness
 from .explain_split import explained_positions, stored_caption
 from .finetune import MODES, FinetuneConfig, finetune, true_positive_rates
-from .hallucination import SCORES, auc_table, chair, detection_scores, labels_of, mean_average_precision, plot_roc
+from .hallucination import SCORES, auc_interval, auc_table, chair, detection_scores, labels_of, mean_average_precision, plot_roc
 from .masking import feature_masking
 from .metrics import hallucination_rate, object_precision_recall
 from .tables import plot_bars, write_table
@@ -163,13 +163,16 @@ class Workbench:
         auc = auc_table(labels, scores)
         rates = chair([c.words for c in p.captions], p.objects, p.synonyms)
         note = why_empty(labels, min_count)
-        result = {"auc": auc, "chair": rates, "true_positives": int(labels.sum()),
+        intervals = {name: auc_interval(labels, values) for name, values in scores.items()}
+        result = {"auc": auc, "auc_interval": intervals, "chair": rates, "true_positives": int(labels.sum()),
                   "false_positives": int(len(labels) - labels.sum()), "words": sorted({m.word for m in mentions}),
                   "ground_truth": p.truth.source, "note": note}
         write_table(self.out, "hallucination_auc",
-                    self._labelled([{"score": k, "auc": v} | ({"note": note} if note else {}) for k, v in auc.items()]),
+                    self._labelled([{"score": k, "auc": v, "auc_low": intervals[k][0], "auc_high": intervals[k][1]}
+                                    | ({"note": note} if note else {}) for k, v in auc.items()]),
                     f"AUC of true vs hallucinated object words ({result['true_positives']} TP, "
-                    f"{result['false_positives']} FP; words predicted > {min_count} times): {self.scope}")
+                    f"{result['false_positives']} FP; words predicted > {min_count} times; 95% bootstrap intervals over "
+                    f"mentions): {self.scope}")
         chair_note = {} if rates["object_mentions"] else {"note": "no object word in any caption"}
         write_table(self.out, "chair", self._labelled([rates | chair_note]), f"CHAIR hallucination rates: {self.scope}")
         plot_roc(labels, scores, self.out / "hallucination_roc.png")
