@@ -96,7 +96,6 @@ def correctness_curves(predictions, objects, explanations: dict[str, dict], thre
     """Mean correctness per curve and threshold over the localisable mentions; ``explanations``
     maps a method name to {mention: single-word Explanation}."""
     mentions = localisable(predictions, objects)
-    shown = [m for m in explanations if m in {method for method, _ in CURVES.values()}]
     rows = []
 
     def row(curve: str, heatmap_of, negative: bool = False) -> dict:
@@ -115,9 +114,10 @@ def correctness_curves(predictions, objects, explanations: dict[str, dict], thre
     for curve, (method, negative) in CURVES.items():
         if method in explanations:
             rows.append(row(curve, lambda m, method=method: explanations[method][m].image[0], negative))
-    if shown:  # the baselines on the explanations' map size
+    if explanations:  # the baselines on the explanations' map size
+        shown = explanations[next(iter(explanations))]
         for curve, baseline in BASELINES.items():
-            rows.append(row(curve, lambda m, baseline=baseline: baseline(*explanations[shown[0]][m].image.shape[1:])))
+            rows.append(row(curve, lambda m, baseline=baseline: baseline(*shown[m].image.shape[1:])))
     return rows
 
 

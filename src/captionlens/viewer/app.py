@@ -63,25 +63,33 @@ def _require_web_stack():
 
 
 class LRU(OrderedDict):
-    """An OrderedDict that forgets its least recently used entries beyond ``size``."""
+    """An OrderedDict that forgets its least recently used entries beyond ``size``. Its reading,
+    writing and forgetting hold its own lock: the server's thread pool uses it from many threads."""
 
     def __init__(self, size: int, on_evict=None) -> None:
         super().__init__()
         self.size, self.on_evict = size, on_evict
+        self.lock = threading.RLock()
 
     def get_recent(self, key):
-        if key not in self:
-            return None
-        self.move_to_end(key)
-        return self[key]
+        with self.lock:
+            if key not in self:
+                return None
+            self.move_to_end(key)
+            return self[key]
 
     def put(self, key, value) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            old_key, old_value = self.popitem(last=False)
-            if self.on_evict:
-                self.on_evict(old_key, old_value)
+        with self.lock:
+            self[key] = value
+            self.move_to_end(key)
+            while len(self) > self.size:
+                old_key, old_value = self.popitem(last=False)
+                if self.on_evict:
+                    self.on_evict(old_key, old_value)
+
+    def discard(self, key) -> None:
+        with self.lock:
+            self.pop(key, None)
 
 
 class RateLimiter:
@@ -134,8 +142,8 @@ class ViewerState:
     def _forget_upload(self, image_id: str, entry) -> None:
         entry[0].unlink(missing_ok=True)
         self.names.pop(image_id, None)
-        self.decoded.pop(image_id, None)
-        self.captions.pop(image_id, None)
+        self.decoded.discard(image_id)
+        self.captions.discard(image_id)
 
     def add_upload(self, content: bytes, name: str) -> str:
         """Keep an upload (already checked to be a small enough image) as a file; returns its id."""
