@@ -13,7 +13,8 @@ from captionlens.explain.rules import LRPParameters
 from captionlens.models.encoders import Encoder
 from captionlens.models.registry import register_encoder
 
-ARCHS = ["adaptive", "gridtd"]
+ARCHS = ["adaptive", "gridtd", "sat"]
+PAPER_ARCHS = ["adaptive", "gridtd"]  # with the grid projection V, v_g and a visual sentinel
 WORDS = "a red blue circle square left of two".split()
 CAPTION = "a red circle to the left of a blue square".split()  # 'to', 'the' are <unk>
 SEEN = ["<unk>" if w in ("to", "the") else w for w in CAPTION]  # how the explanations label CAPTION
@@ -173,7 +174,7 @@ def _planted(arch):
     return cap.model.double() and cap
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", PAPER_ARCHS)
 def test_planted_attention_on_one_cell_puts_attention_and_lrp_there(arch):
     cap = _planted(arch)
     img = torch.zeros(3, 32, 32)
@@ -187,7 +188,7 @@ def test_planted_attention_on_one_cell_puts_attention_and_lrp_there(arch):
     assert (lrp.grid.abs().sum(dim=(1, 2)) == lrp.grid[:, 1, 2].abs()).all()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", PAPER_ARCHS)
 def test_a_word_that_does_not_depend_on_the_image_gets_no_image_relevance(arch):
     cap = captioner(arch, zero_biases=True)
     with torch.no_grad():
@@ -196,6 +197,17 @@ def test_a_word_that_does_not_depend_on_the_image_gets_no_image_relevance(arch):
     exp = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9)
     assert exp.image.abs().max() == 0 and exp.grid.abs().max() == 0
     assert torch.allclose(exp.preceding.sum(1), exp.score, rtol=1e-4)  # everything goes to the words
+
+
+def test_sat_relevance_reaches_the_image_through_the_initial_state_and_is_conserved():
+    cap = captioner("sat", zero_biases=True)
+    with torch.no_grad():  # the gate closes (σ(−40) ≈ 4e-18): the context carries no image any more
+        cap.model.decoder.attention.f_beta.weight.zero_()
+        cap.model.decoder.attention.f_beta.bias.fill_(-40.0)
+    exp = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9, include_end=True)
+    assert (exp.image.abs().sum(dim=(1, 2)) > 1e-6).all()  # only h_0, c_0 = init(mean a) bring the image in
+    assert torch.allclose(exp.image.sum(dim=(1, 2)) + exp.preceding.sum(dim=1), exp.score, rtol=1e-4)
+    assert "beta" not in explain(cap, image(), CAPTION, method="attention").extra  # no sentinel, no β
 
 
 # ------------------------------------------------------------------------------------- bad input

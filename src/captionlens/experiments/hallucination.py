@@ -22,8 +22,10 @@ SCORES: dict[str, tuple[str, Callable[[Explanation], float]]] = {
     "guided_gradcam_abs": ("guided_gradcam", lambda e: float(e.image.abs().mean())),
     "gradcam": ("gradcam", lambda e: float(e.image.mean())),
     "attention": ("attention", lambda e: float(e.image.mean())),
-    "one_minus_beta": ("attention", lambda e: float(1 - e.extra["beta"][0])),
+    # NaN where the decoder has no visual sentinel (sat): the score is not defined there
+    "one_minus_beta": ("attention", lambda e: float(1 - e.extra["beta"][0]) if "beta" in e.extra else float("nan")),
 }
+UNDEFINED = "not defined: this decoder has no visual sentinel (β)"
 
 
 def detection_scores(mentions: Sequence, explanations: dict[str, dict]) -> dict[str, np.ndarray]:
@@ -33,12 +35,14 @@ def detection_scores(mentions: Sequence, explanations: dict[str, dict]) -> dict[
 
 
 def auc_table(labels: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, float]:
-    """ROC AUC of each score for true (1) vs false (0) positive mentions; NaN with one class only."""
+    """ROC AUC of each score for true (1) vs false (0) positive mentions; NaN with one class only or
+    for a score that is not defined (NaN values)."""
     from sklearn.metrics import roc_auc_score
 
     if len(set(labels.tolist())) < 2:
         return {name: float("nan") for name in scores}
-    return {name: float(roc_auc_score(labels, values)) for name, values in scores.items()}
+    return {name: float(roc_auc_score(labels, values)) if np.isfinite(values).all() else float("nan")
+            for name, values in scores.items()}
 
 
 def auc_interval(labels: np.ndarray, values: np.ndarray, resamples: int = 1000, seed: int = 0,
@@ -47,7 +51,7 @@ def auc_interval(labels: np.ndarray, values: np.ndarray, resamples: int = 1000, 
     one class only are skipped); NaN when there is only one class."""
     from sklearn.metrics import roc_auc_score
 
-    if len(set(labels.tolist())) < 2:
+    if len(set(labels.tolist())) < 2 or not np.isfinite(values).all():
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     aucs = []
@@ -68,7 +72,7 @@ def plot_roc(labels: np.ndarray, scores: dict[str, np.ndarray], out) -> None:
 
     figure, axis = plt.subplots(figsize=(5, 4.5))
     if len(set(labels.tolist())) == 2:
-        for name, values in scores.items():
+        for name, values in ((n, v) for n, v in scores.items() if np.isfinite(v).all()):
             fpr, tpr, _ = roc_curve(labels, values)
             axis.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(labels, values):.2f})")
     else:

@@ -26,7 +26,7 @@ from .context import Mention, Predictions, StoredExplanations, explain_into_stor
 from .correctness import CURVES, correctness_curves, localisable, plot_correctness
 from .explain_split import explained_positions, stored_caption
 from .finetune import MODES, FinetuneConfig, finetune, true_positive_rates
-from .hallucination import SCORES, auc_interval, auc_table, chair, detection_scores, labels_of, mean_average_precision, plot_roc
+from .hallucination import SCORES, UNDEFINED, auc_interval, auc_table, chair, detection_scores, labels_of, mean_average_precision, plot_roc
 from .masking import feature_masking
 from .metrics import hallucination_rate, object_precision_recall
 from .tables import plot_bars, write_table
@@ -169,7 +169,9 @@ class Workbench:
                   "ground_truth": p.truth.source, "note": note}
         write_table(self.out, "hallucination_auc",
                     self._labelled([{"score": k, "auc": v, "auc_low": intervals[k][0], "auc_high": intervals[k][1]}
-                                    | ({"note": note} if note else {}) for k, v in auc.items()]),
+                                    | ({"note": note} if note else {})
+                                    | ({} if np.isfinite(scores[k]).all() else {"note": UNDEFINED})
+                                    for k, v in auc.items()]),
                     f"AUC of true vs hallucinated object words ({result['true_positives']} TP, "
                     f"{result['false_positives']} FP; words predicted > {min_count} times; 95% bootstrap intervals over "
                     f"mentions): {self.scope}")

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from .decoder import Decoder, StepOutput
+from .decoder import GridAttentionDecoder, StepOutput
 from .layers import AdaptiveAttention, GridMemory, LSTMCell, LSTMState
 from .registry import register_architecture
 
@@ -24,7 +24,7 @@ class AdaptiveState(NamedTuple):
 
 
 @register_architecture("adaptive")
-class AdaptiveDecoder(Decoder):
+class AdaptiveDecoder(GridAttentionDecoder):
     def __init__(self, vocab_size: int, feature_channels: int, **sizes) -> None:
         super().__init__(vocab_size, feature_channels, **sizes)
         self.lstm = LSTMCell(self.embed_size + self.hidden_size, self.hidden_size, sentinel=True)

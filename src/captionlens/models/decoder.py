@@ -1,6 +1,7 @@
 """What every captioning decoder shares: the teacher-forced loop over time steps, the word
-embedding, the grid projection and the output layer ``fc(ĉ_t + h_t)``. Architectures implement
-``initial_state`` and ``step``; beam search and the explainers only use this interface."""
+embedding and the output layer. Architectures implement ``prepare``, ``initial_state`` and ``step``;
+beam search and the explainers only use this interface. ``GridAttentionDecoder`` adds what the
+papers' two captioners share: the grid projection and the output ``fc(ĉ_t + h_t)``."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -15,18 +16,19 @@ class StepOutput(NamedTuple):
     logits: torch.Tensor  # [B, V] pre-softmax fc output
     state: tuple  # the architecture's recurrent state, a NamedTuple of [B, D] tensors
     alpha: torch.Tensor  # attention over grid cells α_t [B, L]
-    beta: torch.Tensor  # sentinel weight β_t [B]
+    beta: torch.Tensor | None  # sentinel weight β_t [B]; None for a decoder without a visual sentinel
 
 
 class DecoderOutput(NamedTuple):
     logits: torch.Tensor  # [B, T, V]; logits[:, t] scores token t+1
     alpha: torch.Tensor  # [B, T, L]
-    beta: torch.Tensor  # [B, T]
+    beta: torch.Tensor | None  # [B, T]; None without a visual sentinel
 
 
 class Decoder(nn.Module):
-    """Base class of the attention decoders (hidden/embedding sizes as in the paper: 512).
-    Subclasses add their LSTM(s) and ``self.attention`` (an ``AdaptiveAttention``)."""
+    """Base class of the attention decoders (hidden/embedding sizes as in the paper: 512): the word
+    embedding ``W_e``, dropout and the output layer ``fc``. Subclasses add their LSTM(s), their
+    attention and ``prepare`` (grid -> ``GridMemory``)."""
 
     def __init__(
         self,
@@ -43,15 +45,12 @@ class Decoder(nn.Module):
         self.embed_size = embed_size
         self.attention_size = attention_size or hidden_size
         self.embedding = nn.Embedding(vocab_size, embed_size)  # W_e
-        self.projection = GridProjection(feature_channels, hidden_size)  # W_a, W_b
         self.dropout = nn.Dropout(dropout)
-        self.output_sum = Sum()  # ĉ_t ⊕ h_t
         self.fc = nn.Linear(hidden_size, vocab_size)
 
     def prepare(self, grid: torch.Tensor) -> GridMemory:
-        """grid [B, C, h, w] -> V [B, L, D], v_g [B, D] and the attention keys W_v V [B, L, A]."""
-        cells, global_feature = self.projection(grid)
-        return GridMemory(cells, global_feature, self.attention.cell_keys(cells))
+        """grid [B, C, h, w] -> what the steps attend to (computed once per image)."""
+        raise NotImplementedError
 
     def initial_state(self, memory: GridMemory) -> tuple:
         raise NotImplementedError
@@ -59,10 +58,6 @@ class Decoder(nn.Module):
     def step(self, memory: GridMemory, words: torch.Tensor, state: tuple) -> StepOutput:
         """One time step: words [B] (the previous token) -> scores for the next token."""
         raise NotImplementedError
-
-    def predict(self, context: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """The word scores ``fc(ĉ_t + h_t)`` [B, V] (Algorithm 1, lines 1-2)."""
-        return self.fc(self.dropout(self.output_sum(context, hidden)))
 
     def forward(self, grid: torch.Tensor, token_ids: torch.Tensor) -> DecoderOutput:
         """Teacher forcing: token_ids [B, T] start with <start>; returns scores for tokens 1..T."""
@@ -75,11 +70,29 @@ class Decoder(nn.Module):
             logits.append(out.logits)
             alphas.append(out.alpha)
             betas.append(out.beta)
-        return DecoderOutput(
-            torch.stack(logits, dim=1), torch.stack(alphas, dim=1), torch.stack(betas, dim=1)
-        )
+        return DecoderOutput(torch.stack(logits, dim=1), torch.stack(alphas, dim=1),
+                             None if betas[0] is None else torch.stack(betas, dim=1))
 
     @staticmethod
     def reorder_state(state: tuple, index: torch.Tensor) -> tuple:
         """Select batch rows of every state tensor (beam search keeps the surviving beams)."""
         return type(state)(*(tensor.index_select(0, index) for tensor in state))
+
+
+class GridAttentionDecoder(Decoder):
+    """The papers' two captioners: the grid projection ``V, v_g`` (Section 4), an ``AdaptiveAttention``
+    as ``self.attention`` and the output ``fc(ĉ_t + h_t)``."""
+
+    def __init__(self, vocab_size: int, feature_channels: int, **sizes) -> None:
+        super().__init__(vocab_size, feature_channels, **sizes)
+        self.projection = GridProjection(feature_channels, self.hidden_size)  # W_a, W_b
+        self.output_sum = Sum()  # ĉ_t ⊕ h_t
+
+    def prepare(self, grid: torch.Tensor) -> GridMemory:
+        """grid [B, C, h, w] -> V [B, L, D], v_g [B, D] and the attention keys W_v V [B, L, A]."""
+        cells, global_feature = self.projection(grid)
+        return GridMemory(cells, global_feature, self.attention.cell_keys(cells))
+
+    def predict(self, context: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The word scores ``fc(ĉ_t + h_t)`` [B, V] (Algorithm 1, lines 1-2)."""
+        return self.fc(self.dropout(self.output_sum(context, hidden)))

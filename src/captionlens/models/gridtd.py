@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from .decoder import Decoder, StepOutput
+from .decoder import GridAttentionDecoder, StepOutput
 from .layers import AdaptiveAttention, GridMemory, LSTMCell, LSTMState
 from .registry import register_architecture
 
@@ -27,7 +27,7 @@ class GridTDState(NamedTuple):
 
 
 @register_architecture("gridtd")
-class GridTDDecoder(Decoder):
+class GridTDDecoder(GridAttentionDecoder):
     def __init__(self, vocab_size: int, feature_channels: int, **sizes) -> None:
         super().__init__(vocab_size, feature_channels, **sizes)
         d = self.hidden_size
