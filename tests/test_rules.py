@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from captionlens.explain.rules import (_AlphaBetaConv, _EpsilonLinear, _EpsilonMean, _EpsilonSum,
-                                       _EpsilonWeightedSum, _GateProduct, _ZBoxConv)
+from captionlens.explain.rules import (_AlphaBetaConv, _EpsilonChannelAffine, _EpsilonLinear, _EpsilonMean,
+                                       _EpsilonPool, _EpsilonReduce, _EpsilonSum, _EpsilonWeightedSum, _GateProduct,
+                                       _ZBoxConv, pooling_matrix)
 from captionlens.explain.lrp import rule_hooks
 from captionlens.explain.rules import LRPParameters
 from captionlens.models.layers import LSTMCell, LSTMState
@@ -90,16 +91,18 @@ def test_gate_gets_no_relevance_signal_gets_all():
 def _conv_loop(x, conv, r_out, contribution):
     """R_i = Σ_j contribution(x_i, w_ij) normalised per output j — written as loops over positions."""
     batch, c_in, height, width = x.shape
-    c_out, _, kh, kw = conv.weight.shape
+    c_out, per_group, kh, kw = conv.weight.shape  # per_group = c_in / groups
     stride, pad = conv.stride[0], conv.padding[0]
     out_h, out_w = r_out.shape[2:]
     result = torch.zeros_like(x)
     for b, o, oy, ox in itertools.product(range(batch), range(c_out), range(out_h), range(out_w)):
         taps = []
-        for c, dy, dx in itertools.product(range(c_in), range(kh), range(kw)):
+        group = o // (c_out // conv.groups)
+        for k, dy, dx in itertools.product(range(per_group), range(kh), range(kw)):
+            c = group * per_group + k
             y, xx = oy * stride - pad + dy, ox * stride - pad + dx
             if 0 <= y < height and 0 <= xx < width:
-                taps.append(((c, y, xx), conv.weight[o, c, dy, dx]))
+                taps.append(((c, y, xx), conv.weight[o, k, dy, dx]))
         result_j = contribution(x[b], taps, r_out[b, o, oy, ox])
         for (c, y, xx), value in result_j.items():
             result[b, c, y, xx] += value
@@ -107,9 +110,10 @@ def _conv_loop(x, conv, r_out, contribution):
 
 
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (2.0, 1.0)])
-@pytest.mark.parametrize("stride", [1, 2])
-def test_alpha_beta_rule_convolution(alpha, beta, stride):
-    conv = nn.Conv2d(2, 3, 3, stride=stride, padding=1)
+@pytest.mark.parametrize("stride,groups", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_alpha_beta_rule_convolution(alpha, beta, stride, groups):
+    """Plain and grouped (groups = channels: depthwise) convolutions."""
+    conv = nn.Conv2d(2, 2 * groups if groups > 1 else 3, 3, stride=stride, padding=1, groups=groups)
     x = torch.randn(2, 2, 5, 5)  # signed inputs: both (x w)^+ parts count
     out = conv(x)
     r_out = torch.randn_like(out)
@@ -195,3 +199,71 @@ def test_parameters_are_validated():
         LRPParameters(alpha=1.0, beta=1.0)
     with pytest.raises(ValueError, match="first_layer"):
         LRPParameters(first_layer="flat")
+
+
+# ----------------------------------------------------------------- encoder and canonised layers
+@pytest.mark.parametrize("pool", [nn.AdaptiveAvgPool2d(3), nn.AdaptiveAvgPool2d(8), nn.AvgPool2d(2)])
+def test_epsilon_rule_average_pooling(pool):
+    """R_i = Σ_j x_i P_ji / stab(z_j) R_j, with P_ji = 1/|window j| for the cells i of window j; the
+    windows of adaptive pooling are [floor(j·n/o), ceil((j+1)·n/o)) (also when o > n: upsampling)."""
+    import math
+
+    x, eps = torch.randn(2, 3, 5, 5) if not isinstance(pool, nn.AvgPool2d) else torch.randn(2, 3, 4, 4), 0.05
+    z = pool(x)
+    r_out = torch.randn_like(z)
+    got = relevance_in(_EpsilonPool, z, eps, (x, pooling_matrix(pool, *x.shape[-2:], x), z), r_out)
+    n, o = x.shape[-1], z.shape[-1]
+
+    def window(j):
+        if isinstance(pool, nn.AvgPool2d):
+            return range(2 * j, 2 * j + 2)
+        return range(math.floor(j * n / o), math.ceil((j + 1) * n / o))
+
+    expected = torch.zeros_like(x)
+    for b, c, p, q in itertools.product(range(2), range(3), range(o), range(o)):
+        cells = [(y, w) for y in window(p) for w in window(q)]
+        for y, w in cells:
+            expected[b, c, y, w] += x[b, c, y, w] / len(cells) / (z[b, c, p, q] + eps * sign(z[b, c, p, q])) \
+                * r_out[b, c, p, q]
+    assert torch.allclose(got, expected, atol=1e-12)
+    assert torch.allclose(z, torch.einsum("bcn,mn->bcm", x.flatten(2), pooling_matrix(pool, n, n, x)).view_as(z))
+
+
+def test_epsilon_rule_channel_affine_and_reduce():
+    x, scale, shift, eps = torch.randn(2, 4, 3), torch.randn(4), torch.randn(4), 0.05
+    z = x * scale.view(1, 4, 1) + shift.view(1, 4, 1)
+    r_out = torch.randn_like(z)
+    got = relevance_in(_EpsilonChannelAffine, z, eps, (x, scale.view(1, 4, 1), z), r_out)
+    expected = torch.tensor([[[x[b, c, k] * scale[c] / (z[b, c, k] + eps * sign(z[b, c, k])) * r_out[b, c, k]
+                               for k in range(3)] for c in range(4)] for b in range(2)])
+    assert torch.allclose(got, expected, atol=1e-12)
+    for mean, count in ((False, 1), (True, 4)):  # Σ (or mean) over dim 1
+        z = x.mean(dim=1) if mean else x.sum(dim=1)
+        r_out = torch.randn_like(z)
+        got = relevance_in(_EpsilonReduce, z, (eps, (1,), False, count), (x, z), r_out)
+        expected = torch.tensor([[[x[b, c, k] / count / (z[b, k] + eps * sign(z[b, k])) * r_out[b, k] for k in range(3)]
+                                  for c in range(4)] for b in range(2)])
+        assert torch.allclose(got, expected, atol=1e-12)
+
+
+def test_batch_norm_folding_against_its_equation():
+    """w'_o = w_o γ_o / √(σ²_o + eps), b'_o = (b_o − μ_o) γ_o / √(σ²_o + eps) + β_o: the folded
+    convolution computes conv + batch-norm, and is undone afterwards."""
+    from captionlens.explain.canonize import _folded
+
+    conv, bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    x = torch.randn(2, 3, 5, 5)
+    reference = bn(conv(x))
+    weight, bias = conv.weight.clone(), conv.bias.clone()
+    with _folded([(conv, bn)]):
+        for o in range(4):
+            factor = bn.weight[o] / torch.sqrt(bn.running_var[o] + bn.eps)
+            assert torch.allclose(conv.weight[o], weight[o] * factor)
+            assert torch.allclose(conv.bias[o], (bias[o] - bn.running_mean[o]) * factor + bn.bias[o])
+        assert torch.allclose(conv(x), reference, atol=1e-12)
+    assert torch.equal(conv.weight, weight) and torch.equal(conv.bias, bias)

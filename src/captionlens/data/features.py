@@ -10,6 +10,7 @@ that died are removed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from .images import decoded_batches, normalise
 
 def encoder_fingerprint(encoder: Encoder) -> str:
     digest = hashlib.sha1(type(encoder).__name__.encode())
-    digest.update(str(encoder.image_size).encode())
+    digest.update(json.dumps(encoder.options(), sort_keys=True).encode())  # image and grid size
     for name, tensor in sorted(encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

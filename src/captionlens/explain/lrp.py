@@ -1,5 +1,6 @@
-"""LRP for the captioners (Algorithm 1 for grid-TD, Algorithm 2 for adaptive): the rules of
-``rules.py`` are attached to the model's own modules for one forward, then the relevance of every
+"""LRP for the captioners (Algorithm 1 for grid-TD, Algorithm 2 for adaptive): the model is
+canonised (``canonize.py``: batch-norm folded, standard layers replaced by rule-bearing equivalents),
+the rules of ``rules.py`` are attached to the model's own modules for one forward, then the relevance of every
 explained word — starting at its fc logit — flows back in one batched backward, to the pixels
 (image explanation), to the grid, and to the word embeddings (linguistic explanation)."""
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from ..models.captioner import CaptionModel
+from .canonize import CANONIZERS, canonized
 from .engine import ForwardHook, Targets, batched_backward, trace
 from .methods import MethodOutput, register_method, words_first
 from .rules import NEUTRAL, RULES, LRPParameters
@@ -38,7 +40,11 @@ def rule_hooks(model: CaptionModel, parameters: LRPParameters) -> list[tuple[nn.
         if rule is None:
             if isinstance(module, NEUTRAL):
                 continue
-            raise TypeError(f"LRP has no rule for module {name!r} of type {type(module).__name__}")
+            raise TypeError(
+                f"LRP has no rule for module {name!r} of type {type(module).__name__}. captionlens explains the layers "
+                "of captionlens.models.layers, nn.Linear/Conv2d/ReLU/ReLU6/pooling/dropout/embedding, and canonises "
+                f"{', '.join(sorted(t.__name__ for t in CANONIZERS))}; write the rest from those (see the README, "
+                "'Explain your own captioner'), and run `captionlens audit` to check")
         first = module is first_conv
         hooks.append((module, lambda m, i, o, rule=rule, first=first: rule(
             m, i, o, parameters, first=first, bounds=tuple(b.to(o.device, o.dtype) for b in bounds))))
@@ -51,10 +57,11 @@ def lrp(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targ
     """ε-rule for linear, sum, mean, attention and LSTM layers (gates get nothing), αβ for the
     convolutions (``first_layer="zb"`` for the zB-rule on the first one)."""
     parameters = LRPParameters(epsilon, alpha, beta, first_layer)
-    traced = trace(model, pixels, token_ids, rule_hooks(model, parameters))
-    logits = traced.output.logits
-    score = targets.scores(logits).detach()
-    back = batched_backward(traced, targets.seeds(logits, scale=score))
+    with canonized(model):  # the backward too: the rules read the (folded) weights then
+        traced = trace(model, pixels, token_ids, rule_hooks(model, parameters))
+        logits = traced.output.logits
+        score = targets.scores(logits).detach()
+        back = batched_backward(traced, targets.seeds(logits, scale=score))
     return MethodOutput(
         image=words_first(back.pixels.sum(dim=2)),  # [B, K, H, W]
         grid=words_first(back.grid.sum(dim=2)),  # [B, K, h, w]

@@ -15,12 +15,19 @@ Relevance of a rule's inputs, with ``z`` the module's output and ``stab(z) = z +
 * ε-rule, mean over cells ``z = (1/L) Σ_i a_i``:         ``R_i = (a_i / L) / stab(z) · R``
 * ε-rule, weighted sum with constant weights (eq. 8):  ``R_n = w_n v_n / stab(z) · R``, weights get 0
 * gate ⊙ signal (LRP-LSTM):                             ``R_signal = R``, ``R_gate = 0``
+* ε-rule, sum or mean over dimensions ``z = Σ_i x_i``:  ``R_i = x_i / stab(z) · R``
+* ε-rule, per-channel affine ``z = x·s + t``:           ``R_x = x·s / stab(z) · R``
+* gates and attention weights (sigmoid, softmax):       ``R_in = 0``
 * tanh on a signal path:                                ``R_in = R``
 * αβ-rule, convolution (eq. 3):                          ``R_i = Σ_j (α (x_i w_ij)^+ / z_j^+ − β (x_i w_ij)^− / z_j^−) R_j``
   with ``z_j^± = Σ_i (x_i w_ij)^±`` (the bias is left out, so α − β = 1 conserves relevance)
 * zB-rule (first layer, inputs in [low, high]):         ``R_i = Σ_j (x_i w_ij − l_i w_ij^+ − h_i w_ij^−) / z_j^B · R_j``
+* ε-rule, average pooling ``z_j = Σ_i P_ji x_i``:        ``R_i = Σ_j x_i P_ji / stab(z_j) · R_j``
+  (``P`` the pooling's matrix, any kernel or adaptive output size)
 
-ReLU passes relevance unchanged (an inactive unit's output is 0, so the next rule gives it none);
+Batch-norm gets no rule of its own: an explanation folds it into the preceding convolution (or
+makes it a per-channel linear layer, ε-rule) first — see ``canonize.py``. ReLU and ReLU6 pass
+relevance unchanged (an inactive unit's output is 0, so the next rule gives it none);
 max-pooling needs no rule: its ordinary backward passes relevance to the pooling winner.
 """
 from __future__ import annotations
@@ -33,7 +40,9 @@ from torch import nn
 from torch.autograd import Function
 from torch.nn import functional as F
 
-from ..models.layers import GateProduct, GridMean, SignalTanh, Sum, WeightedSum
+from ..models.efficientnet import TFSamePad
+from ..models.layers import (AttentionWeights, ChannelAffine, Gate, GateProduct, GridMean, Reduce, SignalTanh, Sum,
+                             WeightedSum)
 
 TINY = 1e-12  # keeps αβ denominators away from zero where a unit got no positive (negative) input
 
@@ -107,6 +116,32 @@ class _GateProduct(_RelevanceFunction):
         return None, relevance  # (gate, signal)
 
 
+class _EpsilonChannelAffine(_RelevanceFunction):
+    @classmethod
+    def relevance(cls, ctx, relevance):
+        x, scale, out = ctx.saved_tensors  # x [B, C, ...], scale [C] shaped to broadcast
+        return x * scale * relevance / stabilize(out, ctx.settings), None, None
+
+
+class _EpsilonReduce(_RelevanceFunction):
+    @classmethod
+    def relevance(cls, ctx, relevance):
+        x, out = ctx.saved_tensors
+        epsilon, dims, keepdim, count = ctx.settings
+        share = relevance / stabilize(out, epsilon)
+        if not keepdim:
+            for d in sorted(dims):  # dims as non-negative positions in x
+                share = share.unsqueeze(d)
+        return x / count * share, None
+
+
+class _NoRelevance(_RelevanceFunction):
+    @classmethod
+    def relevance(cls, ctx, relevance):
+        (x,) = ctx.saved_tensors
+        return (torch.zeros_like(x),)
+
+
 class _PassThrough(_RelevanceFunction):
     @classmethod
     def relevance(cls, ctx, relevance):
@@ -146,10 +181,14 @@ class _AlphaBetaConv(_RelevanceFunction):
                 continue
             z = sum(_conv(xs, ws, module) for xs, ws in pairs[sign])  # z^+ ≥ 0 or z^- ≤ 0, computed once
             share = relevance / (z + (TINY if sign == "pos" else -TINY))
-            # one transposed convolution for both input signs (weights side by side): one pass over share
-            spread = _conv_transpose(share, torch.cat([ws for _, ws in pairs[sign]], dim=1), module,
-                                     (*x.shape[:-3], x.shape[-3] * len(pairs[sign]), *x.shape[-2:]))
-            for part, (xs, _) in zip(spread.split(x.shape[-3], dim=-3), pairs[sign]):
+            if module.groups == 1:
+                # one transposed convolution for both input signs (weights side by side): one pass over share
+                spread = _conv_transpose(share, torch.cat([ws for _, ws in pairs[sign]], dim=1), module,
+                                         (*x.shape[:-3], x.shape[-3] * len(pairs[sign]), *x.shape[-2:]))
+                parts = spread.split(x.shape[-3], dim=-3)
+            else:  # grouped (depthwise): side-by-side weights would mix the groups
+                parts = [_conv_transpose(share, ws, module, x.shape) for _, ws in pairs[sign]]
+            for part, (xs, _) in zip(parts, pairs[sign]):
                 term = part * (xs if factor == 1 else factor * xs)
                 result = term if result is None else result + term
         return (result,)
@@ -168,6 +207,23 @@ class _ZBoxConv(_RelevanceFunction):
         result = (x * _conv_transpose(share, w, module, x.shape) - low * _conv_transpose(share, w_pos, module, x.shape)
                   - high * _conv_transpose(share, w_neg, module, x.shape))
         return result, None, None
+
+
+class _EpsilonPool(_RelevanceFunction):
+    @classmethod
+    def relevance(cls, ctx, relevance):
+        x, matrix, out = ctx.saved_tensors  # x [B, C, h, w], matrix P [h'w', hw], out [B, C, h', w']
+        share = relevance / stabilize(out, ctx.settings)
+        share = share.reshape(*share.shape[:-2], share.shape[-2] * share.shape[-1])  # [B, C, h'w']
+        return x * (share @ matrix).reshape(x.shape), None, None
+
+
+def pooling_matrix(module: nn.Module, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """The matrix ``P`` [h'·w', h·w] of a linear pooling (average, adaptive average): the pooling
+    applied to each basis image."""
+    basis = torch.eye(height * width, dtype=like.dtype, device=like.device).view(height * width, 1, height, width)
+    with torch.no_grad():
+        return module.forward(basis).flatten(1).T.contiguous()  # forward: without the hooks
 
 
 # ------------------------------------------------------------------------------------ the rules
@@ -213,8 +269,31 @@ def gate_product(module: GateProduct, inputs, output, p: LRPParameters, **_) -> 
     return _GateProduct.apply(output, None, inputs[0], inputs[1])
 
 
+def epsilon_channel_affine(module: ChannelAffine, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    x = inputs[0]
+    scale = module.scale.view((1, -1) + (1,) * (x.dim() - 2))
+    return _EpsilonChannelAffine.apply(output, p.epsilon, x, scale, output.detach())
+
+
+def epsilon_reduce(module: Reduce, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    x, dim = inputs[0], inputs[1]
+    dims = tuple(d % x.dim() for d in ((dim,) if isinstance(dim, int) else dim))
+    keepdim, mean = (list(inputs[2:]) + [False, False])[:2]
+    count = math.prod(x.shape[d] for d in dims) if mean else 1
+    return _EpsilonReduce.apply(output, (p.epsilon, dims, keepdim, count), x, output.detach())
+
+
+def no_relevance(module: nn.Module, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    return _NoRelevance.apply(output, None, inputs[0])
+
+
 def pass_through(module: nn.Module, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
     return _PassThrough.apply(output, None, inputs[0])
+
+
+def epsilon_pool(module: nn.Module, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    matrix = pooling_matrix(module, *inputs[0].shape[-2:], inputs[0])
+    return _EpsilonPool.apply(output, p.epsilon, inputs[0], matrix, output.detach())
 
 
 def convolution(module: nn.Conv2d, inputs, output, p: LRPParameters, first: bool = False,
@@ -238,9 +317,17 @@ RULES = {
     # ReLU passes relevance unchanged: every rule that receives a ReLU's output multiplies by its
     # input, so an inactive unit gets exactly 0 anyway and the ReLU's own mask would be wasted work.
     nn.ReLU: pass_through,
+    nn.ReLU6: pass_through,  # the clipped part is treated as the ReLU's: relevance passes (as Zennit's Pass)
+    nn.AvgPool2d: epsilon_pool,
+    nn.AdaptiveAvgPool2d: epsilon_pool,
+    ChannelAffine: epsilon_channel_affine,
+    Reduce: epsilon_reduce,
+    Gate: no_relevance,  # gates and attention weights are coefficients: they receive nothing
+    AttentionWeights: no_relevance,
 }
 # Max-pooling (winner-take-all) and (eval-mode) dropout pass relevance correctly with their ordinary backward;
 # the embedding's output is where the linguistic relevance is read; the attention's tanh only feeds
 # the attention scores, which get no relevance.
+# Zero padding passes relevance correctly too (padded zeros receive none; its backward crops).
 NEUTRAL = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Embedding, nn.Tanh, nn.Sequential, nn.ModuleDict,
-           nn.ModuleList)
+           nn.ModuleList, nn.ZeroPad2d, TFSamePad)

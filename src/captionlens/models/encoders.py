@@ -48,11 +48,17 @@ class Encoder(nn.Module):
 
     @property
     def grid_size(self) -> int:
+        """The side of the grid the encoder returns."""
         return self.image_size // self.downsampling
 
     def options(self) -> dict:
         """The constructor arguments, for the run's config.json."""
         return {"image_size": self.image_size}
+
+    @staticmethod
+    def default_weights() -> Path | None:
+        """Pretrained weights available offline without naming a file (an installed package), if any."""
+        return None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pixels [B, 3, H, W]
         return self.features(pixels)  # [B, C, H/downsampling, W/downsampling]
@@ -74,18 +80,20 @@ class VGG16Encoder(Encoder):
         """Load a torchvision-format VGG16 state dict (``.pth``) or a ``.safetensors`` file.
 
         Only ``features.0`` .. ``features.28`` are used; the classifier is ignored."""
-        state = load_state_dict_file(path)
-        wanted = self.state_dict()
-        missing = [key for key in wanted if key not in state]
-        if missing:
-            raise ValueError(
-                f"{path} is not a torchvision VGG16 state dict: missing {', '.join(missing[:4])}"
-                + (" ..." if len(missing) > 4 else "")
-            )
-        for key, tensor in wanted.items():
-            if state[key].shape != tensor.shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}")
-        self.load_state_dict({key: state[key] for key in wanted})
+        load_matching(self, load_state_dict_file(path), path, "a torchvision VGG16 state dict")
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str) -> None:
+    """Load the tensors of ``state`` that ``module`` has (others, e.g. a classifier, are ignored),
+    with a clear error naming missing keys or wrong shapes."""
+    wanted = module.state_dict()
+    missing = [key for key in wanted if key not in state]
+    if missing:
+        raise ValueError(f"{path} is not {what}: missing {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+    for key, tensor in wanted.items():
+        if state[key].shape != tensor.shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}")
+    module.load_state_dict({key: state[key] for key in wanted})
 
 
 SHAPES_LAYOUT = [16, 16, POOL, 32, 32, POOL, 64, 64, POOL, 128, 128]
@@ -129,10 +137,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def build_encoder(name: str, weights: str | Path | None = None, **options) -> Encoder:
-    """A registered encoder, with pretrained weights from a local file when given."""
+    """A registered encoder, with pretrained weights from a local file when given (else the encoder's
+    offline default weights, where it has any)."""
     from .registry import ENCODERS, lookup
 
     encoder = lookup(ENCODERS, "encoder", name)(**options)
+    weights = weights if weights is not None else encoder.default_weights()
     if weights is not None:
         encoder.load_pretrained(weights)
     return encoder

@@ -172,3 +172,51 @@ class GridProjection(nn.Module):
         v = self.relu(self.cell_proj(cells))  # V [B, L, D]
         v_g = self.relu(self.global_proj(self.mean(cells)))  # v_g [B, D]
         return v, v_g
+
+
+# ------------------------------------------------------------- the same operations, as modules
+# Decoders written with standard PyTorch layers are explained by replacing those layers with these
+# (``explain.canonize``); they are equally usable in a decoder of one's own.
+class ChannelAffine(nn.Module):
+    """``y = x · scale + shift`` per channel (dim 1): an eval-mode batch-norm that follows no
+    convolution. LRP: ε-rule (a diagonal linear layer)."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, C, ...]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.scale.view(shape) + self.shift.view(shape)
+
+
+class Reduce(nn.Module):
+    """Sum or mean over dimensions, ``z = Σ_i x_i`` (``/ n`` for a mean). LRP: ε-rule."""
+
+    def forward(self, x: torch.Tensor, dim, keepdim: bool = False, mean: bool = False) -> torch.Tensor:
+        return x.mean(dim=dim, keepdim=keepdim) if mean else x.sum(dim=dim, keepdim=keepdim)
+
+
+class Gate(nn.Sigmoid):
+    """A sigmoid whose output gates a product (``σ(·) ⊙ signal``): marked so the product becomes a
+    ``GateProduct``. LRP: a gate receives no relevance."""
+
+    role = "gate"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        out._captionlens_role = self.role
+        return out
+
+
+class AttentionWeights(nn.Softmax):
+    """A softmax whose output weighs values (``Σ_i α_i v_i``): marked so the product is the constant
+    coefficient of a weighted sum (eq. (8)). LRP: attention weights receive no relevance."""
+
+    role = "weights"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        out._captionlens_role = self.role
+        return out
