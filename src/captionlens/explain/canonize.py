@@ -26,10 +26,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..models.layers import (AttentionWeights, ChannelAffine, Gate, GateProduct, LSTMCell, LSTMState, Reduce, Sum,
-                             WeightedSum)
-
-ROLE = "_captionlens_role"  # attribute marking the output of a Gate or AttentionWeights
+from ..models.layers import (ROLE, AttentionWeights, ChannelAffine, Gate, GateProduct, LSTMCell, LSTMState, Reduce,
+                             Sum, WeightedSum)
 
 
 # --------------------------------------------------------------------------- standard recurrent layers

@@ -17,14 +17,26 @@ from torch import nn
 
 from ..models.captioner import CaptionModel
 from ..models.decoder import DecoderOutput
+from ..models.layers import ROLE
 
 ForwardHook = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]
+
+
+def _keeping_role(hook: ForwardHook) -> ForwardHook:
+    """``hook``, with the mark of a gate's or attention weights' output carried over to the tensor
+    the hook puts in its place (canonised products find their gates by it)."""
+    def wrapped(module, inputs, output):
+        result = hook(module, inputs, output)
+        if result is not None and hasattr(output, ROLE):
+            setattr(result, ROLE, getattr(output, ROLE))
+        return result
+    return wrapped
 
 
 @contextlib.contextmanager
 def forward_hooks(modules: list[tuple[nn.Module, ForwardHook]]) -> Iterator[None]:
     """Attach forward hooks for the duration of the block; they are removed even on errors."""
-    handles = [module.register_forward_hook(hook) for module, hook in modules]
+    handles = [module.register_forward_hook(_keeping_role(hook)) for module, hook in modules]
     try:
         yield
     finally:

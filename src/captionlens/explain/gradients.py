@@ -12,6 +12,8 @@ dimensions; for gradient × input, embedding × gradient summed.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.autograd import Function
@@ -22,28 +24,31 @@ from .methods import MethodOutput, register_method, upsample, words_first
 
 
 class _GuidedReLU(Function):
-    """Backward of ReLU in guided backprop: only positive gradients through active units."""
+    """Backward of ReLU (or ReLU6) in guided backprop: only positive gradients through active units
+    (below the clip, for ReLU6)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, output):
+    def forward(x, output, upper):
         return output.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
+        ctx.upper = inputs[2]
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return grad.clamp(min=0) * (x > 0), None
+        return grad.clamp(min=0) * ((x > 0) & (x < ctx.upper)), None, None
 
 
 def guided_relu_hooks(model: CaptionModel):
-    """Guided backprop acts on the CNN encoder's ReLUs (the decoder's gradients stay exact)."""
-    return [(m, lambda module, inputs, output: _GuidedReLU.apply(inputs[0], output))
-            for m in model.encoder.modules() if isinstance(m, nn.ReLU)]
+    """Guided backprop acts on the CNN encoder's ReLUs and ReLU6s (the decoder's gradients stay exact)."""
+    return [(m, lambda module, inputs, output: _GuidedReLU.apply(inputs[0], output,
+                                                                 6.0 if isinstance(module, nn.ReLU6) else math.inf))
+            for m in model.encoder.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
 
 
 def gradients(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,

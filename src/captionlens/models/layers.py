@@ -177,6 +177,8 @@ class GridProjection(nn.Module):
 # ------------------------------------------------------------- the same operations, as modules
 # Decoders written with standard PyTorch layers are explained by replacing those layers with these
 # (``explain.canonize``); they are equally usable in a decoder of one's own.
+ROLE = "_captionlens_role"  # attribute marking the output of a Gate ("gate") or AttentionWeights ("weights")
+
 class ChannelAffine(nn.Module):
     """``y = x · scale + shift`` per channel (dim 1): an eval-mode batch-norm that follows no
     convolution. LRP: ε-rule (a diagonal linear layer)."""
@@ -206,7 +208,7 @@ class Gate(nn.Sigmoid):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        out._captionlens_role = self.role
+        setattr(out, ROLE, self.role)
         return out
 
 
@@ -218,5 +220,5 @@ class AttentionWeights(nn.Softmax):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        out._captionlens_role = self.role
+        setattr(out, ROLE, self.role)
         return out
