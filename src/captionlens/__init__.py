@@ -5,10 +5,10 @@
     captions = cap.caption(["img.png"], beam_size=3)
     exp = cl.explain(cap, "img.png", captions[0], method="lrp")
 """
-from .api import (METHODS, Captioner, Explanation, ExplanationStore, build_captioner, build_encoder, explain,
+from .api import (METHODS, AuditReport, Captioner, audit_lrp, Explanation, ExplanationStore, build_captioner, build_encoder, explain,
                   explain_batch, explain_image, load, train_captioner)
 from .models import Caption, CaptionerConfig
 
 __version__ = "0.1.0"
-__all__ = ["METHODS", "Caption", "Captioner", "CaptionerConfig", "Explanation", "ExplanationStore", "build_captioner", "build_encoder",
+__all__ = ["METHODS", "AuditReport", "Caption", "audit_lrp", "Captioner", "CaptionerConfig", "Explanation", "ExplanationStore", "build_captioner", "build_encoder",
            "explain", "explain_batch", "explain_image", "load", "train_captioner"]

@@ -10,6 +10,7 @@ import torch
 from .data.images import ImageInput, load_image
 from .data.vocab import SPECIAL_TOKENS, Vocabulary
 from .explain import METHODS, Explanation, explain, explain_batch, method_parameters
+from .explain.audit import AuditReport, audit_lrp
 from .explain.store import ExplanationStore
 from .io import write_json
 from .models import Captioner, CaptionerConfig, build_model
@@ -35,9 +36,11 @@ def build_captioner(
     encoder_options: dict | None = None,
     device: str | None = None,
 ) -> Captioner:
-    """A randomly initialised captioner of a registered architecture ("adaptive", "gridtd") on a
-    registered encoder ("vgg16", "shapes"). ``vocab`` is a Vocabulary or a list of words (the special
-    tokens are added when missing). ``encoder_weights`` loads a local file (torchvision format for VGG16)."""
+    """A randomly initialised decoder of a registered architecture ("adaptive", "gridtd", "sat") on a
+    registered encoder ("vgg16", "resnet50", "resnet101", "efficientnet_lite0", "shapes"). ``vocab`` is
+    a Vocabulary or a list of words (the special tokens are added when missing). ``encoder_weights``
+    loads a local file (torchvision format for VGG16 and the ResNets); without it efficientnet_lite0
+    takes the ImageNet weights of the ``efficientnet`` extra when installed, the others stay random."""
     if not isinstance(vocab, Vocabulary):
         words = [w for w in vocab if w not in SPECIAL_TOKENS]
         vocab = Vocabulary([*SPECIAL_TOKENS, *dict.fromkeys(words)])
@@ -80,5 +83,5 @@ def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, meth
     return out
 
 
-__all__ = ["METHODS", "Captioner", "Explanation", "ExplanationStore", "build_captioner", "build_encoder", "explain", "explain_batch",
+__all__ = ["METHODS", "AuditReport", "Captioner", "audit_lrp", "Explanation", "ExplanationStore", "build_captioner", "build_encoder", "explain", "explain_batch",
            "explain_image", "load", "train_captioner"]

@@ -22,6 +22,8 @@ app = typer.Typer(help="Explain image-captioning models beyond attention.", no_a
 data_app = typer.Typer(help="Make a dataset folder: generate the shapes world, or describe where Flickr30K / "
                        "COCO files live (nothing is copied).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+import_app = typer.Typer(help="Turn a captioner trained elsewhere into a captionlens run folder.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
 console = Console(stderr=True, soft_wrap=True)  # never break a path in the middle
 
 from . import models as _models  # noqa: E402,F401  (fills the registries the choices come from)
@@ -433,6 +435,80 @@ def explain_split(
             fail(str(error))
         if ranks.is_main:
             console.print(f"{len(result.image_ids())} images explained by {', '.join(chosen)} -> {store}")
+
+
+@app.command()
+def audit(
+    model: ModelOption,
+    image: Annotated[Optional[Path], typer.Argument(help="Image to audit on (default: a random image).")] = None,
+    caption: Annotated[Optional[str], typer.Option(help="Caption to audit (default: the model's own, greedy).")] = None,
+    tolerance: Annotated[float, typer.Option(help="Flag a row whose relevance in and out differ by more than this × Σ|score|.")] = 1e-5,
+    show_all: Annotated[bool, typer.Option("--all", help="List every module and operation, not only the flagged ones.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Write the full report as JSON here.")] = None,
+    device: DeviceOption = None,
+) -> None:
+    """Check LRP on your model before trusting its heatmaps: on a float64 copy with every bias zeroed
+    and ε → 0, relevance must leave each module exactly as it entered. Prints, per module and per
+    operation between modules (a `*` or `+` in a forward), the relevance entering and leaving it,
+    flags where relevance is created or lost, and exits with 1 if anything is flagged.
+
+    Example: captionlens audit --model runs/sat --all
+    """
+    from rich.table import Table
+
+    from .api import audit_lrp, load
+    from .data.images import ImageLoadError
+    from .io import write_json
+
+    try:
+        report = audit_lrp(load(model, device), image, caption, tolerance)
+    except (FileNotFoundError, ValueError, ImageLoadError) as error:
+        fail(str(error))
+    except TypeError as error:  # a module without a rule
+        fail(str(error))
+    rows = report.rows if show_all else report.flagged
+    if rows:
+        table = Table(title="relevance per module and operation (Σ over the caption's words)")
+        for column in ("", "module / operation", "kind", "calls", "in", "out", "created"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row("[red]✗[/]" if row.flagged else ("sink" if row.sink else "✓"), row.name, row.kind,
+                          str(row.calls), f"{row.relevance_in:.6g}", f"{row.relevance_out:.6g}", f"{row.created:.3g}")
+        Console().print(table)
+    if out is not None:
+        write_json(out, report.to_dict())
+    verdict = "[green]passed[/]" if report.passed else f"[red]failed[/]: {len(report.flagged)} flagged"
+    console.print(f"audit {verdict} — caption '{' '.join(report.words)}': score {report.score:.6g}, relevance at the "
+                  f"pixels {report.pixels:.6g} + words {report.embeddings:.6g} = {report.conservation:.6%} of it")
+    if not report.passed:
+        raise typer.Exit(code=1)
+
+
+@import_app.command("sat-tutorial")
+def import_sat_tutorial(
+    checkpoint: Annotated[Path, typer.Option(help="The tutorial's BEST_checkpoint_*.pth.tar (or a state dict with encoder/decoder).")],
+    word_map: Annotated[Path, typer.Option(help="The tutorial's WORDMAP_*.json.")],
+    out: Annotated[Path, typer.Option(help="Run folder to write.")],
+    image_size: Annotated[int, typer.Option(help="Side the images are resized to (the tutorial: 256).")] = 256,
+    grid_size: Annotated[Optional[int], typer.Option(help="Encoder grid side (read from a pickled encoder; for a state dict default 14, the tutorial's).")] = None,
+) -> None:
+    """Import a Show-Attend-Tell checkpoint of sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning as
+    an ordinary run folder (architecture sat, encoder resnet101/resnet50). The pickled checkpoint is
+    read with a restricted unpickler: only the tutorial's, torchvision's and torch's classes are
+    accepted (as inert stand-ins); anything else is refused and nothing in it runs.
+
+    Example: captionlens import sat-tutorial --checkpoint BEST_checkpoint_coco_5_cap_per_img_5_min_word_freq.pth.tar \
+    --word-map WORDMAP_coco_5_cap_per_img_5_min_word_freq.json --out runs/sat
+    """
+    from .models.sat_tutorial import import_sat_tutorial as run_import
+
+    try:
+        captioner = run_import(checkpoint, word_map, out, image_size, grid_size)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+    c = captioner.config
+    console.print(f"imported {c.architecture} on {c.encoder} ({len(captioner.vocab)} words, hidden {c.hidden_size}) -> {out}")
+    console.print(f"next: captionlens explain --model {out} photo.jpg --out explained/   ·   captionlens audit --model {out}")
 
 
 def _print_table(rows: list[dict]) -> None:

@@ -33,16 +33,9 @@ from ..models.layers import (ROLE, AttentionWeights, ChannelAffine, Gate, GatePr
 # --------------------------------------------------------------------------- standard recurrent layers
 def _captionlens_cell(input_size: int, hidden_size: int, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
                       bias_ih: torch.Tensor | None, bias_hh: torch.Tensor | None) -> LSTMCell:
-    """captionlens's LSTMCell with PyTorch's LSTM weights: ``[W_ih | W_hh]`` side by side, the two
-    biases summed, the gate blocks reordered from PyTorch's (i, f, g, o) to (i, f, o, g)."""
-    cell = LSTMCell(input_size, hidden_size)
-    h = hidden_size
-    order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
-    with torch.no_grad():
-        cell.gates.weight.copy_(torch.cat([weight_ih, weight_hh], dim=1)[order])
-        bias = torch.zeros(4 * h, dtype=weight_ih.dtype) if bias_ih is None else bias_ih + bias_hh
-        cell.gates.bias.copy_(bias[order])
-    return cell.to(weight_ih.device, weight_ih.dtype)
+    """captionlens's LSTMCell with PyTorch's LSTM weights (see ``LSTMCell.load_torch_weights``)."""
+    cell = LSTMCell(input_size, hidden_size).to(weight_ih.device, weight_ih.dtype)
+    return cell.load_torch_weights(weight_ih, weight_hh, bias_ih, bias_hh)
 
 
 class StandardLSTMCell(nn.Module):

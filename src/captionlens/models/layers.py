@@ -83,6 +83,21 @@ class LSTMCell(nn.Module):
         self.output_gate_product = GateProduct()
         self.sentinel_gate_product = GateProduct() if sentinel else None
 
+    @torch.no_grad()
+    def load_torch_weights(self, weight_ih: torch.Tensor, weight_hh: torch.Tensor, bias_ih: torch.Tensor | None,
+                           bias_hh: torch.Tensor | None) -> "LSTMCell":
+        """Take the weights of PyTorch's ``nn.LSTMCell``/``nn.LSTM`` (gate blocks i, f, g, o):
+        ``[W_ih | W_hh]`` side by side, the two biases summed, the blocks reordered to ours
+        (i, f, o, g). Returns self."""
+        h = self.hidden_size
+        if self.sentinel or weight_ih.shape[0] != 4 * h:
+            raise ValueError(f"expected LSTM weights of {4 * h} rows for a cell without sentinel, got {weight_ih.shape[0]}")
+        order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
+        self.gates.weight.copy_(torch.cat([weight_ih, weight_hh], dim=1)[order])
+        bias = weight_ih.new_zeros(4 * h) if bias_ih is None else bias_ih + bias_hh
+        self.gates.bias.copy_(bias[order])
+        return self
+
     def initial_state(self, batch_size: int, like: torch.Tensor) -> LSTMState:
         zeros = like.new_zeros(batch_size, self.hidden_size)
         return LSTMState(zeros, zeros)
