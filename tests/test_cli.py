@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from captionlens.cli import app, data_app
+from captionlens.cli import app, data_app, import_app
 
 runner = CliRunner()
 
@@ -15,8 +15,8 @@ def _name(command) -> str:
     return command.name or command.callback.__name__.replace("_", "-")
 
 
-VERBS = [[], ["data"], *[["data", _name(c)] for c in data_app.registered_commands],
-         *[[_name(c)] for c in app.registered_commands]]
+VERBS = [[], ["data"], *[["data", _name(c)] for c in data_app.registered_commands], ["import"],
+         *[["import", _name(c)] for c in import_app.registered_commands], *[[_name(c)] for c in app.registered_commands]]
 
 
 @pytest.mark.parametrize("verb", VERBS, ids=[" ".join(v) or "captionlens" for v in VERBS])
@@ -29,12 +29,13 @@ def test_every_verb_has_help(verb):
 def test_the_help_test_covers_every_verb():
     names = {" ".join(v) for v in VERBS}
     assert {"data shapes", "data coco2017", "pretrain-encoder", "train", "caption", "explain", "evaluate", "ablation",
-            "correctness", "hallucination", "map", "masking", "finetune", "demo"} <= names
+            "correctness", "hallucination", "map", "masking", "finetune", "demo", "audit", "import sat-tutorial"} <= names
 
 
 def test_train_choices_come_from_the_registries():
-    result = runner.invoke(app, ["train", "--help"])
-    assert "adaptive" in result.output and "gridtd" in result.output and "vgg16" in result.output
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "400"})
+    for choice in ("adaptive", "gridtd", "sat", "vgg16", "resnet50", "resnet101", "efficientnet_lite0"):
+        assert choice in result.output
 
 
 def test_data_train_caption(tmp_path):
@@ -99,20 +100,23 @@ def test_bad_input_exits_nonzero_with_a_message(tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
-    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
+    result = runner.invoke(app, ["demo", "--quick", "--archs", "adaptive,gridtd,sat", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    for arch in ("adaptive", "gridtd"):
+    for arch in ("adaptive", "gridtd", "sat"):
         assert {"bleu4", "object_precision", "object_recall", "hallucination_rate"} <= summary[arch].keys()
         assert 0.0 <= summary[arch]["bleu4"] <= 1.0
     assert summary["seconds"] > 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     for name in ("metrics", "ablation", "correctness", "hallucination", "map", "masking", "finetune"):
-        assert set(results[name]) == {"adaptive", "gridtd"}, name
+        assert set(results[name]) == {"adaptive", "gridtd", "sat"}, name
     assert set(results["hallucination"]["gridtd"]["auc"]) == {"lrp", "lrp_max", "guided_gradcam", "guided_gradcam_abs",
                                                              "gradcam", "attention", "one_minus_beta"}
+    assert results["hallucination"]["sat"]["auc"]["one_minus_beta"] is None  # no sentinel: not defined
+    assert "not defined: this decoder has no visual sentinel" in (tmp_path / "demo" / "results" / "sat" /
+                                                                  "hallucination_auc.csv").read_text()
     text = (tmp_path / "demo" / "RESULTS.md").read_text()
-    assert "Do the papers' findings hold here?" in text and "Table 5" in text
+    assert "Do the papers' findings hold here?" in text and "Table 5" in text and "**sat**" in text
     assert (tmp_path / "demo" / "results" / "gridtd" / "correctness.png").is_file()
     report = (tmp_path / "demo" / "report.html").read_text()
     assert "https://" not in report and "Experiments" in report

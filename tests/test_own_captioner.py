@@ -1,6 +1,8 @@
 """Explaining captioners people already have: every architecture × encoder conserves relevance,
 decoders written with standard PyTorch layers are canonised into equivalent rule-bearing ones (and
 restored), the audit passes where LRP is sound and catches a planted product where it is not."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -135,7 +137,9 @@ def test_lrp_conserves_relevance_for_every_architecture_and_encoder(arch, encode
 
 
 def test_every_registered_encoder_is_covered():
-    assert set(ENCODERS) == set(SMALL)
+    assert {name for name, cls in ENCODERS.items() if cls.__module__.startswith("captionlens.")} == set(SMALL)
+    assert {name for name, cls in ARCHITECTURES.items() if cls.__module__.startswith("captionlens.")} == \
+        {"adaptive", "gridtd", "sat"}
 
 
 # ------------------------------------------------------------------------- canonised == original
@@ -247,3 +251,49 @@ def test_every_method_explains_new_encoders_and_standard_decoders(method):
         exp = explain(standard(arch, encoder), image(64), CAPTION, method=method)
         assert exp.image.shape == (len(CAPTION), 64, 64) and torch.isfinite(exp.image).all()
         assert exp.image.abs().sum() > 0
+
+
+# ------------------------------------------------------------------- downstream, on the shapes world
+def test_sat_trains_on_resnet_and_efficientnet_and_every_verb_takes_it(tiny_shapes, tmp_path):
+    """train --arch sat with a ResNet-50 from a local torchvision-format file and with EfficientNet-Lite0's
+    packaged weights; then caption, explain, audit and an experiment through the CLI, and the viewer."""
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from captionlens.cli import app
+    from captionlens.models.resnet import ResNet50Encoder
+    from captionlens.viewer.app import create_app
+
+    runner = CliRunner()
+    weights = tmp_path / "resnet50-random.pth"
+    torch.save(ResNet50Encoder().state_dict(), weights)  # torchvision's layout (random weights: no download here)
+    runs = {"resnet50": ["--encoder-weights", str(weights)], "efficientnet_lite0": []}
+    for encoder, extra in runs.items():
+        result = runner.invoke(app, ["train", "--data", str(tiny_shapes), "--arch", "sat", "--encoder", encoder, *extra,
+                                     "--out", str(tmp_path / encoder), "--epochs", "1", "--hidden-size", "16",
+                                     "--embed-size", "8", "--workers", "0"])
+        assert result.exit_code == 0, result.output
+        assert cl.load(tmp_path / encoder).config.encoder == encoder
+    images = sorted((tiny_shapes / "images").glob("*.png"))[:1]
+    run = str(tmp_path / "efficientnet_lite0")
+    result = runner.invoke(app, ["explain", "--model", run, str(images[0]), "--out", str(tmp_path / "explained"),
+                                 "--methods", "lrp,gradcam,guided_gradcam,attention", "--caption", "a red circle"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["audit", "--model", str(tmp_path / "resnet50"), str(images[0]), "--caption",
+                                 "a red circle", "--out", str(tmp_path / "audit.json")])
+    assert result.exit_code == 0 and "audit passed" in result.output, result.output
+    assert json.loads((tmp_path / "audit.json").read_text())["passed"] is True
+    result = runner.invoke(app, ["hallucination", "--model", run, "--data", str(tiny_shapes), "--out",
+                                 str(tmp_path / "hallucination"), "--split", "val", "--limit", "4", "--min-count", "0",
+                                 "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    served = cl.load(run)
+    with torch.no_grad():  # never <end> first: a caption with words to click
+        served.model.decoder.fc.bias[served.vocab.end_id] = -1e4
+    served.config.max_length = 4
+    client = TestClient(create_app(served, tiny_shapes))
+    upload = client.post("/api/caption", files={"file": ("x.png", images[0].read_bytes(), "image/png")}).json()
+    for method in ("attention", "lrp"):
+        response = client.post("/api/explain", json={"image_id": upload["image_id"], "word_index": 0, "method": method})
+        assert response.status_code == 200, response.text
+        assert "beta" not in response.json()["extra"]  # sat has no sentinel

