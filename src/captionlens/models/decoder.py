@@ -45,8 +45,12 @@ class Decoder(nn.Module):
         self.embed_size = embed_size
         self.attention_size = attention_size or hidden_size
         self.embedding = nn.Embedding(vocab_size, embed_size)  # W_e
+        self.build_input_layers(feature_channels)  # here, so parameters are drawn in a fixed order
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(hidden_size, vocab_size)
+
+    def build_input_layers(self, feature_channels: int) -> None:
+        """Layers between the grid and the steps that a family of decoders shares (none here)."""
 
     def prepare(self, grid: torch.Tensor) -> GridMemory:
         """grid [B, C, h, w] -> what the steps attend to (computed once per image)."""
@@ -83,8 +87,7 @@ class GridAttentionDecoder(Decoder):
     """The papers' two captioners: the grid projection ``V, v_g`` (Section 4), an ``AdaptiveAttention``
     as ``self.attention`` and the output ``fc(ĉ_t + h_t)``."""
 
-    def __init__(self, vocab_size: int, feature_channels: int, **sizes) -> None:
-        super().__init__(vocab_size, feature_channels, **sizes)
+    def build_input_layers(self, feature_channels: int) -> None:
         self.projection = GridProjection(feature_channels, self.hidden_size)  # W_a, W_b
         self.output_sum = Sum()  # ĉ_t ⊕ h_t
 
