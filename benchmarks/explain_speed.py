@@ -1,6 +1,6 @@
 """Speed of explaining all words of a caption at the papers' size, measured side by side in one run.
 
-VGG16 at 224×224 (random weights), grid-TD decoder with hidden/embedding 512, a vocabulary of
+By default VGG16 at 224×224 (random weights), grid-TD decoder with hidden/embedding 512, a vocabulary of
 10 000 words, a 15-word caption. Three ways to get the 15 explanations:
 
 * LRP, batched: one forward, one batched backward carrying the 15 relevance seeds;
@@ -11,6 +11,7 @@ Prints the median of --repeats timings of each and the ratios. Targets (issue 3)
 gradient pass and ≥ 10× faster than the per-word loop.
 
     python benchmarks/explain_speed.py [--repeats 3] [--threads N] [--arch gridtd]
+    python benchmarks/explain_speed.py --arch sat --encoder resnet101 --image-size 256   # the SAT tutorial's size
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import time
 import torch
 
 import captionlens as cl
-from captionlens.models import ARCHITECTURES
+from captionlens.models import ARCHITECTURES, ENCODERS
 
 
 def timed(function, repeats: int) -> float:
@@ -40,18 +41,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--arch", default="gridtd", choices=sorted(ARCHITECTURES))
     parser.add_argument("--words", type=int, default=15)
+    parser.add_argument("--encoder", default="vgg16", choices=sorted(ENCODERS))
+    parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     vocab = [f"word{i}" for i in range(10_000 - 4)]
-    cap = cl.build_captioner(args.arch, encoder="vgg16", vocab=vocab, hidden_size=512, embed_size=512, seed=0)
-    image = torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(0))
+    cap = cl.build_captioner(args.arch, encoder=args.encoder, vocab=vocab, hidden_size=512, embed_size=512, seed=0,
+                             encoder_options={"image_size": args.image_size})
+    image = torch.rand(3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
     caption = vocab[: args.words]
 
     lrp = timed(lambda: cl.explain(cap, image, caption, method="lrp"), args.repeats)
     gradient = timed(lambda: cl.explain(cap, image, caption, method="gradient_x_input"), args.repeats)
     loop = timed(lambda: [cl.explain(cap, image, caption, method="lrp", words=[t]) for t in range(args.words)],
                  max(1, args.repeats // 2))
-    print(f"{args.arch}, VGG16 224x224, hidden/embed 512, vocab 10k, {args.words} words, {args.threads} threads")
+    print(f"{args.arch}, {args.encoder} {args.image_size}x{args.image_size}, hidden/embed 512, vocab 10k, {args.words} words, {args.threads} threads")
     print(f"  LRP, batched over words     {lrp:7.2f} s")
     print(f"  input-gradient pass         {gradient:7.2f} s")
     print(f"  LRP, per-word loop          {loop:7.2f} s")

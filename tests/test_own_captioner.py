@@ -205,7 +205,7 @@ def test_unknown_modules_are_refused_by_name_and_unsupported_lstms_clearly():
 
 # ------------------------------------------------------------------------------------------ audit
 @pytest.mark.parametrize("arch", ["adaptive", "gridtd", "sat", "test_tutorial_style", "test_show_and_tell"])
-@pytest.mark.parametrize("encoder", ["shapes", "resnet50", "efficientnet_lite0"])
+@pytest.mark.parametrize("encoder", sorted(SMALL))
 def test_the_audit_passes_where_lrp_is_sound(arch, encoder):
     report = audit_lrp(standard(arch, encoder), caption=CAPTION)
     assert report.passed, [row.to_dict() for row in report.flagged]
@@ -283,6 +283,8 @@ def test_sat_trains_on_resnet_and_efficientnet_and_every_verb_takes_it(tiny_shap
                                  "a red circle", "--out", str(tmp_path / "audit.json")])
     assert result.exit_code == 0 and "audit passed" in result.output, result.output
     assert json.loads((tmp_path / "audit.json").read_text())["passed"] is True
+    result = runner.invoke(app, ["report", "--run", run, "--images", str(images[0]), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0 and (tmp_path / "r.html").is_file(), result.output
     result = runner.invoke(app, ["hallucination", "--model", run, "--data", str(tiny_shapes), "--out",
                                  str(tmp_path / "hallucination"), "--split", "val", "--limit", "4", "--min-count", "0",
                                  "--workers", "0"])
