@@ -155,6 +155,9 @@ def test_workbench_hallucination_correctness_and_map(bench):
     rows = bench.correctness()
     assert [r["curve"] for r in rows] == ["attention", "gradcam", "guided_gradcam", "gradient_x_input", "lrp", "n_lrp",
                                           "n_guided_gradcam", "uniform", "centre"]
+    for row in rows:  # the 95% bootstrap interval of the mean at threshold 0 brackets the mean
+        if row["0.0"] == row["0.0"]:
+            assert row["0.0_low"] - 1e-12 <= row["0.0"] <= row["0.0_high"] + 1e-12
     average = bench.mean_average_precision(min_count=0)
     for name in ("hallucination_auc.csv", "chair.md", "correctness.json", "correctness.png", "hallucination_roc.png",
                  "map.csv"):
@@ -240,13 +243,13 @@ def test_top_pixels_and_masked_images():
     assert out[0, 0].tolist() == [0, 0, 255] and out[1, 1].tolist() == [0, 0, 255]  # filled with the rest's mean
 
 
-def test_workbench_ablation_and_masking_tables(bench):
+def test_workbench_ablation_and_masking_tables_with_intervals(bench):
     rows = bench.ablation(top=2, skip=1)
     assert {(r["words"], r["ranking"]) for r in rows} == {(k, r) for k in ("stop", "object")
                                                           for r in ("lrp", "grad", "random")}
     masking = bench.masking(fraction=0.2, limit=5)
     assert {r["method"] for r in masking} <= {"lrp", "guided_gradcam", "gradcam", "attention", "random"}
-    assert all(0 <= r["vanished"] <= 1 for r in masking)
+    assert all(0 <= r["vanished_low"] <= r["vanished"] <= r["vanished_high"] <= 1 for r in masking)  # Wilson
     assert (bench.out / "ablation.csv").is_file() and (bench.out / "masking.md").is_file()
 
 
@@ -334,39 +337,69 @@ def test_workbench_finetune_table(bench):
 
 # ------------------------------------------------------------------------------------ RESULTS.md
 def _planted_results(lrp_auc: float) -> dict:
-    correctness = [{"curve": c, "mentions": 9, "0.0": v} for c, v in
-                   [("attention", 0.1), ("gradcam", 0.3), ("guided_gradcam", 0.5), ("lrp", 0.6), ("n_lrp", 0.05),
-                    ("n_guided_gradcam", 0.45), ("gradient_x_input", 0.4)]]
-    ablation = [{"words": k, "ranking": r, "targets": 5, "drop_share": s, "mean_drop": 0.1}
-                for k in ("stop", "object") for r, s in (("lrp", 0.9), ("grad", 0.8), ("random", 0.5))]
+    def curve(name, value, half=0.02):
+        return {"curve": name, "mentions": 9, "0.0": value, "0.0_low": value - half, "0.0_high": value + half}
+
+    correctness = [curve(c, v) for c, v in [("attention", 0.2), ("gradcam", 0.3), ("guided_gradcam", 0.5), ("lrp", 0.6),
+                                            ("n_lrp", 0.05), ("n_guided_gradcam", 0.45), ("gradient_x_input", 0.4),
+                                            ("uniform", 0.1), ("centre", 0.12)]]
+    ablation = [{"words": k, "ranking": r, "targets": 50, "drop_share": s, "mean_drop": d, "drop_low": d - 0.01,
+                 "drop_high": d + 0.01, "p_vs_random": p}
+                for k in ("stop", "object") for r, s, d, p in (("lrp", 0.9, 0.2, 1e-4), ("grad", 0.8, 0.15, 1e-3),
+                                                               ("random", 0.5, 0.05, float("nan")))]
     finetune = [{"model": "original", "BLEU-4": 0.5, "TP%": 90.0, "hallucination_rate": 0.3},
-                {"model": "lrp", "BLEU-4": 0.52, "TP%": 93.0, "hallucination_rate": 0.2, "hallucination_rate_std": 0.01},
-                {"model": "plain", "BLEU-4": 0.5, "TP%": 91.0, "hallucination_rate": 0.25, "hallucination_rate_std": 0.01}]
+                {"model": "lrp", "BLEU-4": 0.52, "BLEU-4_low": 0.51, "BLEU-4_high": 0.53, "hallucination_rate": 0.2,
+                 "hallucination_rate_low": 0.18, "hallucination_rate_high": 0.22},
+                {"model": "plain", "BLEU-4": 0.5, "hallucination_rate": 0.25, "hallucination_rate_low": 0.23,
+                 "hallucination_rate_high": 0.27}]
     auc = {"lrp": lrp_auc, "lrp_max": 0.5, "guided_gradcam": 0.4, "guided_gradcam_abs": 0.6, "gradcam": 0.5,
            "attention": 0.55, "one_minus_beta": 0.52}
-    masking = [{"method": "lrp", "masked": "positive", "vanished": 0.8}, {"method": "lrp", "masked": "negative", "vanished": 0.05},
-               {"method": "random", "masked": "random", "vanished": 0.1}]
-    per_arch = {"correctness": correctness, "hallucination": {"auc": auc}, "ablation": ablation,
-                "masking": masking, "finetune": finetune}
+    masking = [{"method": "lrp", "masked": "positive", "vanished": 0.8, "vanished_low": 0.7, "vanished_high": 0.9},
+               {"method": "lrp", "masked": "negative", "vanished": 0.05, "vanished_low": 0.01, "vanished_high": 0.1},
+               {"method": "random", "masked": "random", "vanished": 0.1, "vanished_low": 0.05, "vanished_high": 0.2}]
+    per_arch = {"correctness": correctness, "ablation": ablation, "masking": masking, "finetune": finetune,
+                "hallucination": {"auc": auc, "auc_interval": {k: [v - 0.05, v + 0.05] for k, v in auc.items()}}}
     return {name: {"adaptive": value, "gridtd": value} for name, value in per_arch.items()}
 
 
-def test_findings_are_computed_from_the_numbers():
+def test_verdicts_come_from_intervals_holds_fails_or_inconclusive():
+    from captionlens.experiments.intervals import FAILS, HOLDS, INCONCLUSIVE, NOT_MEASURED
     from captionlens.experiments.results import findings, results_markdown
 
-    verdicts = {claim: holds for claim, holds, _ in findings(_planted_results(lrp_auc=0.7), "gridtd")}
-    assert all(verdicts.values()), verdicts
-    worse = {claim: holds for claim, holds, _ in findings(_planted_results(lrp_auc=0.3), "gridtd")}
-    assert [c for c, h in worse.items() if not h] == ["LRP identifies hallucinated words better than attention and 1−β"]
-    assert all(h is None for _, h, _ in findings({}, "adaptive"))  # nothing measured: no verdict
-    noisy = _planted_results(0.7)
-    noisy["finetune"]["gridtd"][1]["hallucination_rate_std"] = 0.04  # the seeds' spread covers the difference
-    verdicts = {claim: holds for claim, holds, _ in findings(noisy, "gridtd")}
-    assert [c for c, h in verdicts.items() if not h] == [
-        "LRP-inference fine-tuning hallucinates less than plain fine-tuning with the same steps (beyond the spread "
-        "over seeds)"]
-    text = results_markdown(_planted_results(0.7), 12.0, quick=True)
-    assert "## Table 3" in text and "| yes |" in text and "0.64" in text  # the paper's LRP AUC beside ours
+    verdicts = {claim: v for claim, v, _ in findings(_planted_results(lrp_auc=0.8), "gridtd")}
+    assert set(verdicts.values()) == {HOLDS}, verdicts
+    lrp_claim = "LRP identifies hallucinated words better than attention and 1−β"
+    worse = _planted_results(lrp_auc=0.3)
+    worse["hallucination"]["gridtd"]["auc_interval"]["lrp_max"] = [0.3, 0.4]  # both LRP scores below attention
+    assert {c: v for c, v, _ in findings(worse, "gridtd")}[lrp_claim] == FAILS
+    assert {c: v for c, v, _ in findings(_planted_results(lrp_auc=0.62), "gridtd")}[lrp_claim] == INCONCLUSIVE  # overlap
+    assert all(v == NOT_MEASURED for _, v, _ in findings({}, "adaptive"))  # nothing measured: no verdict
+    noisy = _planted_results(0.8)
+    noisy["finetune"]["gridtd"][1]["hallucination_rate_high"] = 0.24  # the seeds' interval reaches plain's
+    assert {c: v for c, v, _ in findings(noisy, "gridtd")}[
+        "LRP-inference fine-tuning hallucinates less than plain fine-tuning with the same steps"] == INCONCLUSIVE
+    weak = _planted_results(0.8)
+    weak["ablation"]["gridtd"][0]["p_vs_random"] = 0.2  # not significant against random
+    assert {c: v for c, v, _ in findings(weak, "gridtd")}[
+        "Deleting the preceding words that LRP and Grad* rank highest lowers the target word's probability more "
+        "than deleting random ones"] == INCONCLUSIVE
+    blind = _planted_results(0.8)
+    blind["correctness"]["gridtd"][0].update({"0.0_low": 0.03, "0.0_high": 0.06})  # attention below uniform
+    assert {c: v for c, v, _ in findings(blind, "gridtd")}[
+        "Attention localises objects better than a uniform map (a precondition of the comparison above)"] == FAILS
+    text = results_markdown(_planted_results(0.8), 12.0, quick=True)
+    assert "## Table 3" in text and "| holds |" in text and "0.64" in text  # the paper's LRP AUC beside ours
+
+
+def test_interval_helpers_on_planted_samples():
+    from captionlens.experiments.intervals import bootstrap_mean_interval, t_interval
+
+    low, high = bootstrap_mean_interval([0.0] * 50 + [1.0] * 50)
+    assert 0.38 < low < 0.5 < high < 0.62
+    assert bootstrap_mean_interval([0.3, 0.3, float("nan")]) == (0.3, 0.3)
+    low, high = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    assert abs(low - (2 - 4.303 / 3 ** 0.5)) < 1e-3 and abs(high - (2 + 4.303 / 3 ** 0.5)) < 1e-3
+    assert all(v != v for v in t_interval([1.0]))  # one seed: no interval
 
 
 def test_masking_without_words_gives_the_same_table_with_no_rates(bench):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..data.coco import Box
+from .intervals import bootstrap_mean_interval
 
 THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(10))  # 0.0 .. 0.9, the papers' Fig. 3 axis
 
@@ -93,7 +94,8 @@ def localisable(predictions, objects) -> list:
 
 
 def correctness_curves(predictions, objects, explanations: dict[str, dict], thresholds=THRESHOLDS) -> list[dict]:
-    """Mean correctness per curve and threshold over the localisable mentions; ``explanations``
+    """Mean correctness per curve and threshold over the localisable mentions, with the 95% bootstrap
+    interval (over mentions) at the first threshold (``0.0_low``, ``0.0_high``); ``explanations``
     maps a method name to {mention: single-word Explanation}."""
     mentions = localisable(predictions, objects)
     rows = []
@@ -109,7 +111,9 @@ def correctness_curves(predictions, objects, explanations: dict[str, dict], thre
         with warnings.catch_warnings():  # a threshold that no map passes has no mean: NaN, said in the table
             warnings.simplefilter("ignore", RuntimeWarning)
             means = np.nanmean(np.array(values), axis=0) if values else np.full(len(thresholds), np.nan)
-        return {"curve": curve, "mentions": len(mentions)} | {f"{t:.1f}": float(v) for t, v in zip(thresholds, means)}
+        low, high = bootstrap_mean_interval(np.array(values)[:, 0]) if values else (float("nan"),) * 2
+        return ({"curve": curve, "mentions": len(mentions)} | {f"{t:.1f}": float(v) for t, v in zip(thresholds, means)}
+                | {f"{thresholds[0]:.1f}_low": low, f"{thresholds[0]:.1f}_high": high})
 
     for curve, (method, negative) in CURVES.items():
         if method in explanations:

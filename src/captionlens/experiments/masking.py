@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..models import Captioner
 from .context import Mention, Predictions
+from .metrics import wilson_interval
 
 
 def top_pixels(heatmap: torch.Tensor, fraction: float, sign: str, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -44,7 +45,8 @@ def masked_image(image: Image.Image, mask: np.ndarray) -> Image.Image:
 def feature_masking(captioner: Captioner, predictions: Predictions, explanations: dict[str, dict[Mention, object]],
                     mentions: Sequence[Mention], fraction: float = 0.1, seed: int = 0, beam_size: int = 3,
                     batch_size: int = 64) -> list[dict]:
-    """One row per method and sign: the share of mentions whose word vanishes after masking."""
+    """One row per method and sign: the share of mentions whose word vanishes after masking, with its
+    95% Wilson interval."""
     rng = np.random.default_rng(seed)
     jobs: list[tuple[str, str, Mention, np.ndarray]] = []
     for method, by_mention in explanations.items():
@@ -66,6 +68,9 @@ def feature_masking(captioner: Captioner, predictions: Predictions, explanations
     if not mentions:  # nothing to mask: the same table, with no words and no rates
         vanished = {(method, sign): [] for method in explanations for sign in ("positive", "negative")}
         vanished[("random", "random")] = []
-    return [{"method": method, "masked": sign, "words": len(values),
-             "vanished": float(np.mean(values)) if values else float("nan")}
-            for (method, sign), values in vanished.items()]
+    rows = []
+    for (method, sign), values in vanished.items():
+        rate = wilson_interval(int(np.sum(values)), len(values))
+        rows.append({"method": method, "masked": sign, "words": len(values), "vanished": rate.rate,
+                     "vanished_low": rate.low, "vanished_high": rate.high})
+    return rows

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .intervals import FAILS, HOLDS, INCONCLUSIVE, NOT_MEASURED, Interval, above, all_of, below
 from .tables import format_cell, markdown_table
 
 ARCHITECTURES = ("adaptive", "gridtd")
@@ -42,83 +43,116 @@ def _row(rows: list[dict], **match) -> dict:
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), {})
 
 
-def findings(results: dict, arch: str) -> list[tuple[str, bool | None, str]]:
-    """(the papers' claim, does it hold on our data?, the numbers behind the verdict)."""
-    checks: list[tuple[str, Callable[[], tuple[bool, str]]]] = []
+def findings(results: dict, arch: str) -> list[tuple[str, str, str]]:
+    """(the papers' claim, its verdict on our data, the numbers behind it). Verdicts come from 95%
+    intervals (``intervals.py``): "holds", "does not hold", "inconclusive" (the intervals overlap) or
+    "not measured"."""
+    checks: list[tuple[str, Callable[[], tuple[str, str]]]] = []
     correctness = results.get("correctness", {}).get(arch, [])
-    hallucination = results.get("hallucination", {}).get(arch, {}).get("auc", {})
+    hallucination = results.get("hallucination", {}).get(arch, {})
     ablation = results.get("ablation", {}).get(arch, [])
     masking = results.get("masking", {}).get(arch, [])
     finetune = results.get("finetune", {}).get(arch, [])
+    nan = float("nan")
 
-    def at0(curve):
-        return _row(correctness, curve=curve).get("0.0", float("nan"))
+    def at0(curve) -> Interval:
+        row = _row(correctness, curve=curve)
+        return row.get("0.0_low", nan), row.get("0.0_high", nan)
+
+    def shown(interval: Interval, digits: int = 3) -> str:
+        return f"[{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+    def scaled(interval: Interval, factor: float) -> Interval:
+        return interval[0] * factor, interval[1] * factor
 
     checks.append(("Explanations (LRP, Grad-CAM, Guided Grad-CAM) localise objects better than attention",
-                   lambda: (min(at0("lrp"), at0("gradcam"), at0("guided_gradcam")) > at0("attention"),
-                            f"correctness at threshold 0: LRP {at0('lrp'):.3f}, Grad-CAM {at0('gradcam'):.3f}, "
-                            f"Guided Grad-CAM {at0('guided_gradcam'):.3f}, attention {at0('attention'):.3f}")))
+                   lambda: (all_of(*(above(at0(m), at0("attention")) for m in ("lrp", "gradcam", "guided_gradcam"))),
+                            "correctness at threshold 0: " + ", ".join(
+                                f"{name} {shown(at0(curve))}" for name, curve in (
+                                    ("LRP", "lrp"), ("Grad-CAM", "gradcam"), ("Guided Grad-CAM", "guided_gradcam"),
+                                    ("attention", "attention"), ("uniform map", "uniform"))))))
+    checks.append(("Attention localises objects better than a uniform map (a precondition of the comparison above)",
+                   lambda: (above(at0("attention"), at0("uniform")),
+                            f"attention {shown(at0('attention'))} vs uniform {shown(at0('uniform'))}, centre prior "
+                            f"{shown(at0('centre'))}")))
     checks.append(("The sign of LRP is meaningful (N-LRP localises poorly), that of Guided Grad-CAM is not",
-                   lambda: (at0("n_lrp") < 0.5 * at0("lrp") and at0("n_guided_gradcam") > 0.5 * at0("guided_gradcam"),
-                            f"N-LRP {at0('n_lrp'):.3f} vs LRP {at0('lrp'):.3f}; N-Guided-Grad-CAM "
-                            f"{at0('n_guided_gradcam'):.3f} vs Guided Grad-CAM {at0('guided_gradcam'):.3f}")))
-    auc = {k: hallucination.get(k, float("nan")) for k in PAPER_AUC["gridtd"]}
-    best_lrp = max(auc["lrp"], auc["lrp_max"])
-    beta = "not defined (no sentinel)" if np.isnan(auc["one_minus_beta"]) else f"{auc['one_minus_beta']:.3f}"
-    checks.append(("LRP identifies hallucinated words better than attention and 1−β",
-                   lambda: (best_lrp > np.nanmax([auc["attention"], auc["one_minus_beta"]]),
-                            f"AUC LRP {auc['lrp']:.3f}, L-max {auc['lrp_max']:.3f}, attention {auc['attention']:.3f}, "
-                            f"1−β {beta}")))
-    checks.append(("The absolute value of Guided Grad-CAM detects hallucination better than its signed mean",
-                   lambda: (auc["guided_gradcam_abs"] > auc["guided_gradcam"],
-                            f"AUC Guided Grad-CAM-abs {auc['guided_gradcam_abs']:.3f} vs signed "
-                            f"{auc['guided_gradcam']:.3f}")))
+                   lambda: (all_of(below(at0("n_lrp"), scaled(at0("lrp"), 0.5)),
+                                   above(at0("n_guided_gradcam"), scaled(at0("guided_gradcam"), 0.5))),
+                            f"N-LRP {shown(at0('n_lrp'))} vs ½·LRP {shown(scaled(at0('lrp'), 0.5))}; N-Guided-Grad-CAM "
+                            f"{shown(at0('n_guided_gradcam'))} vs ½·Guided Grad-CAM "
+                            f"{shown(scaled(at0('guided_gradcam'), 0.5))}")))
+    auc, intervals = hallucination.get("auc", {}), hallucination.get("auc_interval", {})
 
-    def drop(kind, ranking):
-        return _row(ablation, words=kind, ranking=ranking).get("drop_share", float("nan"))
+    def auc_of(score) -> Interval:
+        interval = intervals.get(score)
+        return (nan, nan) if interval is None or interval[0] is None else tuple(interval)
+
+    sentinel = auc.get("one_minus_beta") is not None and not np.isnan(auc.get("one_minus_beta", nan))
+    rivals = ["attention", "one_minus_beta"] if sentinel else ["attention"]
+    checks.append(("LRP identifies hallucinated words better than attention and 1−β",
+                   lambda: (all_of(*(above(max(auc_of("lrp"), auc_of("lrp_max"), key=lambda i: i[0]), auc_of(r))
+                                     for r in rivals)),
+                            f"AUC LRP {shown(auc_of('lrp'))}, L-max {shown(auc_of('lrp_max'))}, attention "
+                            f"{shown(auc_of('attention'))}, 1−β "
+                            + (shown(auc_of("one_minus_beta")) if sentinel else "not defined (no sentinel)"))))
+    checks.append(("The absolute value of Guided Grad-CAM detects hallucination better than its signed mean",
+                   lambda: (above(auc_of("guided_gradcam_abs"), auc_of("guided_gradcam")),
+                            f"AUC Guided Grad-CAM-abs {shown(auc_of('guided_gradcam_abs'))} vs signed "
+                            f"{shown(auc_of('guided_gradcam'))}")))
+
+    def ablated(kind, ranking) -> str:
+        """Does deleting the words ``ranking`` puts first lower the probability more than random
+        deletions of the same targets? From the paired Wilcoxon test (p < 0.05) and the mean drops."""
+        row, random = _row(ablation, words=kind, ranking=ranking), _row(ablation, words=kind, ranking="random")
+        p, mean, baseline = row.get("p_vs_random", nan), row.get("mean_drop", nan), random.get("mean_drop", nan)
+        if any(v is None or np.isnan(v) for v in (p, mean, baseline)):
+            return NOT_MEASURED
+        return INCONCLUSIVE if p >= 0.05 else HOLDS if mean > baseline else FAILS
+
+    def drop_text(kind) -> str:
+        rows = {r: _row(ablation, words=kind, ranking=r) for r in ("lrp", "grad", "random")}
+        return f"{kind} words: mean drop " + ", ".join(
+            f"{name} {rows[r].get('mean_drop', nan):.3f} {shown((rows[r].get('drop_low', nan), rows[r].get('drop_high', nan)))}"
+            + (f" (p {rows[r].get('p_vs_random', nan):.2g})" if r != "random" else "")
+            for name, r in (("LRP", "lrp"), ("Grad*", "grad"), ("random", "random")))
 
     checks.append(("Deleting the preceding words that LRP and Grad* rank highest lowers the target word's "
-                   "probability more often than deleting random ones",
-                   lambda: (all(drop(k, r) > drop(k, "random") for k in ("stop", "object") for r in ("lrp", "grad")),
-                            "probability dropped for " + "; ".join(
-                                f"{k} words: LRP {drop(k, 'lrp'):.1%}, Grad* {drop(k, 'grad'):.1%}, random "
-                                f"{drop(k, 'random'):.1%}" for k in ("stop", "object")))))
+                   "probability more than deleting random ones",
+                   lambda: (all_of(*(ablated(k, r) for k in ("stop", "object") for r in ("lrp", "grad"))),
+                            "; ".join(drop_text(k) for k in ("stop", "object")))))
 
-    def vanished(method, masked):
-        return _row(masking, method=method, masked=masked).get("vanished", float("nan"))
+    def vanished(method, masked) -> Interval:
+        row = _row(masking, method=method, masked=masked)
+        return row.get("vanished_low", nan), row.get("vanished_high", nan)
 
     checks.append(("Masking the regions LRP finds supporting removes the word more often than a random mask",
-                   lambda: (vanished("lrp", "positive") > vanished("random", "random"),
-                            f"word gone after masking LRP-positive {vanished('lrp', 'positive'):.1%}, "
-                            f"LRP-negative {vanished('lrp', 'negative'):.1%}, random {vanished('random', 'random'):.1%}")))
-    tuned, plain, original = _row(finetune, model="lrp"), _row(finetune, model="plain"), _row(finetune, model="original")
-    def spread(row, key):
-        return row.get(key, float("nan")), row.get(f"{key}_std", 0.0)
+                   lambda: (above(vanished("lrp", "positive"), vanished("random", "random")),
+                            f"word gone after masking LRP-positive {shown(vanished('lrp', 'positive'), 2)}, "
+                            f"LRP-negative {shown(vanished('lrp', 'negative'), 2)}, random "
+                            f"{shown(vanished('random', 'random'), 2)}")))
 
-    def separated_below(a, b):  # a's mean + std below b's mean − std: a difference the seeds do not explain
-        return a[0] + a[1] < b[0] - b[1]
+    def tuned(mode, key) -> Interval:
+        row = _row(finetune, model=mode)
+        return row.get(f"{key}_low", nan), row.get(f"{key}_high", nan)
 
-    checks.append(("LRP-inference fine-tuning hallucinates less than plain fine-tuning with the same steps "
-                   "(beyond the spread over seeds)",
-                   lambda: (separated_below(spread(tuned, "hallucination_rate"), spread(plain, "hallucination_rate")),
-                            "biased-word hallucination {:.1%} ± {:.1%} (LRP) vs {:.1%} ± {:.1%} (plain), original "
-                            "{:.1%}; TP% {:.2f} vs {:.2f}".format(
-                                *spread(tuned, "hallucination_rate"), *spread(plain, "hallucination_rate"),
-                                original.get("hallucination_rate", float("nan")), tuned.get("TP%", float("nan")),
-                                plain.get("TP%", float("nan"))))))
+    original = _row(finetune, model="original")
+    checks.append(("LRP-inference fine-tuning hallucinates less than plain fine-tuning with the same steps",
+                   lambda: (below(tuned("lrp", "hallucination_rate"), tuned("plain", "hallucination_rate")),
+                            f"biased-word hallucination {shown(tuned('lrp', 'hallucination_rate'))} (LRP) vs "
+                            f"{shown(tuned('plain', 'hallucination_rate'))} (plain), original "
+                            f"{original.get('hallucination_rate', nan):.3f}")))
+    before = original.get("BLEU-4", nan)
     checks.append(("LRP-inference fine-tuning maintains or improves caption quality (BLEU-4 at most 0.01 below "
                    "the original)",
-                   lambda: (tuned.get("BLEU-4", 0) >= original.get("BLEU-4", 1) - 0.01,
-                            f"BLEU-4 {tuned.get('BLEU-4', float('nan')):.3f} after vs "
-                            f"{original.get('BLEU-4', float('nan')):.3f} before")))
+                   lambda: (above(tuned("lrp", "BLEU-4"), (before - 0.01,) * 2),
+                            f"BLEU-4 {shown(tuned('lrp', 'BLEU-4'))} after vs {before:.3f} before")))
     verdicts = []
     for claim, check in checks:
         try:
-            holds, numbers = check()
-            holds = None if "nan" in numbers else bool(holds)
+            verdict, numbers = check()
         except (KeyError, TypeError, ValueError):
-            holds, numbers = None, "not measured"
-        verdicts.append((claim, holds, numbers))
+            verdict, numbers = NOT_MEASURED, "not measured"
+        verdicts.append((claim, verdict, numbers))
     return verdicts
 
 
@@ -129,12 +163,16 @@ def results_markdown(results: dict, seconds: float, quick: bool) -> str:
              f"`captionlens demo{' --quick' if quick else ''}` in {seconds:.0f} s. The papers' numbers come "
              "from Flickr30K / MSCOCO with VGG16; ours from a generated world with a planted co-occurrence "
              "bias, so compare directions and orderings, not values.", ""]
-    lines += ["## Do the papers' findings hold here?", ""]
+    lines += ["## Do the papers' findings hold here?", "",
+              "Each verdict compares 95% intervals (bootstrap over images or mentions; Wilson for rates; the paired "
+              "Wilcoxon test for ablation; Student-t over fine-tuning seeds): **holds** when they are separated in "
+              "the papers' direction, **does not hold** when separated the other way, **inconclusive** when they "
+              "overlap. A rerun with another seed may move a verdict to or from inconclusive, never flip it.", ""]
     for arch in archs:
         lines += [f"**{arch}**", "", "| finding | holds here? | our numbers |", "|---|---|---|"]
-        for claim, holds, numbers in findings(results, arch):
-            verdict = {True: "yes", False: "**no**", None: "not measured"}[holds]
-            lines.append(f"| {claim} | {verdict} | {numbers} |")
+        for claim, verdict, numbers in findings(results, arch):
+            shown = {HOLDS: "holds", FAILS: "**does not hold**"}.get(verdict, verdict)
+            lines.append(f"| {claim} | {shown} | {numbers} |")
         lines.append("")
     lines += ["## Table 1 — caption metrics (test split)", ""]
     rows, reasons = [], {}

@@ -27,6 +27,7 @@ from .correctness import CURVES, correctness_curves, localisable, plot_correctne
 from .explain_split import explained_positions, stored_caption
 from .finetune import MODES, FinetuneConfig, finetune, true_positive_rates
 from .hallucination import SCORES, UNDEFINED, auc_interval, auc_table, chair, detection_scores, labels_of, mean_average_precision, plot_roc
+from .intervals import t_interval
 from .masking import feature_masking
 from .metrics import hallucination_rate, object_precision_recall
 from .tables import plot_bars, write_table
@@ -252,6 +253,7 @@ class Workbench:
                 finite = values[~np.isnan(values)]
                 row[key] = float(finite.mean()) if finite.size else float("nan")
                 row[f"{key}_std"] = float(finite.std()) if finite.size > 1 else 0.0
+                row[f"{key}_low"], row[f"{key}_high"] = t_interval(finite)  # 95% over seeds
             empty = [key for key in runs[0] if row[key] != row[key]]
             if empty:
                 row["note"] = f"{', '.join(empty)}: no object mentions to score (TP%), or no frequent word with " \

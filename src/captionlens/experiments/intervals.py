@@ -1,0 +1,68 @@
+"""Intervals and the three-way verdicts built on them: a finding "holds" only when the intervals say
+so, "does not hold" only when they say the opposite, and is "inconclusive" when they overlap — so a
+rerun with another seed can move a verdict to or from inconclusive, never flip it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+HOLDS, FAILS, INCONCLUSIVE, NOT_MEASURED = "holds", "does not hold", "inconclusive", "not measured"
+Interval = tuple[float, float]
+
+
+def bootstrap_mean_interval(values, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> Interval:
+    """Percentile-bootstrap interval of the mean of ``values`` (NaNs left out); NaN with none."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(values.size, size=(resamples, values.size))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def t_interval(values, level: float = 0.95) -> Interval:
+    """Student-t interval of the mean over a few runs (seeds); NaN with fewer than two."""
+    from scipy.stats import t
+
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if values.size < 2:
+        return float("nan"), float("nan")
+    half = t.ppf(0.5 + level / 2, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size)
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def _known(*intervals: Interval) -> bool:
+    return all(not math.isnan(x) for interval in intervals for x in interval)
+
+
+def above(a: Interval, b: Interval) -> str:
+    """Is the quantity of ``a`` larger than that of ``b``? holds: a's interval lies above b's;
+    does not hold: below; inconclusive: they overlap."""
+    if not _known(a, b):
+        return NOT_MEASURED
+    if a[0] > b[1]:
+        return HOLDS
+    if a[1] < b[0]:
+        return FAILS
+    return INCONCLUSIVE
+
+
+def below(a: Interval, b: Interval) -> str:
+    return above(b, a)
+
+
+def all_of(*verdicts: str) -> str:
+    """A finding made of several comparisons: holds if all hold, does not hold if any fails."""
+    if any(v == FAILS for v in verdicts):
+        return FAILS
+    if any(v == NOT_MEASURED for v in verdicts):
+        return NOT_MEASURED
+    if all(v == HOLDS for v in verdicts):
+        return HOLDS
+    return INCONCLUSIVE
+
