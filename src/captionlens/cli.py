@@ -619,6 +619,7 @@ def masking(model: ModelOption, data: DataOption, dataset: DatasetOptions, optio
 
 class FinetuneMode(str, Enum):
     lrp = "lrp"
+    lrp_journal = "lrp_journal"
     frequency = "frequency"
     plain = "plain"
 
@@ -627,14 +628,14 @@ class FinetuneMode(str, Enum):
 @option_groups
 def finetune(model: ModelOption, data: DataOption, dataset: DatasetOptions, options: ExperimentOptions,
              out: OutOption = Path("results"),
-             mode: Annotated[Optional[list[FinetuneMode]], typer.Option(help="lrp (eq. 10-12), frequency or plain; repeat for several (default: all three).")] = None,
+             mode: Annotated[Optional[list[FinetuneMode]], typer.Option(help="lrp (ICML eq. 10-12: m recomputed while tuning), lrp_journal (journal: explained once before tuning, m = 0 for a/an/the, one epoch over --train-limit images), frequency or plain; repeat for several (default: all four).")] = None,
              seeds: Annotated[str, typer.Option(help="Comma-separated seeds; one tuned model per mode and seed.")] = "0,1,2",
              steps: Annotated[int, typer.Option(help="Fine-tuning steps (batches).")] = 60,
              lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
              lam: Annotated[float, typer.Option("--lambda", help="λ of eq. 12: weight of the plain cross-entropy.")] = 0.5,
              batch_size: Annotated[int, typer.Option(help="Training images per step.")] = 32,
              min_count: MinCountOption = 50,
-             train_limit: Annotated[Optional[int], typer.Option(help="Training images whose predictions give the frequency baseline's rates.")] = 500,
+             train_limit: Annotated[Optional[int], typer.Option(help="Training images whose predictions give the frequency baseline's rates (and lrp_journal's epoch).")] = 500,
              save: Annotated[bool, typer.Option(help="Also write each tuned model as a run folder under OUT/finetuned/.")] = False,
              full_metrics: Annotated[bool, typer.Option(help="Score with all of Table 1 (Java METEOR, BERTScore) instead of BLEU-4/ROUGE-L/CIDEr.")] = False) -> None:
     """LRP-inference fine-tuning and its baselines (Table III, Tables 4-5): fine-tune from the same
@@ -644,7 +645,7 @@ def finetune(model: ModelOption, data: DataOption, dataset: DatasetOptions, opti
 
     Example: captionlens finetune --model runs/f30k-adaptive --data data/f30k --subset clothes --mode lrp --mode plain
     """
-    chosen = [m.value for m in mode] if mode else ["lrp", "frequency", "plain"]
+    chosen = [m.value for m in mode] if mode else ["lrp", "lrp_journal", "frequency", "plain"]
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:

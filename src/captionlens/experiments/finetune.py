@@ -1,14 +1,22 @@
 """LRP-inference fine-tuning (ICML eq. (10)-(12); journal eq. (14)-(15), Table III) and its baselines.
 
-For each training image the model's own caption is predicted and each of its words ``w_t`` that is
-not a stop word is explained by LRP; ``E_t`` is the image explanation divided by its max |value|. The
-weights over the vocabulary are ``m[h(w_t)] = 1 + mean(E_t)`` (1 for every other word), the
-re-weighted scores ``p̂ = m ⊙ p`` and the loss on the reference caption
+For each training image the model's own caption is predicted and each of its words ``w_t`` is
+explained by LRP; ``E_t`` is the image explanation divided by its max |value|. The weights over the
+vocabulary are ``m[h(w_t)] = 1 + mean(E_t)`` (1 for every other word), the re-weighted scores
+``p̂ = m ⊙ p`` and the loss on the reference caption
 
     L = λ · CE(p) + (1 − λ) · CE(p̂)                                            (eq. 12)
 
-so a word the model predicts without image support (negative mean relevance) is pushed down. ``m`` is
-recomputed for every batch from the current model, since the heatmaps change while tuning.
+so a word the model predicts without image support (negative mean relevance) is pushed down. The two
+papers define it differently, and both are here:
+
+* ``lrp`` (ICML): ``m`` is recomputed for every batch from the current model, since the heatmaps
+  change while tuning; stop words keep ``m = 1``; ``steps`` batches.
+* ``lrp_journal`` (journal): the captions of the training images are predicted and explained once,
+  by the model before tuning; ``m = 0`` for the articles {a, an, the}; one epoch over the images.
+
+``m − 1`` of every explained word is recorded: with ``E_t`` max-normalised its mean is often near 0,
+and then eq. (12) barely changes the logits — the finetune table reports its distribution.
 
 Baselines (journal Section IV-B-4): ``frequency`` uses ``1 + (share of the word's predictions on the
 training set that are true positives)`` for object words instead of the LRP term; ``plain`` tunes with
@@ -32,7 +40,8 @@ from ..models import Captioner
 from ..pipeline import pad_captions
 from .context import Predictions
 
-MODES = ("lrp", "frequency", "plain")
+MODES = ("lrp", "lrp_journal", "frequency", "plain")
+ARTICLES = frozenset({"a", "an", "the"})  # m = 0 in the journal variant
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,7 @@ class FinetuneConfig:
     learning_rate: float = 1e-4
     lam: float = 0.5  # λ of eq. (12)
     seed: int = 0
+    epoch_images: int | None = None  # lrp_journal: the training images of its one epoch (None: all)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -60,23 +70,41 @@ def true_positive_rates(predictions: Predictions) -> dict[str, float]:
     return {word: hits[word] / totals[word] for word in totals}
 
 
-def lrp_weights(captioner: Captioner, pixels: torch.Tensor, stop_words: frozenset[str] = ENGLISH_STOP_WORDS) -> torch.Tensor:
-    """m [B, V] of eq. (11) from the model's own captions of ``pixels``."""
+def lrp_weight_maps(captioner: Captioner, pixels: torch.Tensor, skipped: frozenset[str] = ENGLISH_STOP_WORDS,
+                    zeroed: frozenset[str] = frozenset()) -> list[dict[int, float]]:
+    """Per image of ``pixels``, ``{vocabulary index: m}`` of eq. (11) for the words of the model's own
+    caption: ``1 + mean(E_t)`` (averaged over repeats of a word), 0 for ``zeroed`` words; ``skipped``
+    words are not explained and keep 1."""
     vocab = captioner.vocab
-    weights = torch.ones(pixels.shape[0], len(vocab), device=pixels.device)
     captions = _captions(captioner, pixels)
-    positions = [[t for t, w in enumerate(c.words) if w not in stop_words] for c in captions]
+    positions = [[t for t, w in enumerate(c.words) if w not in skipped and w not in zeroed] for c in captions]
     explanations = explain_batch(captioner, list(_as_images(captioner, pixels)), captions, "lrp", words=positions)
-    for b, explanation in enumerate(explanations):
+    maps = []
+    for caption, explanation in zip(captions, explanations):
         values: dict[int, list[float]] = {}
         for row, word in enumerate(explanation.words):
             heatmap = explanation.image[row]
             peak = heatmap.abs().max()
             mean = float(heatmap.mean() / peak) if peak > 0 else 0.0  # mean(E_t), E_t in [-1, 1]
             values.setdefault(vocab.index(word), []).append(mean)
-        for index, means in values.items():
-            weights[b, index] = 1 + float(np.mean(means))
+        weights = {index: 1 + float(np.mean(means)) for index, means in values.items()}
+        weights |= {vocab.index(w): 0.0 for w in caption.words if w in zeroed}
+        maps.append(weights)
+    return maps
+
+
+def weight_matrix(maps: list[dict[int, float]], vocab_size: int, device) -> torch.Tensor:
+    """m [B, V] from per-image ``{index: m}`` (1 elsewhere)."""
+    weights = torch.ones(len(maps), vocab_size, device=device)
+    for b, entries in enumerate(maps):
+        for index, value in entries.items():
+            weights[b, index] = value
     return weights
+
+
+def lrp_weights(captioner: Captioner, pixels: torch.Tensor, stop_words: frozenset[str] = ENGLISH_STOP_WORDS) -> torch.Tensor:
+    """m [B, V] of eq. (11) from the model's own captions of ``pixels`` (the ICML variant)."""
+    return weight_matrix(lrp_weight_maps(captioner, pixels, stop_words), len(captioner.vocab), pixels.device)
 
 
 def frequency_weights(captioner: Captioner, pixels: torch.Tensor, rates: dict[str, float]) -> torch.Tensor:
@@ -118,14 +146,36 @@ def reweighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.
     return lam * plain + (1 - lam) * inferred
 
 
+def journal_weight_maps(captioner: Captioner, data: DataBundle, images: int | None = None, batch_size: int = 32,
+                        workers: int = 0, progress: bool = True) -> list[dict[int, float]]:
+    """The journal variant's ``m`` for the first ``images`` training images, predicted and explained
+    once by ``captioner`` before tuning (articles: m = 0; other stop words are explained too)."""
+    from tqdm import tqdm
+
+    records = data.split("train")[:images]
+    encoder = captioner.model.encoder
+    batches = [[r.path for r in records[i: i + batch_size]] for i in range(0, len(records), batch_size)]
+    maps = []
+    for pixels in tqdm(decoded_batches(batches, captioner.image_size, workers), total=len(batches),
+                       desc="explaining the training captions once", disable=not progress):
+        pixels = normalise(pixels.to(captioner.device), encoder.mean, encoder.std)
+        maps += lrp_weight_maps(captioner, pixels, skipped=frozenset(), zeroed=ARTICLES)
+    return maps
+
+
 def finetune(captioner: Captioner, data: DataBundle, config: FinetuneConfig,
-             rates: dict[str, float] | None = None, progress: bool = True, workers: int = 0) -> Captioner:
+             rates: dict[str, float] | None = None, progress: bool = True, workers: int = 0,
+             journal_maps: list[dict[int, float]] | None = None, m_record: list[float] | None = None) -> Captioner:
     """A fine-tuned copy of ``captioner`` (the original is left unchanged); ``workers`` processes
-    decode the training images ahead of the steps."""
+    decode the training images ahead of the steps. ``lrp_journal`` takes the maps of
+    ``journal_weight_maps`` (computed here when not given); ``m_record`` collects ``m − 1`` of every
+    LRP-weighted word."""
     from tqdm import tqdm
 
     if config.mode == "frequency" and rates is None:
         raise ValueError("the frequency baseline needs the true-positive rates of the training predictions")
+    if config.mode == "lrp_journal" and journal_maps is None:
+        journal_maps = journal_weight_maps(captioner, data, config.epoch_images, config.batch_size, workers, progress)
     tuned = Captioner(copy.deepcopy(captioner.model), captioner.vocab, captioner.config, captioner.device)
     decoder = tuned.model.decoder
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.learning_rate)
@@ -136,8 +186,13 @@ def finetune(captioner: Captioner, data: DataBundle, config: FinetuneConfig,
     torch.manual_seed(config.seed)
     vocab = tuned.vocab
     plan = []  # per step: the chosen training images and one reference caption of each
-    for _ in range(config.steps):
-        chosen = rng.choice(len(records), size=min(config.batch_size, len(records)), replace=False)
+    if config.mode == "lrp_journal":  # one epoch over the explained images, in a seeded order
+        order = rng.permutation(len(journal_maps))
+        batches = [order[i: i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    else:
+        batches = [rng.choice(len(records), size=min(config.batch_size, len(records)), replace=False)
+                   for _ in range(config.steps)]
+    for chosen in batches:
         plan.append((chosen, [records[i].captions[rng.integers(len(records[i].captions))] for i in chosen]))
     images = decoded_batches([[records[i].path for i in chosen] for chosen, _ in plan], tuned.image_size, workers)
     encoder = tuned.model.encoder
@@ -146,8 +201,11 @@ def finetune(captioner: Captioner, data: DataBundle, config: FinetuneConfig,
         pixels = normalise(pixels.to(tuned.device), encoder.mean, encoder.std)
         tokens = pad_captions([vocab.encode(c[: tuned.config.max_length]) for c in references], vocab.pad_id)
         tokens = tokens.to(tuned.device)
-        if config.mode == "lrp":
-            weights = lrp_weights(tuned, pixels)
+        if config.mode in ("lrp", "lrp_journal"):
+            maps = lrp_weight_maps(tuned, pixels) if config.mode == "lrp" else [journal_maps[i] for i in chosen]
+            weights = weight_matrix(maps, len(vocab), tuned.device)
+            if m_record is not None:
+                m_record += [value - 1 for entries in maps for value in entries.values() if value != 0]
         elif config.mode == "frequency":
             weights = frequency_weights(tuned, pixels, rates)
         else:

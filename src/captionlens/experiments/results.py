@@ -136,16 +136,20 @@ def findings(results: dict, arch: str) -> list[tuple[str, str, str]]:
         return row.get(f"{key}_low", nan), row.get(f"{key}_high", nan)
 
     original = _row(finetune, model="original")
-    checks.append(("LRP-inference fine-tuning hallucinates less than plain fine-tuning with the same steps",
-                   lambda: (below(tuned("lrp", "hallucination_rate"), tuned("plain", "hallucination_rate")),
-                            f"biased-word hallucination {shown(tuned('lrp', 'hallucination_rate'))} (LRP) vs "
-                            f"{shown(tuned('plain', 'hallucination_rate'))} (plain), original "
-                            f"{original.get('hallucination_rate', nan):.3f}")))
     before = original.get("BLEU-4", nan)
-    checks.append(("LRP-inference fine-tuning maintains or improves caption quality (BLEU-4 at most 0.01 below "
-                   "the original)",
-                   lambda: (above(tuned("lrp", "BLEU-4"), (before - 0.01,) * 2),
-                            f"BLEU-4 {shown(tuned('lrp', 'BLEU-4'))} after vs {before:.3f} before")))
+    for mode, variant in (("lrp", "ICML variant"), ("lrp_journal", "journal variant")):
+        if mode == "lrp_journal" and not _row(finetune, model=mode):
+            continue  # results from before the journal variant existed
+        checks.append((f"LRP-inference fine-tuning ({variant}) hallucinates less than plain fine-tuning",
+                       lambda mode=mode: (below(tuned(mode, "hallucination_rate"), tuned("plain", "hallucination_rate")),
+                                          f"biased-word hallucination {shown(tuned(mode, 'hallucination_rate'))} "
+                                          f"(LRP) vs {shown(tuned('plain', 'hallucination_rate'))} (plain), original "
+                                          f"{original.get('hallucination_rate', nan):.3f}; m − 1 mean "
+                                          f"{_row(finetune, model=mode).get('m-1_mean', nan):.3g}")))
+        checks.append((f"LRP-inference fine-tuning ({variant}) maintains or improves caption quality (BLEU-4 at "
+                       "most 0.01 below the original)",
+                       lambda mode=mode: (above(tuned(mode, "BLEU-4"), (before - 0.01,) * 2),
+                                          f"BLEU-4 {shown(tuned(mode, 'BLEU-4'))} after vs {before:.3f} before")))
     verdicts = []
     for claim, check in checks:
         try:
@@ -227,7 +231,7 @@ def results_markdown(results: dict, seconds: float, quick: bool) -> str:
         rows = results.get("finetune", {}).get(arch, [])
         if rows:
             compact = [{k: (f"{r[k]:.4g} ± {r[k + '_std']:.2g}" if f"{k}_std" in r else r[k]) for k in r
-                        if not k.endswith("_std")} for r in rows]
+                        if not k.endswith(("_std", "_low", "_high"))} for r in rows]
             lines += [f"**{arch}**", "", markdown_table(compact), ""]
     lines += ["The papers report (journal Table III, adaptive, Flickr30K clothes subset) TP% 47.19 (plain), "
               "50.46 (frequency), 49.12 (LRP).", ""]

@@ -25,7 +25,7 @@ from .caption_metrics import caption_metrics, token_metrics
 from .context import Mention, Predictions, StoredExplanations, explain_into_store, predict, word_probabilities
 from .correctness import CURVES, correctness_curves, localisable, plot_correctness
 from .explain_split import explained_positions, stored_caption
-from .finetune import MODES, FinetuneConfig, finetune, true_positive_rates
+from .finetune import MODES, FinetuneConfig, finetune, journal_weight_maps, true_positive_rates
 from .hallucination import SCORES, UNDEFINED, auc_interval, auc_table, chair, detection_scores, labels_of, mean_average_precision, plot_roc
 from .intervals import t_interval
 from .masking import feature_masking
@@ -238,10 +238,14 @@ class Workbench:
         training = self._predict(self.captioner, "train", train_limit, subset=False)
         rates = true_positive_rates(training)
         results = {"original": [self._tuned_scores(self.captioner, min_count, full_metrics)]}
+        journal = journal_weight_maps(self.captioner, self.data, train_limit, batch_size, self.workers, self.progress) \
+            if "lrp_journal" in modes else None  # explained once, by the model before tuning: shared by the seeds
+        weight_changes: dict[str, list[float]] = {}
         for mode in modes:
             for seed in seeds:
-                config = FinetuneConfig(mode, steps, batch_size, learning_rate, lam, seed)
-                tuned = finetune(self.captioner, self.data, config, rates, self.progress, self.workers)
+                config = FinetuneConfig(mode, steps, batch_size, learning_rate, lam, seed, epoch_images=train_limit)
+                tuned = finetune(self.captioner, self.data, config, rates, self.progress, self.workers, journal,
+                                 weight_changes.setdefault(mode, []))
                 if save:
                     tuned.save(self.out / "finetuned" / f"{mode}-seed{seed}")
                 results.setdefault(mode, []).append(self._tuned_scores(tuned, min_count, full_metrics))
@@ -254,6 +258,10 @@ class Workbench:
                 row[key] = float(finite.mean()) if finite.size else float("nan")
                 row[f"{key}_std"] = float(finite.std()) if finite.size > 1 else 0.0
                 row[f"{key}_low"], row[f"{key}_high"] = t_interval(finite)  # 95% over seeds
+            changes = np.array(weight_changes.get(mode) or [], dtype=float)
+            if changes.size:  # how far eq. (12) moves the logits: m − 1 over the LRP-weighted words
+                row |= {"m-1_mean": float(changes.mean()), "m-1_abs_mean": float(np.abs(changes).mean()),
+                        "m-1_p05": float(np.percentile(changes, 5)), "m-1_p95": float(np.percentile(changes, 95))}
             empty = [key for key in runs[0] if row[key] != row[key]]
             if empty:
                 row["note"] = f"{', '.join(empty)}: no object mentions to score (TP%), or no frequent word with " \
