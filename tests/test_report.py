@@ -45,3 +45,59 @@ def test_report_rejects_unknown_methods(captioner, tiny_shapes, tmp_path):
     image = sorted((tiny_shapes / "images").glob("*.png"))[0]
     with pytest.raises(ValueError, match="saliency"):
         build_report(captioner, [image], tmp_path / "r.html", methods=("saliency",))
+
+
+# --------------------------------------------------------------------------------- colour scales
+def _explanation(maps, words):
+    import torch
+
+    from captionlens.explain import Explanation
+
+    k = len(words)
+    return Explanation("lrp", list(words), list(range(k)), ["<start>", *words], torch.stack(maps),
+                       torch.zeros(k, 2, 2), torch.zeros(k, k + 1), torch.ones(k), {})
+
+
+def test_constant_zero_and_signed_maps_are_drawn_on_their_intended_scales():
+    import matplotlib
+    import numpy as np
+
+    from captionlens.report.scales import DIVERGING, SEQUENTIAL, ZERO, heatmap_image, map_scale
+
+    constant, zero = np.full((8, 8), 0.02), np.zeros((8, 8))
+    signed = np.zeros((8, 8))
+    signed[0, 0], signed[7, 7] = 2.0, -1.0
+    assert (map_scale(constant).kind, map_scale(constant).high, map_scale(constant).label) == (SEQUENTIAL, 0.02, "0 … 0.02")
+    assert (map_scale(zero).kind, map_scale(zero).label) == (ZERO, "all zero")
+    assert (map_scale(signed).kind, map_scale(signed).low, map_scale(signed).high) == (DIVERGING, -2.0, 2.0)
+    magma, bwr = matplotlib.colormaps["magma"], matplotlib.colormaps["bwr"]
+    pixels = np.asarray(heatmap_image(constant)) / 255
+    assert np.allclose(pixels, magma(1.0), atol=1 / 255)  # the top of the sequential scale, not solid red
+    assert np.asarray(heatmap_image(zero))[..., 3].max() == 0  # transparent: nothing drawn
+    pixels = np.asarray(heatmap_image(signed)) / 255
+    assert np.allclose(pixels[0, 0], bwr(1.0), atol=1 / 255) and np.allclose(pixels[7, 7], bwr(0.25), atol=1 / 255)
+    assert np.allclose(pixels[3, 3], bwr(0.5), atol=1 / 255)  # zero is the white middle
+    attention = np.random.default_rng(0).uniform(0.01, 0.02, (8, 8))
+    assert map_scale(attention).kind == SEQUENTIAL  # non-negative maps are never on the diverging scale
+
+
+def test_figures_keep_the_aspect_ratio_mark_zero_maps_and_wrap_long_captions(tmp_path):
+    import torch
+    from PIL import Image
+
+    from captionlens.report.figures import explanation_figure
+    from captionlens.report.html import image_section
+
+    wide = Image.new("RGB", (200, 100), (30, 160, 30))
+    maps = [torch.zeros(16, 16), torch.full((16, 16), 0.5), torch.linspace(-1, 1, 256).view(16, 16)]
+    short = explanation_figure(wide, [_explanation(maps, ["a", "b", "c"])], tmp_path / "short.png")
+    square = explanation_figure(wide.resize((100, 100)), [_explanation(maps, ["a", "b", "c"])], tmp_path / "sq.png")
+    words = [f"w{i}" for i in range(12)]
+    long = explanation_figure(wide, [_explanation([maps[i % 3] for i in range(12)], words)], tmp_path / "long.png",
+                              rows_per_group=8)
+    with Image.open(short) as a, Image.open(square) as b, Image.open(long) as c:
+        assert a.height < b.height  # a wide photo gives flatter rows than a square one
+        assert c.width > 1.8 * a.width and c.height < 8 / 3 * a.height * 1.2  # 12 words: two groups of ≤ 8 rows
+    page = image_section("wide.png", wide, [_explanation(maps, ["a", "b", "c"])])
+    assert page.count('class="scale zero">all zero') == 1 and "0 … 0.5" in page and "±1" in page and "blue −m … white 0 … red +m" in page
+    assert 'style="width:160px;height:80px"' in page  # the tile in the photo's aspect ratio

@@ -72,6 +72,8 @@ def test_caption_and_explain_an_upload(client):
     attention = client.post("/api/explain", json={"image_id": result["image_id"], "word_index": 0,
                                                   "method": "attention"}).json()
     assert "beta" in attention["extra"]
+    assert attention["scale"]["kind"] == "sequential" and attention["scale"]["label"].startswith("0 … ")  # α ≥ 0
+    assert explanation["scale"]["kind"] in ("diverging", "sequential", "zero") and explanation["scale"]["label"]
 
 
 def test_bad_requests(client, tiny_shapes):
@@ -180,8 +182,10 @@ def test_in_a_real_browser_upload_click_a_word_see_the_heatmap(server, tiny_shap
         assert [t.text for t in tokens][0] == "<start>" and len(tokens) == len(buttons)
         assert browser.find_element(By.ID, "download-png").is_displayed()
         tiles = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#tiles figure") or None)
-        assert sorted(t.text for t in tiles) == ["attention", "gradcam", "gradient_x_input", "guided_backprop",
-                                                 "guided_gradcam", "lrp"]  # every method's heatmap of the word
+        labels = sorted(t.text for t in tiles)  # every method's heatmap of the word, with its printed scale
+        assert [label.split(" · ")[0] for label in labels] == ["attention", "gradcam", "gradient_x_input",
+                                                               "guided_backprop", "guided_gradcam", "lrp"]
+        assert labels[0].startswith("attention · 0 … ")  # attention on the sequential scale
         wait.until(ready.text_to_be_present_in_element((By.ID, "score"), "lrp"))
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "viewer.png"))

@@ -1,9 +1,11 @@
-"""Paper-style explanation figures (Fig. 1/4 of the papers): one row per word, the image and one
-column per method, each signed map in a diverging blue–white–red colormap scaled symmetrically by its
-own max |value| and overlaid on the image; the preceding words coloured by their normalised
-relevance as in Fig. 4 (red [0.3, 1], yellow (0, 0.3), blue [−1, 0])."""
+"""Paper-style explanation figures (Fig. 1/4 of the papers): one row per word, the image (in its own
+aspect ratio) and one column per method, each map overlaid on the image on its scale (``scales.py``:
+signed maps blue–white–red around 0, non-negative maps sequential from 0, all-zero maps marked) with
+the scale printed under the panel; the preceding words coloured by their normalised relevance as in
+Fig. 4 (red [0.3, 1], yellow (0, 0.3), blue [−1, 0]). Long captions wrap into several column groups."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..explain.explanation import Explanation
+from .scales import LEGEND, ZERO, display_size, heatmap_image, map_scale
 
 TITLES = {"attention": "attention", "gradcam": "Grad-CAM", "guided_gradcam": "Guided Grad-CAM",
           "guided_backprop": "guided backprop", "gradient_x_input": "gradient×input", "lrp": "LRP"}
@@ -20,7 +23,7 @@ LINGUISTIC_PREFERENCE = ("lrp", "gradcam", "guided_gradcam", "gradient_x_input",
 
 
 def symmetric_limit(values: np.ndarray) -> float:
-    """max |value| (1 where the map is all zeros), for symmetric colour scaling."""
+    """max |value| (1 where all values are zero), for normalising relevance to [−1, 1]."""
     limit = float(np.abs(values).max())
     return limit if limit > 0 else 1.0
 
@@ -41,8 +44,9 @@ def normalised(preceding: torch.Tensor) -> np.ndarray:
 
 
 def explanation_figure(image: Image.Image, explanations: Sequence[Explanation], out: str | Path,
-                       opacity: float = 0.5) -> Path:
-    """Save the figure for one image explained by several methods (same words in each)."""
+                       opacity: float = 0.5, rows_per_group: int = 8, longest_side: int = 192) -> Path:
+    """Save the figure for one image explained by several methods (same words in each): at most
+    ``rows_per_group`` words per column group, groups side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,34 +55,50 @@ def explanation_figure(image: Image.Image, explanations: Sequence[Explanation], 
     by_method = {e.method: e for e in explanations}
     methods = [m for m in COLUMN_ORDER if m in by_method] + [m for m in by_method if m not in COLUMN_ORDER]
     first = by_method[methods[0]]
-    size = first.image.shape[-1]
-    picture = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR)) / 255.0
+    size = display_size(image, longest_side)  # (width, height) in the photo's own aspect ratio
+    picture = np.asarray(image.convert("RGB").resize(size, Image.BILINEAR)) / 255.0
     grey = picture.mean(axis=2)
     linguistic = next((by_method[m] for m in LINGUISTIC_PREFERENCE if m in by_method), None)
-    rows, columns = len(first.words), len(methods) + 1 + (linguistic is not None)
-    figure, axes = plt.subplots(rows, columns, figsize=(1.9 * columns + (1.6 if linguistic else 0), 1.9 * rows),
-                                squeeze=False)
-    for row, word in enumerate(first.words):
-        axes[row, 0].imshow(picture)
-        axes[row, 0].set_ylabel(word, rotation=0, ha="right", va="center", fontsize=12, fontweight="bold")
-        for column, method in enumerate(methods, start=1):
-            heatmap = by_method[method].image[row].detach().cpu().numpy()
-            limit = symmetric_limit(heatmap)
-            axes[row, column].imshow(grey, cmap="gray", vmin=0, vmax=1)
-            axes[row, column].imshow(heatmap, cmap="bwr", vmin=-limit, vmax=limit, alpha=opacity)
-            if row == 0:
-                axes[row, column].set_title(TITLES.get(method, method), fontsize=10)
-        if row == 0:
-            axes[row, 0].set_title("image", fontsize=10)
-        if linguistic is not None:
-            _words_in_colour(axes[row, -1], linguistic, row)
-            if row == 0:
-                axes[row, -1].set_title(f"preceding words ({TITLES.get(linguistic.method, linguistic.method)})",
-                                        fontsize=10)
+    per_group = len(methods) + 1 + (linguistic is not None)
+    groups = max(1, math.ceil(len(first.words) / rows_per_group))
+    rows = max(1, min(len(first.words), rows_per_group))
+    panel, aspect = 1.9, size[1] / size[0]
+    figure, axes = plt.subplots(rows, groups * per_group, squeeze=False, figsize=(
+        groups * (panel * per_group + (1.6 if linguistic else 0)), (panel * aspect + 0.35) * rows))
     for axis in axes.flat:
-        axis.set_xticks([])
-        axis.set_yticks([])
-    figure.tight_layout()
+        axis.axis("off")
+    for index, word in enumerate(first.words):
+        row, offset = index % rows_per_group, (index // rows_per_group) * per_group
+        cells = axes[row, offset: offset + per_group]
+        for axis in cells[: len(methods) + 1]:
+            axis.axis("on")
+            axis.set_xticks([])
+            axis.set_yticks([])
+        cells[0].imshow(picture)
+        cells[0].set_ylabel(word, rotation=0, ha="right", va="center", fontsize=12, fontweight="bold")
+        for axis, method in zip(cells[1:], methods):
+            heatmap = by_method[method].image[index].detach().cpu().numpy()
+            scale = map_scale(heatmap)
+            overlay = np.asarray(heatmap_image(heatmap, size), dtype=float) / 255.0
+            overlay[..., 3] *= opacity
+            axis.imshow(grey, cmap="gray", vmin=0, vmax=1)
+            axis.imshow(overlay)
+            if scale.kind == ZERO:
+                axis.text(0.5, 0.5, "all zero", transform=axis.transAxes, ha="center", va="center", fontsize=9,
+                          fontweight="bold", color="#b00000",
+                          bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+            axis.set_xlabel(scale.label, fontsize=7, labelpad=1)
+            if row == 0:
+                axis.set_title(TITLES.get(method, method), fontsize=10)
+        if row == 0:
+            cells[0].set_title("image", fontsize=10)
+        if linguistic is not None:
+            _words_in_colour(cells[-1], linguistic, index)
+            if row == 0:
+                cells[-1].set_title(f"preceding words ({TITLES.get(linguistic.method, linguistic.method)})",
+                                    fontsize=10)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    figure.text(0.5, 0.005, LEGEND, ha="center", va="bottom", fontsize=7, color="#444")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=80)

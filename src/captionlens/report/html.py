@@ -1,9 +1,9 @@
 """A self-contained HTML report: one file, images embedded as data URIs, inline CSS and JS, no network.
 
-Per image: the caption and, for each word, the heatmaps of every method side by side — each signed
-map coloured blue–white–red, scaled symmetrically by its max |value| and laid over the image with an
-opacity slider — and the preceding words coloured by their normalised relevance as in the papers'
-Fig. 4. When experiment results are given, their tables and plots follow. Every word and file name
+Per image: the caption and, for each word, the heatmaps of every method side by side — each on its
+scale (``scales.py``: signed maps blue–white–red around 0, non-negative maps sequential from 0, all-zero
+maps marked), its scale printed under it, laid over the image in its own aspect ratio with an opacity
+slider — and the preceding words coloured by their normalised relevance as in the papers' Fig. 4. When experiment results are given, their tables and plots follow. Every word and file name
 is HTML-escaped.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from ..data.images import ImageInput, load_image
@@ -23,7 +22,8 @@ from ..explain import METHODS, Explanation, explain, resolved_parameters
 from ..explain.store import ExplanationStore
 from ..io import atomic_write_text
 from ..models import Captioner
-from .figures import COLUMN_ORDER, LINGUISTIC_PREFERENCE, TITLES, normalised, symmetric_limit, word_colour
+from .figures import COLUMN_ORDER, LINGUISTIC_PREFERENCE, TITLES, normalised, word_colour
+from .scales import LEGEND, ZERO, display_size, heatmap_image, map_scale
 
 DEFAULT_METHODS = COLUMN_ORDER  # every method
 DISPLAY = 160  # pixels per heatmap tile
@@ -32,12 +32,13 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.5em} h2{font-size:1.2em;margin-top:2em} table{border-collapse:collapse}
 td,th{padding:3px 6px;vertical-align:middle} th{font-weight:600;font-size:.85em}
-.tile{position:relative;width:%dpx;height:%dpx}
-.tile img{position:absolute;left:0;top:0;width:100%%;height:100%%;image-rendering:auto}
+.tile{position:relative}
+.tile img{position:absolute;left:0;top:0;width:100%;height:100%;image-rendering:auto}
+.scale{font-size:.7em;color:#555;text-align:center} .zero{color:#b00000;font-weight:700}
 .tile img.map{opacity:var(--opacity,.55)} .word{font-weight:700;text-align:right;font-size:1.05em}
 .tok{display:inline-block;padding:0 4px;margin:1px;border-radius:3px;font-family:monospace;font-size:.85em}
 .data td,.data th{border:1px solid #ccc;font-size:.85em} .caption{font-size:1.1em;margin:.3em 0 .8em}
-""" % (DISPLAY, DISPLAY)
+"""
 SCRIPT = """
 function setOpacity(v){document.documentElement.style.setProperty('--opacity',v);
 document.getElementById('opacity-value').textContent=Number(v).toFixed(2);}
@@ -48,15 +49,6 @@ def png_data_uri(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def heatmap_image(heatmap: np.ndarray) -> Image.Image:
-    """The signed map in blue–white–red, symmetric around 0 (RGBA, opaque)."""
-    import matplotlib
-
-    limit = symmetric_limit(heatmap)
-    colours = matplotlib.colormaps["bwr"]((heatmap / limit + 1) / 2)  # [H, W, 4] in [0, 1]
-    return Image.fromarray((colours * 255).round().astype(np.uint8), mode="RGBA")
 
 
 def _tokens_html(explanation: Explanation, row: int) -> str:
@@ -75,25 +67,28 @@ def image_section(name: str, picture: Image.Image, explanations: Sequence[Explan
     methods = [m for m in COLUMN_ORDER if m in by_method] + [m for m in by_method if m not in COLUMN_ORDER]
     first = by_method[methods[0]]
     linguistic = next((by_method[m] for m in LINGUISTIC_PREFERENCE if m in by_method), None)
-    size = first.image.shape[-1]
-    background = png_data_uri(picture.convert("RGB").resize((size, size), Image.BILINEAR))
+    width, height = display_size(picture, DISPLAY)  # the photo's own aspect ratio
+    background = png_data_uri(picture.convert("RGB").resize((width, height), Image.BILINEAR))
+    tile = f'<div class="tile" style="width:{width}px;height:{height}px">'
     header = "".join(f"<th>{html.escape(TITLES.get(m, m))}</th>" for m in methods)
     if linguistic is not None:
         header += f"<th>preceding words ({html.escape(TITLES.get(linguistic.method, linguistic.method))})</th>"
     rows = []
     for row, word in enumerate(first.words):
-        cells = [f'<td class="word">{html.escape(word)}</td>',
-                 f'<td><div class="tile"><img src="{background}" alt="image"></div></td>']
+        cells = [f'<td class="word">{html.escape(word)}</td>', f'<td>{tile}<img src="{background}" alt="image"></div></td>']
         for method in methods:
-            overlay = png_data_uri(heatmap_image(by_method[method].image[row].numpy()))
-            cells.append(f'<td><div class="tile"><img src="{background}" alt="image">'
+            heatmap = by_method[method].image[row].numpy()
+            scale = map_scale(heatmap)
+            overlay = png_data_uri(heatmap_image(heatmap, (width, height)))
+            mark = " zero" if scale.kind == ZERO else ""
+            cells.append(f'<td>{tile}<img src="{background}" alt="image">'
                          f'<img class="map" src="{overlay}" alt="{html.escape(method)} heatmap of '
-                         f'{html.escape(word)}"></div></td>')
+                         f'{html.escape(word)}"></div><div class="scale{mark}">{html.escape(scale.label)}</div></td>')
         if linguistic is not None:
             cells.append(f"<td>{_tokens_html(linguistic, row)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     caption = html.escape(" ".join(caption if caption is not None else first.tokens[1:]))
-    return (f"<h2>{html.escape(name)}</h2><p class=\"caption\">{caption}</p>"
+    return (f"<h2>{html.escape(name)}</h2><p class=\"caption\">{caption}</p><p class=\"scale\">{html.escape(LEGEND)}</p>"
             f"<table><tr><th></th><th>image</th>{header}</tr>{''.join(rows)}</table>")
 
 

@@ -32,7 +32,8 @@ from ..explain import METHODS, explain, method_parameters, resolved_parameters
 from ..explain.store import ExplanationStore
 from ..models import Captioner
 from ..report.figures import normalised
-from ..report.html import heatmap_image, png_data_uri
+from ..report.html import png_data_uri
+from ..report.scales import heatmap_image, map_scale
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 
@@ -307,7 +308,8 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
 
     @app.post("/api/explain")
     def explain_word(request: ExplainRequest) -> dict:
-        """The explanation of one word: heatmap (PNG data URI, blue–white–red), grid, score and the
+        """The explanation of one word: heatmap (PNG data URI on its scale: blue–white–red when signed,
+        sequential from 0 when non-negative, transparent when all zero; ``scale`` says which), grid, score and the
         relevance of <start> and each preceding word."""
         if request.method not in METHODS:
             raise HTTPException(400, f"unknown method {request.method!r}; choose from {', '.join(sorted(METHODS))}")
@@ -363,6 +365,7 @@ def _payload(result, row: int, index: int) -> dict:
         "score": float(result.score[row]),
         "heatmap_png": png_data_uri(heatmap_image(heatmap)),
         "heatmap_max_abs": float(abs(heatmap).max()),
+        "scale": map_scale(heatmap).to_dict(),  # diverging, sequential or zero, with its printed label
         "grid": result.grid[row].tolist(),
         "preceding": [{"token": t, "relevance": float(v), "normalised": float(n)}
                       for t, v, n in zip(result.tokens[: index + 1], values.tolist(), normalised(values))],

@@ -1,0 +1,87 @@
+"""How a heatmap is coloured, one rule for the figures, the HTML report and the viewer:
+
+* a map with negative values (LRP, gradient×input, Guided Grad-CAM, signed Grad-CAM) on the
+  diverging blue–white–red scale, symmetric around 0 (white = 0), scaled by its max |value|;
+* a map without negative values (attention, ReLU'd Grad-CAM) on a sequential scale from 0 (dark)
+  to its maximum — so a near-uniform attention map reads as near-uniform, not as solid red;
+* an all-zero map (e.g. Guided Grad-CAM where the ReLU'd CAM is 0) is transparent and marked
+  "all zero", never shown as an untouched image.
+
+Every panel prints its scale (``MapScale.label``: "±0.52" on the diverging scale, "0 … 0.031" on the
+sequential one, "all zero"); ``LEGEND`` says how to read them, once per figure or page.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+DIVERGING, SEQUENTIAL, ZERO = "diverging", "sequential", "zero"
+COLOURMAPS = {DIVERGING: "bwr", SEQUENTIAL: "magma"}
+LEGEND = ("±m: signed map, blue −m … white 0 … red +m;  0 … m: non-negative map, dark 0 … bright m;  "
+          "all zero: nothing to show")
+
+
+@dataclass(frozen=True)
+class MapScale:
+    kind: str  # diverging, sequential or zero
+    low: float  # the value at the bottom of the colour scale
+    high: float  # ... and at the top
+
+    @property
+    def colourmap(self) -> str | None:
+        return COLOURMAPS.get(self.kind)
+
+    @property
+    def label(self) -> str:
+        if self.kind == ZERO:
+            return "all zero"
+        if self.kind == DIVERGING:
+            return f"±{self.high:.3g}"
+        return f"0 … {self.high:.3g}"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "low": self.low, "high": self.high, "label": self.label,
+                "colourmap": self.colourmap}
+
+
+def map_scale(heatmap: np.ndarray) -> MapScale:
+    """The scale a map is drawn on (see the module docstring)."""
+    values = np.asarray(heatmap, dtype=float)
+    finite = values[np.isfinite(values)]
+    peak = float(np.abs(finite).max()) if finite.size else 0.0
+    if peak == 0:
+        return MapScale(ZERO, 0.0, 0.0)
+    if finite.min() < 0:
+        return MapScale(DIVERGING, -peak, peak)
+    return MapScale(SEQUENTIAL, 0.0, peak)
+
+
+def colourise(heatmap: np.ndarray, scale: MapScale | None = None) -> np.ndarray:
+    """RGBA in [0, 1], [H, W, 4]: the map on its scale (fully transparent when all zero)."""
+    import matplotlib
+
+    values = np.nan_to_num(np.asarray(heatmap, dtype=float))
+    scale = scale or map_scale(values)
+    if scale.kind == ZERO:
+        return np.zeros((*values.shape, 4))
+    position = (values - scale.low) / (scale.high - scale.low)
+    return matplotlib.colormaps[scale.colourmap](np.clip(position, 0, 1))
+
+
+def heatmap_image(heatmap: np.ndarray, size: tuple[int, int] | None = None) -> Image.Image:
+    """The coloured map as an RGBA image, resampled (bilinear, before colouring) to ``size`` =
+    (width, height) when given — e.g. onto a photo in its own aspect ratio."""
+    values = np.asarray(heatmap, dtype=np.float32)
+    if size is not None and (values.shape[1], values.shape[0]) != tuple(size):
+        values = np.asarray(Image.fromarray(values, mode="F").resize(tuple(size), Image.BILINEAR))
+    colours = colourise(values, map_scale(heatmap))
+    return Image.fromarray((colours * 255).round().astype(np.uint8), mode="RGBA")
+
+
+def display_size(image: Image.Image, longest: int) -> tuple[int, int]:
+    """(width, height) with the image's own aspect ratio and its longer side ``longest``."""
+    width, height = image.size
+    factor = longest / max(width, height)
+    return max(1, round(width * factor)), max(1, round(height * factor))
