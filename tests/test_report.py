@@ -78,7 +78,9 @@ def test_constant_zero_and_signed_maps_are_drawn_on_their_intended_scales():
     assert np.allclose(pixels[0, 0], bwr(1.0), atol=1 / 255) and np.allclose(pixels[7, 7], bwr(0.25), atol=1 / 255)
     assert np.allclose(pixels[3, 3], bwr(0.5), atol=1 / 255)  # zero is the white middle
     attention = np.random.default_rng(0).uniform(0.01, 0.02, (8, 8))
-    assert map_scale(attention).kind == SEQUENTIAL  # non-negative maps are never on the diverging scale
+    assert map_scale(attention, "attention").kind == SEQUENTIAL  # non-negative maps are never diverging
+    assert map_scale(constant, "lrp").kind == DIVERGING  # a signed method stays diverging in every row
+    assert map_scale(constant, "gradcam", {"relu": True}).kind == SEQUENTIAL  # ReLU'd Grad-CAM is non-negative
 
 
 def test_figures_keep_the_aspect_ratio_mark_zero_maps_and_wrap_long_captions(tmp_path):
@@ -99,5 +101,5 @@ def test_figures_keep_the_aspect_ratio_mark_zero_maps_and_wrap_long_captions(tmp
         assert a.height < b.height  # a wide photo gives flatter rows than a square one
         assert c.width > 1.8 * a.width and c.height < 8 / 3 * a.height * 1.2  # 12 words: two groups of ≤ 8 rows
     page = image_section("wide.png", wide, [_explanation(maps, ["a", "b", "c"])])
-    assert page.count('class="scale zero">all zero') == 1 and "0 … 0.5" in page and "±1" in page and "blue −m … white 0 … red +m" in page
+    assert page.count('class="scale zero">all zero') == 1 and "±0.5" in page  # LRP: signed, even where ≥ 0 and "±1" in page and "blue −m … white 0 … red +m" in page
     assert 'style="width:160px;height:80px"' in page  # the tile in the photo's aspect ratio

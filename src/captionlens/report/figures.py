@@ -78,8 +78,8 @@ def explanation_figure(image: Image.Image, explanations: Sequence[Explanation], 
         cells[0].set_ylabel(word, rotation=0, ha="right", va="center", fontsize=12, fontweight="bold")
         for axis, method in zip(cells[1:], methods):
             heatmap = by_method[method].image[index].detach().cpu().numpy()
-            scale = map_scale(heatmap)
-            overlay = np.asarray(heatmap_image(heatmap, size), dtype=float) / 255.0
+            scale = map_scale(heatmap, method, by_method[method].parameters)
+            overlay = np.asarray(heatmap_image(heatmap, size, scale), dtype=float) / 255.0
             overlay[..., 3] *= opacity
             axis.imshow(grey, cmap="gray", vmin=0, vmax=1)
             axis.imshow(overlay)

@@ -78,8 +78,8 @@ def image_section(name: str, picture: Image.Image, explanations: Sequence[Explan
         cells = [f'<td class="word">{html.escape(word)}</td>', f'<td>{tile}<img src="{background}" alt="image"></div></td>']
         for method in methods:
             heatmap = by_method[method].image[row].numpy()
-            scale = map_scale(heatmap)
-            overlay = png_data_uri(heatmap_image(heatmap, (width, height)))
+            scale = map_scale(heatmap, method, by_method[method].parameters)
+            overlay = png_data_uri(heatmap_image(heatmap, (width, height), scale))
             mark = " zero" if scale.kind == ZERO else ""
             cells.append(f'<td>{tile}<img src="{background}" alt="image">'
                          f'<img class="map" src="{overlay}" alt="{html.escape(method)} heatmap of '

@@ -2,8 +2,9 @@
 
 * a map with negative values (LRP, gradient×input, Guided Grad-CAM, signed Grad-CAM) on the
   diverging blue–white–red scale, symmetric around 0 (white = 0), scaled by its max |value|;
-* a map without negative values (attention, ReLU'd Grad-CAM) on a sequential scale from 0 (dark)
-  to its maximum — so a near-uniform attention map reads as near-uniform, not as solid red;
+* a map that is non-negative by construction (attention, ReLU'd Grad-CAM; for a map of unknown
+  origin: one without negative values) on a sequential scale from 0 (dark) to its maximum — so a
+  near-uniform attention map reads as near-uniform, not as solid red;
 * an all-zero map (e.g. Guided Grad-CAM where the ReLU'd CAM is 0) is transparent and marked
   "all zero", never shown as an untouched image.
 
@@ -46,16 +47,27 @@ class MapScale:
                 "colourmap": self.colourmap}
 
 
-def map_scale(heatmap: np.ndarray) -> MapScale:
-    """The scale a map is drawn on (see the module docstring)."""
+def non_negative(method: str | None, parameters: dict | None = None) -> bool | None:
+    """Whether a method's maps are non-negative by construction (attention, ReLU'd Grad-CAM); None
+    for a map of unknown origin. A signed method keeps the diverging scale even where one map happens
+    to have no negative value, so a column of a figure reads the same way throughout."""
+    if method is None:
+        return None
+    return method == "attention" or (method == "gradcam" and bool((parameters or {}).get("relu")))
+
+
+def map_scale(heatmap: np.ndarray, method: str | None = None, parameters: dict | None = None) -> MapScale:
+    """The scale a map is drawn on (see the module docstring); ``method`` (and its parameters) decide
+    between sequential and diverging, the values themselves when it is not given."""
     values = np.asarray(heatmap, dtype=float)
     finite = values[np.isfinite(values)]
     peak = float(np.abs(finite).max()) if finite.size else 0.0
     if peak == 0:
         return MapScale(ZERO, 0.0, 0.0)
-    if finite.min() < 0:
-        return MapScale(DIVERGING, -peak, peak)
-    return MapScale(SEQUENTIAL, 0.0, peak)
+    sequential = non_negative(method, parameters)
+    if sequential is None:
+        sequential = bool(finite.min() >= 0)
+    return MapScale(SEQUENTIAL, 0.0, peak) if sequential else MapScale(DIVERGING, -peak, peak)
 
 
 def colourise(heatmap: np.ndarray, scale: MapScale | None = None) -> np.ndarray:
@@ -70,13 +82,14 @@ def colourise(heatmap: np.ndarray, scale: MapScale | None = None) -> np.ndarray:
     return matplotlib.colormaps[scale.colourmap](np.clip(position, 0, 1))
 
 
-def heatmap_image(heatmap: np.ndarray, size: tuple[int, int] | None = None) -> Image.Image:
-    """The coloured map as an RGBA image, resampled (bilinear, before colouring) to ``size`` =
-    (width, height) when given — e.g. onto a photo in its own aspect ratio."""
+def heatmap_image(heatmap: np.ndarray, size: tuple[int, int] | None = None, scale: MapScale | None = None) -> Image.Image:
+    """The coloured map as an RGBA image on ``scale`` (by default ``map_scale(heatmap)``), resampled
+    (bilinear, before colouring) to ``size`` = (width, height) when given — e.g. onto a photo in its
+    own aspect ratio."""
     values = np.asarray(heatmap, dtype=np.float32)
     if size is not None and (values.shape[1], values.shape[0]) != tuple(size):
         values = np.asarray(Image.fromarray(values, mode="F").resize(tuple(size), Image.BILINEAR))
-    colours = colourise(values, map_scale(heatmap))
+    colours = colourise(values, scale or map_scale(heatmap))
     return Image.fromarray((colours * 255).round().astype(np.uint8), mode="RGBA")
 
 

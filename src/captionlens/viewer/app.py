@@ -356,6 +356,7 @@ def _from_store(state: ViewerState, image_id: str, words: list[str], method: str
 
 def _payload(result, row: int, index: int) -> dict:
     heatmap = result.image[row].numpy()
+    scale = map_scale(heatmap, result.method, result.parameters)
     values = result.preceding[row, : index + 1]
     return {
         "word": result.words[row],
@@ -363,9 +364,9 @@ def _payload(result, row: int, index: int) -> dict:
         "method": result.method,
         "parameters": result.parameters,
         "score": float(result.score[row]),
-        "heatmap_png": png_data_uri(heatmap_image(heatmap)),
+        "heatmap_png": png_data_uri(heatmap_image(heatmap, scale=scale)),
         "heatmap_max_abs": float(abs(heatmap).max()),
-        "scale": map_scale(heatmap).to_dict(),  # diverging, sequential or zero, with its printed label
+        "scale": scale.to_dict(),  # diverging, sequential or zero, with its printed label
         "grid": result.grid[row].tolist(),
         "preceding": [{"token": t, "relevance": float(v), "normalised": float(n)}
                       for t, v, n in zip(result.tokens[: index + 1], values.tolist(), normalised(values))],
