@@ -110,12 +110,8 @@ def lrp_weights(captioner: Captioner, pixels: torch.Tensor, stop_words: frozense
 def frequency_weights(captioner: Captioner, pixels: torch.Tensor, rates: dict[str, float]) -> torch.Tensor:
     """The frequency-inference baseline: 1 + true-positive rate for the object words of each caption."""
     vocab = captioner.vocab
-    weights = torch.ones(pixels.shape[0], len(vocab), device=pixels.device)
-    for b, caption in enumerate(_captions(captioner, pixels)):
-        for word in caption.words:
-            if word in rates:
-                weights[b, vocab.index(word)] = 1 + rates[word]
-    return weights
+    maps = [{vocab.index(w): 1 + rates[w] for w in caption.words if w in rates} for caption in _captions(captioner, pixels)]
+    return weight_matrix(maps, len(vocab), pixels.device)
 
 
 @torch.no_grad()

@@ -94,14 +94,6 @@ class _EpsilonSum(_RelevanceFunction):
         return (None, *(term * share for term in terms))
 
 
-class _EpsilonMean(_RelevanceFunction):
-    @classmethod
-    def relevance(cls, ctx, relevance):
-        cells, out = ctx.saved_tensors  # cells [B, L, C], out [B, C]
-        share = relevance / stabilize(out, ctx.settings)  # [B, C]
-        return cells / cells.shape[1] * share.unsqueeze(1), None
-
-
 class _EpsilonWeightedSum(_RelevanceFunction):
     @classmethod
     def relevance(cls, ctx, relevance):
@@ -258,7 +250,8 @@ def epsilon_sum(module: Sum, inputs, output, p: LRPParameters, **_) -> torch.Ten
 
 
 def epsilon_mean(module: GridMean, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
-    return _EpsilonMean.apply(output, p.epsilon, inputs[0], output.detach())
+    cells = inputs[0]  # [B, L, C]: the mean over the L cells is the ε-rule of a reduction over dim 1
+    return _EpsilonReduce.apply(output, (p.epsilon, (1,), False, cells.shape[1]), cells, output.detach())
 
 
 def epsilon_weighted_sum(module: WeightedSum, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
