@@ -29,7 +29,8 @@ def test_every_verb_has_help(verb):
 def test_the_help_test_covers_every_verb():
     names = {" ".join(v) for v in VERBS}
     assert {"data shapes", "data coco2017", "pretrain-encoder", "train", "caption", "explain", "evaluate", "ablation",
-            "correctness", "hallucination", "map", "masking", "finetune", "demo", "audit", "import sat-tutorial"} <= names
+            "correctness", "hallucination", "map", "masking", "finetune", "demo", "audit", "import sat-tutorial",
+            "faithfulness", "sanity"} <= names
 
 
 def test_train_choices_come_from_the_registries():
@@ -84,6 +85,13 @@ def test_experiment_verbs_write_their_tables(tiny_run, tiny_shapes, tmp_path):
     assert result.exit_code == 0 and "| plain |" in result.stdout, result.output
     result = runner.invoke(app, ["finetune", *common, "--seeds", "zero"])
     assert result.exit_code != 0 and "--seeds" in result.output
+    result = runner.invoke(app, ["faithfulness", *common, "--words", "2", "--other-words", "2", "--regions", "3",
+                                 "--replacement", "mean", "--methods", "lrp,attention"])
+    assert result.exit_code == 0 and (tmp_path / "faithfulness.md").is_file(), result.output
+    result = runner.invoke(app, ["sanity", *common, "--words", "2", "--other-words", "2", "--methods", "gradcam"])
+    assert result.exit_code == 0 and (tmp_path / "input_invariance.md").is_file(), result.output
+    result = runner.invoke(app, ["faithfulness", *common, "--methods", "lrp,saliency"])
+    assert result.exit_code != 0 and "unknown method 'saliency'" in result.output and "Traceback" not in result.output
 
 
 def test_bad_input_exits_nonzero_with_a_message(tmp_path):
@@ -108,7 +116,8 @@ def test_quick_demo_end_to_end(tmp_path):
         assert 0.0 <= summary[arch]["bleu4"] <= 1.0
     assert summary["seconds"] > 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    for name in ("metrics", "ablation", "correctness", "hallucination", "map", "masking", "finetune"):
+    for name in ("metrics", "ablation", "correctness", "hallucination", "map", "masking", "finetune", "faithfulness",
+                 "sanity"):
         assert set(results[name]) == {"adaptive", "gridtd", "sat"}, name
     assert set(results["hallucination"]["gridtd"]["auc"]) == {"lrp", "lrp_max", "guided_gradcam", "guided_gradcam_abs",
                                                              "gradcam", "attention", "one_minus_beta"}
@@ -117,6 +126,8 @@ def test_quick_demo_end_to_end(tmp_path):
                                                                   "hallucination_auc.csv").read_text()
     text = (tmp_path / "demo" / "RESULTS.md").read_text()
     assert "Do the papers' findings hold here?" in text and "Table 5" in text and "**sat**" in text
+    assert "Region perturbation (Samek et al. 2017)" in text and "cascading randomisation" in text
+    assert "input invariance" in text and (tmp_path / "demo" / "results" / "sat" / "randomisation.png").is_file()
     assert (tmp_path / "demo" / "results" / "gridtd" / "correctness.png").is_file()
     report = (tmp_path / "demo" / "report.html").read_text()
     assert "https://" not in report and "Experiments" in report

@@ -386,8 +386,21 @@ def _planted_results(lrp_auc: float) -> dict:
     masking = [{"method": "lrp", "masked": "positive", "vanished": 0.8, "vanished_low": 0.7, "vanished_high": 0.9},
                {"method": "lrp", "masked": "negative", "vanished": 0.05, "vanished_low": 0.01, "vanished_high": 0.1},
                {"method": "random", "masked": "random", "vanished": 0.1, "vanished_low": 0.05, "vanished_high": 0.2}]
+    faithfulness = [{"words": "object", "method": m, "morf_minus_random": d, "morf_minus_random_low": d - 0.1,
+                     "morf_minus_random_high": d + 0.1} for m, d in (("lrp", 1.0), ("gradcam", 0.5))]
+
+    def step(block, method, rho):
+        return {"step": 1, "block": block, "method": method, "spearman_abs": rho, "spearman_abs_low": rho - 0.05,
+                "spearman_abs_high": rho + 0.05, "preceding_spearman": 0.1}
+
+    randomisation = [step("decoder.fc", "lrp", 0.9), step("decoder.fc", "guided_gradcam", 0.9),
+                     step("decoder.projection", "guided_gradcam", 0.2), step("decoder.projection", "lrp", 0.4),
+                     step("encoder.features.0", "lrp", 0.1), step("encoder.features.0", "guided_gradcam", 0.1)]
+    invariance = [{"method": "lrp", "changes": True, "image_change": 0.2, "preceding_change": 0.0,
+                   "image_spearman": 0.9, "logit_change": 1e-7}]
     per_arch = {"correctness": correctness, "ablation": ablation, "masking": masking, "finetune": finetune,
-                "hallucination": {"auc": auc, "auc_interval": {k: [v - 0.05, v + 0.05] for k, v in auc.items()}}}
+                "hallucination": {"auc": auc, "auc_interval": {k: [v - 0.05, v + 0.05] for k, v in auc.items()}},
+                "faithfulness": faithfulness, "sanity": {"randomisation": randomisation, "input_invariance": invariance}}
     return {name: {"adaptive": value, "gridtd": value} for name, value in per_arch.items()}
 
 
@@ -416,8 +429,15 @@ def test_verdicts_come_from_intervals_holds_fails_or_inconclusive():
     blind["correctness"]["gridtd"][0].update({"0.0_low": 0.03, "0.0_high": 0.06})  # attention below uniform
     assert {c: v for c, v, _ in findings(blind, "gridtd")}[
         "Attention localises objects better than a uniform map (a precondition of the comparison above)"] == FAILS
+    persistent = _planted_results(0.8)
+    persistent["sanity"]["gridtd"]["randomisation"][2].update(spearman_abs_low=0.8, spearman_abs_high=0.9)
+    assert {c: v for c, v, _ in findings(persistent, "gridtd")}[
+        "Sanity: Guided Grad-CAM's maps change once the decoder is random (the journal cites it as failing sanity "
+        "checks: this would not hold)"] == FAILS  # the map survives the decoder's randomisation
     text = results_markdown(_planted_results(0.8), 12.0, quick=True)
     assert "## Table 3" in text and "| holds |" in text and "0.64" in text  # the paper's LRP AUC beside ours
+    assert "## Region perturbation" in text and "| encoder.features.0 | 0.10 / 0.10 | 0.10 / 0.10 |" in text
+    assert "| lrp | yes |" in text  # input invariance
 
 
 def test_interval_helpers_on_planted_samples():

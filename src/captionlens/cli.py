@@ -617,6 +617,82 @@ def masking(model: ModelOption, data: DataOption, dataset: DatasetOptions, optio
     _print_table(_experiment(model, data, out, dataset, options, lambda bench: bench.masking(fraction, seed, words)))
 
 
+class Replacement(str, Enum):
+    blur = "blur"
+    mean = "mean"
+
+
+def _methods(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    """A comma-separated list of explanation methods (None: all), checked against the registry."""
+    from .explain import METHODS
+
+    if text is None:
+        return None
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        fail(f"unknown method {unknown[0] if unknown else '(none given)'!r}; choose from {', '.join(sorted(METHODS))}")
+    return names
+
+
+MethodsOption = Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: every method: attention, gradcam, gradient_x_input, guided_backprop, guided_gradcam, lrp).")]
+
+
+@app.command()
+@option_groups
+def faithfulness(model: ModelOption, data: DataOption, dataset: DatasetOptions, options: ExperimentOptions,
+                 out: OutOption = Path("results"),
+                 words: Annotated[int, typer.Option(help="Most correctly named object words to perturb.")] = 100,
+                 other_words: Annotated[int, typer.Option(help="Other (non-object) words to perturb, one per caption.")] = 50,
+                 patch: Annotated[int, typer.Option(help="Side of the square regions removed, in pixels at the model's input size.")] = 8,
+                 regions: Annotated[int, typer.Option(help="Regions removed one after another (the curve's length).")] = 100,
+                 replacement: Annotated[Replacement, typer.Option(help="What a removed region shows: a blurred copy of the image or the dataset's mean colour.")] = Replacement.blur,
+                 methods: MethodsOption = None,
+                 seed: Annotated[int, typer.Option(help="Seed of the random order and of the other words' sample.")] = 0) -> None:
+    """Region perturbation (Samek et al. 2017): remove PATCH×PATCH regions most relevant first (MoRF),
+    least relevant first (LeRF) or in random order, re-run the model with the caption prefix fixed
+    and follow the word's logit; AOPC per order, ABPC = MoRF − LeRF and MoRF's margin over random,
+    with 95% intervals over words. Object words' explanations come from (and go to) the explanation
+    store. Writes faithfulness.{csv,json,md}, faithfulness.png and faithfulness_curves.npz.
+
+    Example: captionlens faithfulness --model runs/demo/gridtd --data runs/demo/data --out results/faith --limit 100
+    """
+    if patch < 1 or regions < 1 or words < 0 or other_words < 0:
+        fail("--patch and --regions must be ≥ 1, --words and --other-words ≥ 0")
+    chosen = _methods(methods)
+    rows = _experiment(model, data, out, dataset, options, lambda bench: bench.faithfulness(
+        words, other_words, patch, regions, replacement.value, seed, chosen))
+    _print_table([{k: v for k, v in r.items() if not k.endswith(("_low", "_high")) and "_prob" not in k} for r in rows])
+    console.print(f"intervals and probabilities: {out / 'faithfulness.md'}")
+
+
+@app.command()
+@option_groups
+def sanity(model: ModelOption, data: DataOption, dataset: DatasetOptions, options: ExperimentOptions,
+           out: OutOption = Path("results"),
+           words: Annotated[int, typer.Option(help="Most correctly named object words to explain.")] = 50,
+           other_words: Annotated[int, typer.Option(help="Other (non-object) words to explain, one per caption.")] = 25,
+           shift: Annotated[float, typer.Option(help="Input invariance: the constant added to the normalised input.")] = 1.0,
+           methods: MethodsOption = None,
+           seed: Annotated[int, typer.Option(help="Seed of the re-initialisation and of the other words' sample.")] = 0) -> None:
+    """Sanity checks (Adebayo et al. 2018; Kindermans et al. 2019): re-initialise the model block by
+    block from the output layer down and report, per method and step, the Spearman correlation and
+    SSIM of each word's image map — and the correlation of its preceding-word relevance — with the
+    trained model's; then explain a constant-shifted input through a model whose first layer
+    absorbs the shift and report which methods change. Writes randomisation.{csv,json,md,png} and
+    input_invariance.{csv,json,md}.
+
+    Example: captionlens sanity --model runs/demo/gridtd --data runs/demo/data --out results/sanity --limit 50
+    """
+    if words < 0 or other_words < 0:
+        fail("--words and --other-words must be ≥ 0")
+    chosen = _methods(methods)
+    result = _experiment(model, data, out, dataset, options,
+                         lambda bench: bench.sanity(words, other_words, seed, shift, chosen))
+    _print_table([{k: v for k, v in r.items() if not k.endswith(("_low", "_high"))} for r in result["input_invariance"]])
+    console.print(f"randomisation: {len(result['randomisation'])} rows in {out / 'randomisation.md'}")
+
+
 class FinetuneMode(str, Enum):
     lrp = "lrp"
     lrp_journal = "lrp_journal"

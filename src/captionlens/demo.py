@@ -1,7 +1,7 @@
 """``captionlens demo``: the whole pipeline on the embedded shapes world, end to end on a CPU.
 
 Generate the data, pretrain the shapes encoder, train the captioners (the papers' two by default), caption the test split with
-beam search (``OUT/summary.json``), then run the papers' experiments on both models
+beam search (``OUT/summary.json``), then run the papers' experiments and the faithfulness and sanity checks on each model
 (``OUT/results/<arch>/`` tables and plots, ``OUT/results.json``, ``OUT/RESULTS.md``)."""
 from __future__ import annotations
 
@@ -37,15 +37,18 @@ class DemoSize:
     finetune_steps: int
     finetune_train_images: int
     report_images: int
+    faithfulness_words: tuple[int, int, int]  # object words, other words, regions removed
+    sanity_words: tuple[int, int]  # object words, other words
 
 
 FULL = DemoSize(ShapesConfig(train=4000, val=500, test=1000), ENCODER_TRAINING,
                 TrainConfig(epochs=14, batch_size=50, learning_rate=2e-3, patience=2), 192, 128, 4000,
-                400, 50, 120, (0, 1, 2), 25, 300, 4)
+                400, 50, 120, (0, 1, 2), 25, 300, 4, (12, 6, 32), (10, 5))
 QUICK = DemoSize(ShapesConfig(train=800, val=100, test=200), replace(ENCODER_TRAINING, epochs=5),
                  TrainConfig(epochs=6, batch_size=40, learning_rate=3e-3, patience=2), 96, 64, 800,
-                 60, 5, 10, (0,), 2, 20, 2)
-EXPERIMENTS = ("metrics", "ablation", "correctness", "hallucination", "map", "masking", "finetune")
+                 60, 5, 10, (0,), 2, 20, 2, (3, 2, 8), (3, 2))
+EXPERIMENTS = ("metrics", "ablation", "correctness", "hallucination", "map", "masking", "finetune", "faithfulness",
+               "sanity")
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, device: str | None = None,
@@ -80,7 +83,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     summary["seconds"] = round(time.perf_counter() - began, 1)
     summary["quick"] = quick
     write_json(out / "summary.json", summary)
-    log(f"[{steps}/{steps}] the papers' experiments on {size.experiment_images} test images -> {out / 'RESULTS.md'}")
+    log(f"[{steps}/{steps}] the papers' experiments, faithfulness and sanity checks on {size.experiment_images} test images -> {out / 'RESULTS.md'}")
     results: dict = {name: {} for name in EXPERIMENTS}
     for architecture, captioner in captioners.items():
         for name, value in run_experiments(captioner, data, out / "results" / architecture, size, seed,
@@ -111,4 +114,6 @@ def run_experiments(captioner, data, out: Path, size: DemoSize, seed: int = 0, p
         "masking": bench.masking(seed=seed, limit=size.masking_words),
         "finetune": bench.finetune(seeds=size.finetune_seeds, steps=size.finetune_steps, min_count=size.min_count,
                                    train_limit=size.finetune_train_images),
+        "faithfulness": bench.faithfulness(*size.faithfulness_words[:2], regions=size.faithfulness_words[2], seed=seed),
+        "sanity": bench.sanity(*size.sanity_words, seed=seed),
     }

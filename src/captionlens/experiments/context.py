@@ -18,7 +18,7 @@ from ..data.ground_truth import GroundTruth, ObjectsUnavailable, Subset
 from ..data.images import decoded_batches
 from ..data.karpathy import ImageRecord
 from ..data.synonyms import Synonyms
-from ..explain import Explanation, resolved_parameters
+from ..explain import Explanation, explain_pixels, resolved_parameters
 from ..explain.store import ExplanationStore
 from ..models import Caption, Captioner
 from .captioning import split_features
@@ -183,3 +183,20 @@ def word_probabilities(captioner: Captioner, predictions: Predictions, mentions:
                 token = tokens[row, mention.position + 1]
                 probabilities[index[mention]] = float(log_probs[row, mention.position, token].exp())
     return probabilities
+
+
+def explain_mentions(captioner: Captioner, predictions: Predictions, mentions: Sequence[Mention], method: str,
+                     shift: float = 0.0, batch_size: int = 32) -> dict[Mention, Explanation]:
+    """Each mention's single-word explanation by ``method`` (default parameters), computed now in
+    batches of images (nothing stored) — the inputs shifted by ``shift`` in the model's normalised
+    input space (the input invariance test)."""
+    found: dict[Mention, Explanation] = {}
+    batches = list(image_batches(mentions, batch_size))
+    for batch, decoded in zip(batches, predictions.images([[i for i, _ in b] for b in batches])):
+        pixels = captioner.preprocess(list(decoded)) + shift
+        positions = [[m.position for m in group] for _, group in batch]
+        captions = [predictions.captions[image] for image, _ in batch]
+        for (_, group), explanation in zip(batch, explain_pixels(captioner, pixels, captions, method, positions)):
+            for row, mention in enumerate(group):
+                found[mention] = row_of(explanation, row)
+    return found

@@ -150,6 +150,40 @@ def findings(results: dict, arch: str) -> list[tuple[str, str, str]]:
                        "most 0.01 below the original)",
                        lambda mode=mode: (above(tuned(mode, "BLEU-4"), (before - 0.01,) * 2),
                                           f"BLEU-4 {shown(tuned(mode, 'BLEU-4'))} after vs {before:.3f} before")))
+    faithfulness = results.get("faithfulness", {}).get(arch, [])
+    randomisation = (results.get("sanity", {}).get(arch) or {}).get("randomisation", [])
+
+    def perturbed(method, key) -> Interval:
+        row = _row(faithfulness, words="object", method=method)
+        return row.get(f"{key}_low", nan), row.get(f"{key}_high", nan)
+
+    checks.append(("Region perturbation (beyond the papers): removing the regions LRP ranks first lowers the "
+                   "object word's logit faster than a random order (AOPC, MoRF)",
+                   lambda: (above(perturbed("lrp", "morf_minus_random"), (0.0, 0.0)),
+                            "MoRF AOPC minus random, per word: " + ", ".join(
+                                f"{m} {shown(perturbed(m, 'morf_minus_random'), 2)}"
+                                for m in ("lrp", "gradcam", "guided_gradcam", "attention")))))
+
+    def after_all(method, blocks: str) -> tuple[Interval, str]:
+        """|ρ| interval at the last step that randomised ``blocks`` ("decoder" or "all")."""
+        rows = [r for r in randomisation if r["method"] == method]
+        if blocks == "decoder":
+            rows = [r for r in rows if r["block"].startswith("decoder")]
+        last = rows[-1] if rows else {}
+        return (last.get("spearman_abs_low", nan), last.get("spearman_abs_high", nan)), last.get("block", "?")
+
+    checks.append(("Sanity (Adebayo et al.): LRP's maps depend on the model — rank correlation with the trained "
+                   "model's maps below 0.5 once every block is random",
+                   lambda: (below(after_all("lrp", "all")[0], (0.5, 0.5)),
+                            "rank correlation of the absolute maps after the last block: " + ", ".join(
+                                f"{m} {shown(after_all(m, 'all')[0], 2)}"
+                                for m in ("lrp", "gradcam", "guided_gradcam", "guided_backprop")))))
+    checks.append(("Sanity: Guided Grad-CAM's maps change once the decoder is random (the journal cites it as "
+                   "failing sanity checks: this would not hold)",
+                   lambda: (below(after_all("guided_gradcam", "decoder")[0], (0.5, 0.5)),
+                            "rank correlation of the absolute maps after randomising the decoder: " + ", ".join(
+                                f"{m} {shown(after_all(m, 'decoder')[0], 2)}"
+                                for m in ("guided_gradcam", "guided_backprop", "lrp")))))
     verdicts = []
     for claim, check in checks:
         try:
@@ -235,4 +269,55 @@ def results_markdown(results: dict, seconds: float, quick: bool) -> str:
             lines += [f"**{arch}**", "", markdown_table(compact), ""]
     lines += ["The papers report (journal Table III, adaptive, Flickr30K clothes subset) TP% 47.19 (plain), "
               "50.46 (frequency), 49.12 (LRP).", ""]
+    lines += faithfulness_markdown(results, archs)
     return "\n".join(lines)
+
+
+def _with_interval(row: dict, key: str) -> str:
+    value = row.get(key, float("nan"))
+    if value != value:
+        return ""
+    return f"{value:.3g} [{row.get(key + '_low', float('nan')):.3g}, {row.get(key + '_high', float('nan')):.3g}]"
+
+
+def faithfulness_markdown(results: dict, archs: list[str]) -> list[str]:
+    """The sections of the field's standard checks: region perturbation, cascading randomisation,
+    input invariance (none of them in the papers)."""
+    lines = ["## Region perturbation (Samek et al. 2017) — beyond the papers", "",
+             "AOPC of the word's logit when its most (MoRF) or least (LeRF) relevant regions are removed first; "
+             "ABPC = MoRF − LeRF; `MoRF − random` is the paired margin over a random order. Means with 95% "
+             "bootstrap intervals over words; curves in `results/<arch>/faithfulness.png`.", ""]
+    for arch in archs:
+        rows = results.get("faithfulness", {}).get(arch, [])
+        if rows:
+            lines += [f"**{arch}**", "", markdown_table([
+                {"words": r.get("words"), "method": r.get("method"), "n": r.get("count"),
+                 "AOPC MoRF": _with_interval(r, "aopc_morf"), "AOPC LeRF": _with_interval(r, "aopc_lerf"),
+                 "ABPC": _with_interval(r, "abpc"), "MoRF − random": _with_interval(r, "morf_minus_random")}
+                for r in rows]), ""]
+    lines += ["## Sanity checks — cascading randomisation (Adebayo et al. 2018)", "",
+              "Spearman |ρ| between each method's image maps after re-initialising the model down to the named block "
+              "and the trained model's (preceding words: ρ of their relevance). Near 1: the map ignores what the "
+              "model learned. Plot: `results/<arch>/randomisation.png`.", ""]
+    for arch in archs:
+        rows = (results.get("sanity", {}).get(arch) or {}).get("randomisation", [])
+        if rows:
+            methods = list(dict.fromkeys(r["method"] for r in rows))
+            table = []
+            for block in dict.fromkeys(r["block"] for r in rows):
+                mine = {r["method"]: r for r in rows if r["block"] == block}
+                table.append({"randomised down to": block} | {
+                    m: f"{mine[m]['spearman_abs']:.2f} / {mine[m]['preceding_spearman']:.2f}" for m in methods})
+            lines += [f"**{arch}** (image |ρ| / preceding-word ρ)", "", markdown_table(table), ""]
+    lines += ["## Sanity checks — input invariance (Kindermans et al. 2019)", "",
+              "The input shifted by a constant, through a model whose first layer absorbs the shift (same function, "
+              "`logit change` shows float rounding only): a method that changes reacts to something the model ignores.",
+              ""]
+    for arch in archs:
+        rows = (results.get("sanity", {}).get(arch) or {}).get("input_invariance", [])
+        if rows:
+            lines += [f"**{arch}**", "", markdown_table([
+                {"method": r["method"], "changes": "yes" if r["changes"] else "no", "image change": r["image_change"],
+                 "preceding change": r["preceding_change"], "image ρ": r["image_spearman"],
+                 "logit change": r["logit_change"]} for r in rows]), ""]
+    return lines

@@ -17,19 +17,23 @@ from pathlib import Path
 import numpy as np
 
 from ..data.bundle import DataBundle
+from ..explain import METHODS, Explanation
 from ..data.ground_truth import Subset
 from ..explain.store import ExplanationStore, StoreMismatch
 from ..models import Captioner
 from .ablation import word_ablation
 from .caption_metrics import caption_metrics, token_metrics
-from .context import Mention, Predictions, StoredExplanations, explain_into_store, predict, word_probabilities
+from .context import (Mention, Predictions, StoredExplanations, explain_into_store, explain_mentions, predict,
+                      word_probabilities)
 from .correctness import CURVES, correctness_curves, localisable, plot_correctness
+from .faithfulness import Curves, other_words, plot_curves, region_perturbation, summarise
 from .explain_split import explained_positions, stored_caption
 from .finetune import MODES, FinetuneConfig, finetune, journal_weight_maps, true_positive_rates
 from .hallucination import SCORES, UNDEFINED, auc_interval, auc_table, chair, detection_scores, labels_of, mean_average_precision, plot_roc
 from .intervals import t_interval
 from .masking import feature_masking
 from .metrics import hallucination_rate, object_precision_recall
+from .sanity import cascading_randomisation, input_invariance, plot_randomisation
 from .tables import plot_bars, write_table
 
 
@@ -223,6 +227,82 @@ class Workbench:
                     f"masked; share of {len(mentions)} correctly named objects that are no longer named: {self.scope}")
         plot_bars(rows, ("method", "masked"), "vanished", self.out / "masking.png", "word no longer named after masking")
         return rows
+
+    # ----------------------------------------------- faithfulness and sanity (beyond the papers)
+    def word_explanations(self, method: str, mentions: list[Mention]) -> dict[Mention, Explanation]:
+        """Each mention's explanation: from the store for the words it explains (object words, or
+        all words of a store made with ``explain-split --words all``), computed now for the rest."""
+        p = self.predictions
+        stored_positions = {i: set(self.store.positions(p.records[i].image_id)) for i in {m.image for m in mentions}}
+        stored = [m for m in mentions if m.position in stored_positions[m.image]]
+        from_store, known = self.explanations(method, stored), set(stored)
+        computed = explain_mentions(self.captioner, p, [m for m in mentions if m not in known], method)
+        return {m: from_store[m] for m in stored} | computed
+
+    def _sanity_words(self, words: int, other: int, seed: int) -> tuple[list[Mention], list[str]]:
+        """Up to ``words`` correctly named object words and ``other`` other words, with their kinds."""
+        p = self.predictions
+        objects = [m for m in p.mentions() if m.true_positive][:words] if p.truth is not None and p.synonyms else []
+        others = other_words(p, other, seed)
+        return objects + others, ["object"] * len(objects) + ["other"] * len(others)
+
+    def faithfulness(self, words: int = 100, other: int = 50, patch: int = 8, regions: int = 100,
+                     replacement: str = "blur", seed: int = 0, methods: tuple[str, ...] | None = None) -> list[dict]:
+        """Region perturbation (``faithfulness.py``) of ``words`` correctly named object words and a
+        sample of ``other`` other words, for each method and a random order."""
+        mentions, kinds = self._sanity_words(words, other, seed)
+        methods = methods or tuple(sorted(METHODS))
+        explanations = {method: self.word_explanations(method, mentions) for method in methods}
+        curves = region_perturbation(self.captioner, self.predictions, explanations, mentions, patch, regions,
+                                     replacement, seed, self.progress)
+        rows = summarise(curves, kinds)
+        if not mentions:
+            rows = [{"words": "none", "note": "no caption word to perturb"}]
+        write_table(self.out, "faithfulness", rows,
+                    f"Region perturbation ({patch}×{patch} patches replaced by {'a blurred copy' if replacement == 'blur' else 'the dataset mean'}, "
+                    f"{curves.logit.shape[-1] - 1} steps): AOPC of the word's logit, most relevant first (MoRF) and "
+                    f"least relevant first (LeRF), ABPC = MoRF − LeRF; 95% bootstrap intervals over words: {self.scope}")
+        self._save_curves(curves, mentions, kinds)
+        plot_curves(curves, kinds, self.out / "faithfulness.png")
+        return rows
+
+    def _save_curves(self, curves: Curves, mentions: list[Mention], kinds: list[str]) -> None:
+        """``faithfulness_curves.npz``: the curves [words, methods, orders, steps] and who is who."""
+        from ..io import atomic_write
+
+        records = self.predictions.records
+
+        def write(tmp) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, logit=curves.logit, probability=curves.probability,
+                                    methods=np.array(curves.methods), orders=np.array(curves.orders),
+                                    kinds=np.array(kinds), words=np.array([m.word for m in mentions]),
+                                    image_ids=np.array([records[m.image].image_id for m in mentions]),
+                                    positions=np.array([m.position for m in mentions]))
+
+        atomic_write(self.out / "faithfulness_curves.npz", write)
+
+    def sanity(self, words: int = 50, other: int = 25, seed: int = 0, shift: float = 1.0,
+               methods: tuple[str, ...] | None = None) -> dict:
+        """Cascading model-parameter randomisation and input invariance (``sanity.py``) on the
+        explanations of ``words`` object words and ``other`` other words."""
+        mentions, _ = self._sanity_words(words, other, seed)
+        methods = methods or tuple(sorted(METHODS))
+        originals = {method: self.word_explanations(method, mentions) for method in methods}
+        steps = cascading_randomisation(self.captioner, self.predictions, mentions, methods, seed,
+                                        originals=originals, progress=self.progress)
+        invariance = input_invariance(self.captioner, self.predictions, mentions, methods, shift, originals=originals)
+        note = [] if mentions else [{"note": "no caption word to explain"}]
+        write_table(self.out, "randomisation", steps or note,
+                    f"Cascading randomisation (output layer first): similarity of each method's maps of "
+                    f"{len(mentions)} words to the trained model's, after each block is re-initialised; 95% "
+                    f"bootstrap intervals over words: {self.scope}")
+        write_table(self.out, "input_invariance", invariance or note,
+                    f"Input invariance: inputs shifted by {shift} (normalised units) through a model whose first "
+                    f"layer absorbs the shift; relative change of the explanations: {self.scope}")
+        if steps:
+            plot_randomisation(steps, self.out / "randomisation.png")
+        return {"randomisation": steps, "input_invariance": invariance}
 
     # ------------------------------------------------------------ Table 4 / 5, Table III
     def finetune(self, modes=MODES, seeds=(0, 1, 2), steps: int = 60, learning_rate: float = 1e-4,

@@ -93,32 +93,46 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
     ``precision="bf16"`` runs the model in bfloat16 (about 2× faster on CPUs with bf16 units; maps
     correlate ≥ 0.99 with float32's, see benchmarks/scale.py; float32 stays the reference);
     ``max_words_per_pass`` bounds how many words share one backward (memory)."""
-    recorded = resolved_parameters(method, precision, **parameters)  # unknown parameters are an error
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    resolved_parameters(method, precision, **parameters)  # unknown parameters fail before any image is read
+    pixels = captioner.preprocess(list(images))
+    return explain_pixels(captioner, pixels, captions, method, words, include_end, precision, max_words_per_pass,
+                          **parameters)
+
+
+def explain_pixels(captioner: Captioner, pixels: torch.Tensor, captions: Sequence[CaptionLike], method: str = "lrp",
+                   words: Sequence[int] | Sequence[Sequence[int]] | None = None, include_end: bool = False,
+                   precision: str = "fp32", max_words_per_pass: int | None = None, **parameters) -> list[Explanation]:
+    """``explain_batch`` on inputs already preprocessed for the model: ``pixels`` [B, 3, H, W]
+    (normalised) — for inputs no image file can hold, such as the shifted inputs of the input
+    invariance test (``experiments/sanity.py``)."""
+    recorded = resolved_parameters(method, precision, **parameters)  # unknown parameters are an error
+    if len(pixels) != len(captions):
+        raise ValueError(f"{len(pixels)} inputs but {len(captions)} captions")
     vocab = captioner.vocab
     # a word the vocabulary lacks is read by the model as <unk>, and labelled so: what was explained
     word_lists = [[w if w in vocab else UNK for w in _words(c, captioner)] for c in captions]
     per_image = words is not None and len(words) > 0 and not isinstance(words[0], (int, float))
-    if per_image and len(words) != len(images):
-        raise ValueError(f"{len(words)} lists of word positions for {len(images)} images")
+    if per_image and len(words) != len(captions):
+        raise ValueError(f"{len(words)} lists of word positions for {len(captions)} images")
     selected = [_positions(words[b] if per_image else words, len(w), include_end) for b, w in enumerate(word_lists)]
     if not any(selected):
         return [_empty(method, w, recorded) for w in word_lists]
     device = captioner.device
     longest = max(len(w) for w in word_lists) + 1  # steps fed: <start>, w_1 .. w_n
-    token_ids = torch.full((len(images), longest), vocab.pad_id, dtype=torch.long, device=device)
+    token_ids = torch.full((len(captions), longest), vocab.pad_id, dtype=torch.long, device=device)
     k = max(len(s) for s in selected)
-    steps = torch.zeros(len(images), k, dtype=torch.long, device=device)
+    steps = torch.zeros(len(captions), k, dtype=torch.long, device=device)
     tokens = torch.zeros_like(steps)
-    valid = torch.zeros(len(images), k, dtype=torch.bool, device=device)
+    valid = torch.zeros(len(captions), k, dtype=torch.bool, device=device)
     for b, (w, positions) in enumerate(zip(word_lists, selected)):
         ids = vocab.encode(w)  # <start> w_1 .. w_n <end>
         token_ids[b, : len(ids) - 1] = torch.tensor(ids[:-1])
         for j, position in enumerate(positions):
             steps[b, j], tokens[b, j], valid[b, j] = position, ids[position + 1], True
     model = _model_in(captioner, precision).eval()
-    pixels = captioner.preprocess(list(images)).to(next(model.parameters()).dtype)
+    pixels = pixels.to(device=device, dtype=next(model.parameters()).dtype)
     with words_per_pass(max_words_per_pass):
         output = METHODS[method](model, pixels, token_ids, Targets(steps, tokens, valid), **parameters)
     result = (lambda t: t.detach().cpu()) if precision == "fp32" else (lambda t: t.detach().float().cpu())
@@ -161,4 +175,4 @@ def explain(captioner: Captioner, image: ImageInput, caption: CaptionLike, metho
                          **parameters)[0]
 
 
-__all__ = ["METHODS", "Explanation", "explain", "explain_batch", "method_parameters", "resolved_parameters"]
+__all__ = ["METHODS", "Explanation", "explain", "explain_batch", "explain_pixels", "method_parameters", "resolved_parameters"]

@@ -322,5 +322,7 @@ RULES = {
 # the embedding's output is where the linguistic relevance is read; the attention's tanh only feeds
 # the attention scores, which get no relevance.
 # Zero padding passes relevance correctly too (padded zeros receive none; its backward crops).
+# Constant padding (the input-invariance test's shift-absorbing layer) crops the same way: what
+# the rule gives the padded constants is not an input's and is dropped.
 NEUTRAL = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Embedding, nn.Tanh, nn.Sequential, nn.ModuleDict,
-           nn.ModuleList, nn.ZeroPad2d, TFSamePad)
+           nn.ModuleList, nn.ZeroPad2d, nn.ConstantPad2d, TFSamePad)
