@@ -182,7 +182,7 @@ def plot_curves(curves: Curves, kinds: Sequence[str], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
     if len(kinds):
         drops = curves.logit[:, :, :, :1] - curves.logit  # [W, M, O, S]
         steps = np.arange(drops.shape[-1])
@@ -196,7 +196,7 @@ def plot_curves(curves: Curves, kinds: Sequence[str], path) -> None:
     ax.set_xlabel("patches removed")
     ax.set_ylabel("mean drop of the word's logit")
     ax.set_title(f"Region perturbation, {len(kinds)} words")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
