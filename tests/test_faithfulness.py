@@ -218,6 +218,8 @@ def test_the_shift_absorbing_copy_computes_the_same_function(bench):
     expected = cap.model(pixels.double(), tokens)
     assert torch.allclose(shifted.model(pixels.double() + 1.5, tokens), expected, atol=1e-10)
     assert not torch.allclose(cap.model(pixels.double() + 1.5, tokens), expected, atol=1e-3)
+    with pytest.raises(ValueError, match="finite"):
+        shift_absorbing_copy(cap, float("nan"))
 
 
 def test_input_invariance_flags_gradient_times_input_and_not_the_gradients(bench):

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import typing
 from enum import Enum
 from pathlib import Path
@@ -684,8 +685,8 @@ def sanity(model: ModelOption, data: DataOption, dataset: DatasetOptions, option
 
     Example: captionlens sanity --model runs/demo/gridtd --data runs/demo/data --out results/sanity --limit 50
     """
-    if words < 0 or other_words < 0:
-        fail("--words and --other-words must be ≥ 0")
+    if words < 0 or other_words < 0 or not math.isfinite(shift):
+        fail("--words and --other-words must be ≥ 0 and --shift a finite number")
     chosen = _methods(methods)
     result = _experiment(model, data, out, dataset, options,
                          lambda bench: bench.sanity(words, other_words, seed, shift, chosen))

@@ -261,7 +261,7 @@ def region_perturbation(captioner: Captioner, predictions: Predictions, explanat
                     heatmap = explanations[method][mention].image[0].float()
                     for o, order in enumerate(("morf", "lerf")):
                         curves.logit[k, m, o], curves.probability[k, m, o] = run(patch_order(heatmap, masks, order))
-                logit, probability = run(patch_order(torch.zeros(side, side), masks, "random", rng))
+                logit, probability = run(rng.permutation(len(masks)))
                 curves.logit[k, -1], curves.probability[k, -1] = logit, probability  # both order slots
                 bar.update(1)
     bar.close()

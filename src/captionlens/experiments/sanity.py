@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -181,6 +182,8 @@ def shift_absorbing_copy(captioner: Captioner, shift: float) -> Captioner:
     """A copy of the captioner whose first convolution takes ``x + shift`` and computes what the
     original computes of ``x``: the zero padding becomes padding with ``shift`` and the bias
     ``b − shift · Σ W`` (Kindermans et al. 2019)."""
+    if not math.isfinite(shift):
+        raise ValueError(f"the input shift must be a finite number, got {shift}")
     model = copy.deepcopy(captioner.model)
     name, conv = next(((n, m) for n, m in model.encoder.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
     if conv is None or conv.padding_mode != "zeros" or isinstance(conv.padding, str):

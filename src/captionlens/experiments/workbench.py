@@ -17,17 +17,18 @@ from pathlib import Path
 import numpy as np
 
 from ..data.bundle import DataBundle
-from ..explain import METHODS, Explanation
 from ..data.ground_truth import Subset
+from ..explain import METHODS, Explanation
 from ..explain.store import ExplanationStore, StoreMismatch
+from ..io import atomic_write
 from ..models import Captioner
 from .ablation import word_ablation
 from .caption_metrics import caption_metrics, token_metrics
 from .context import (Mention, Predictions, StoredExplanations, explain_into_store, explain_mentions, predict,
                       word_probabilities)
 from .correctness import CURVES, correctness_curves, localisable, plot_correctness
-from .faithfulness import Curves, other_words, plot_curves, region_perturbation, summarise
 from .explain_split import explained_positions, stored_caption
+from .faithfulness import Curves, other_words, plot_curves, region_perturbation, summarise
 from .finetune import MODES, FinetuneConfig, finetune, journal_weight_maps, true_positive_rates
 from .hallucination import SCORES, UNDEFINED, auc_interval, auc_table, chair, detection_scores, labels_of, mean_average_precision, plot_roc
 from .intervals import t_interval
@@ -268,8 +269,6 @@ class Workbench:
 
     def _save_curves(self, curves: Curves, mentions: list[Mention], kinds: list[str]) -> None:
         """``faithfulness_curves.npz``: the curves [words, methods, orders, steps] and who is who."""
-        from ..io import atomic_write
-
         records = self.predictions.records
 
         def write(tmp) -> None:
