@@ -1,11 +1,11 @@
-"""Encoders, both decoders, beam search, checkpoints — on random weights and tiny inputs."""
+"""Encoders, the decoders, beam search, checkpoints — on random weights and tiny inputs."""
 import pytest
 import torch
 
 import captionlens as cl
 from captionlens.models.encoders import VGG16Encoder, build_encoder
 
-ARCHS = ["adaptive", "gridtd"]
+ARCHS = ["adaptive", "gridtd", "transformer"]
 WORDS = "a red blue circle square left of".split()
 
 
@@ -41,7 +41,7 @@ def test_missing_weights_fail_clearly_without_download(tmp_path):
 
 def test_unknown_names_list_the_choices():
     with pytest.raises(ValueError, match="adaptive, gridtd"):
-        tiny("transformer")
+        tiny("lstm")
     with pytest.raises(ValueError, match="shapes, vgg16"):
         tiny("gridtd", encoder="resnet")
 
@@ -55,7 +55,8 @@ def test_teacher_forcing_contract(arch):
     logits = cap.model(pixels, token_ids)
     assert logits.shape == (2, 5, len(cap.vocab))
     out = cap.model.run(pixels, token_ids)
-    assert out.alpha.shape == (2, 5, 64) and out.beta.shape == (2, 5)
+    assert out.alpha.shape == (2, 5, 64)
+    assert out.beta is None if arch == "transformer" else out.beta.shape == (2, 5)  # the sentinel's β
     assert torch.allclose(out.alpha.sum(-1), torch.ones(2, 5))
     # logits[:, t] depends only on tokens up to t: changing a later token leaves earlier scores alone
     changed = token_ids.clone()

@@ -15,6 +15,7 @@ from .explain.store import ExplanationStore
 from .io import write_json
 from .models import Captioner, CaptionerConfig, build_model
 from .models.encoders import build_encoder
+from .models.registry import ARCHITECTURES, lookup
 from .pipeline import train_captioner
 
 
@@ -30,13 +31,15 @@ def build_captioner(
     hidden_size: int = 512,
     embed_size: int = 512,
     attention_size: int | None = None,
-    dropout: float = 0.5,
+    dropout: float | None = None,
     seed: int = 0,
     encoder_weights: str | Path | None = None,
     encoder_options: dict | None = None,
     device: str | None = None,
+    architecture_options: dict | None = None,
 ) -> Captioner:
-    """A randomly initialised decoder of a registered architecture ("adaptive", "gridtd", "sat") on a
+    """A randomly initialised decoder of a registered architecture ("adaptive", "gridtd", "sat",
+    "transformer" with ``architecture_options`` layers, heads, encoder_layers) on a
     registered encoder ("vgg16", "resnet50", "resnet101", "efficientnet_lite0", "shapes"). ``vocab`` is
     a Vocabulary or a list of words (the special tokens are added when missing). ``encoder_weights``
     loads a local file (torchvision format for VGG16 and the ResNets); without it efficientnet_lite0
@@ -46,8 +49,10 @@ def build_captioner(
         vocab = Vocabulary([*SPECIAL_TOKENS, *dict.fromkeys(words)])
     torch.manual_seed(seed)
     cnn = build_encoder(encoder, encoder_weights, **(encoder_options or {}))
-    config = CaptionerConfig(architecture, encoder, len(vocab), hidden_size, embed_size, attention_size, dropout,
-                             encoder_options=cnn.options())
+    decoder_class = lookup(ARCHITECTURES, "architecture", architecture)
+    config = CaptionerConfig(architecture, encoder, len(vocab), hidden_size, embed_size, attention_size,
+                             decoder_class.default_dropout if dropout is None else dropout,
+                             encoder_options=cnn.options(), architecture_options=dict(architecture_options or {}))
     model = build_model(config)
     model.encoder = cnn
     return Captioner(model, vocab, config, device)

@@ -28,6 +28,7 @@ app.add_typer(import_app, name="import")
 console = Console(stderr=True, soft_wrap=True)  # never break a path in the middle
 
 from . import models as _models  # noqa: E402,F401  (fills the registries the choices come from)
+from .explain.rules import ATTENTION_RULES  # noqa: E402
 
 Architecture = Enum("Architecture", {name: name for name in sorted(ARCHITECTURES)}, type=str)
 EncoderName = Enum("EncoderName", {name: name for name in sorted(ENCODERS)}, type=str)
@@ -48,6 +49,8 @@ MinCountOption = Annotated[int, typer.Option(help="Object words predicted more o
 WorkersOption = Annotated[int, typer.Option(help="Processes that decode images in parallel (0: none).")]
 PrecisionChoice = Enum("PrecisionChoice", {"fp32": "fp32", "bf16": "bf16"}, type=str)
 PrecisionOption = Annotated[PrecisionChoice, typer.Option(help="fp32 (the reference) or bf16 (about 2x faster on CPUs with bfloat16 units; maps correlate >= 0.99).")]
+AttentionRuleChoice = Enum("AttentionRuleChoice", {name: name for name in ATTENTION_RULES}, type=str)
+AttentionRuleOption = Annotated[AttentionRuleChoice, typer.Option(help="LRP through dot-product attention (transformer): cp (weights held constant, the papers' eq. 8) or attnlrp (AttnLRP: also through queries and keys).")]
 WordsPerPassOption = Annotated[Optional[int], typer.Option(help="At most this many words share one backward pass (bounds memory for long captions).")]
 
 
@@ -217,8 +220,13 @@ def train(
     out: Annotated[Path, typer.Option(help="Run folder to write (weights, config, vocab, metrics.jsonl).")],
     encoder: Annotated[EncoderName, typer.Option(help="Image encoder.")] = "shapes",
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Local encoder weights (torchvision's vgg16-397923af.pth, resnet50-0676ba61.pth, resnet101-63fe2227.pth). shapes: pretrained now if omitted; efficientnet_lite0: the efficientnet extra's ImageNet weights.")] = None,
-    hidden_size: Annotated[int, typer.Option(help="LSTM hidden size (paper: 512).")] = 512,
+    hidden_size: Annotated[int, typer.Option(help="LSTM hidden size (paper: 512); the transformer's d_model.")] = 512,
     embed_size: Annotated[int, typer.Option(help="Word embedding size (paper: 512).")] = 512,
+    d_model: Annotated[Optional[int], typer.Option(help="transformer: model width (sets --hidden-size and --embed-size).")] = None,
+    layers: Annotated[Optional[int], typer.Option(help="transformer: decoder layers (default 3).")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="transformer: attention heads, dividing d_model (default 8).")] = None,
+    encoder_layers: Annotated[Optional[int], typer.Option(help="transformer: self-attention layers over the grid cells (default 0).")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout (default: the architecture's; 0.5 as in the papers, 0.1 for the transformer).")] = None,
     min_count: Annotated[Optional[int], typer.Option(help="Vocabulary min count (default: 5 for COCO, else 3).")] = None,
     epochs: Annotated[int, typer.Option(help="Most epochs.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
@@ -236,18 +244,25 @@ def train(
         torchrun --nproc_per_node 4 -m captionlens train --data DIR --arch gridtd --out RUN
 
     Example: captionlens train --data data/shapes --arch gridtd --out runs/gridtd --hidden-size 256
+
+    A transformer captioner: captionlens train --data data/shapes --arch transformer --out runs/tf --layers 3 --heads 8 --d-model 256
     """
     from .distributed import process_group
     from .pipeline import train_captioner
     from .train import TrainConfig
 
+    if d_model is not None:
+        hidden_size = embed_size = d_model
+    options = {name: value for name, value in (("layers", layers), ("heads", heads), ("encoder_layers", encoder_layers))
+               if value is not None}
     with process_group(device) as ranks:
         try:
             bundle = dataset.open(data)
             captioner = train_captioner(bundle, arch.value, out, encoder.value, encoder_weights, hidden_size,
-                                        embed_size, min_count=min_count,
+                                        embed_size, dropout, min_count=min_count,
                                         train_config=TrainConfig(epochs, batch_size, lr, patience=patience, seed=seed),
-                                        resume=resume, device=ranks.device(device), workers=workers)
+                                        resume=resume, device=ranks.device(device), workers=workers,
+                                        architecture_options=options)
         except (FileNotFoundError, ValueError) as error:
             fail(str(error))
         if ranks.is_main:
@@ -317,7 +332,7 @@ def explain(
     model: ModelOption,
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     out: Annotated[Path, typer.Option(help="Folder for one sub-folder of results per image.")],
-    methods: Annotated[str, typer.Option(help="Comma-separated: lrp, gradcam, guided_gradcam, guided_backprop, gradient_x_input, attention.")] = "lrp,gradcam,guided_gradcam,attention",
+    methods: Annotated[str, typer.Option(help="Comma-separated: lrp, gradcam, guided_gradcam, guided_backprop, gradient_x_input, attention; rollout (transformer).")] = "lrp,gradcam,guided_gradcam,attention",
     caption: Annotated[Optional[str], typer.Option(help="Explain this caption instead of the model's own (beam search).")] = None,
     words: Annotated[Optional[str], typer.Option(help="Comma-separated word positions (0-based) to explain; default: all.")] = None,
     include_end: Annotated[bool, typer.Option(help="Also explain the <end> token.")] = False,
@@ -325,6 +340,7 @@ def explain(
     alpha: Annotated[float, typer.Option(help="LRP α for convolutions (α − β = 1).")] = 1.0,
     beta: Annotated[float, typer.Option(help="LRP β for convolutions.")] = 0.0,
     first_layer: Annotated[str, typer.Option(help="LRP rule of the first convolution: alphabeta or zb.")] = "alphabeta",
+    attention_rule: AttentionRuleOption = "cp",
     beam_size: Annotated[int, typer.Option(help="Beam size of the caption that is explained.")] = 3,
     precision: PrecisionOption = "fp32",
     max_words_per_pass: WordsPerPassOption = None,
@@ -350,7 +366,7 @@ def explain(
         positions = [int(p) for p in words.split(",")] if words else None
     except ValueError:
         fail(f"--words takes comma-separated integers, got {words!r}")
-    lrp = {"epsilon": epsilon, "alpha": alpha, "beta": beta, "first_layer": first_layer}
+    lrp = {"epsilon": epsilon, "alpha": alpha, "beta": beta, "first_layer": first_layer, "attention_rule": attention_rule.value}
     try:
         captioner = load(model, device)
         for path in tqdm(images, desc="explaining", disable=len(images) < 2):
@@ -399,6 +415,7 @@ def explain_split(
     epsilon: Annotated[float, typer.Option(help="LRP ε.")] = 0.01,
     alpha: Annotated[float, typer.Option(help="LRP α (α − β = 1).")] = 1.0,
     beta: Annotated[float, typer.Option(help="LRP β.")] = 0.0,
+    attention_rule: AttentionRuleOption = "cp",
     precision: PrecisionOption = "fp32",
     max_words_per_pass: WordsPerPassOption = None,
     workers: WorkersOption = default_workers(),
@@ -425,7 +442,7 @@ def explain_split(
         fail(f"unknown method {', '.join(unknown) or '(none given)'}; choose from: {', '.join(sorted(METHODS))}")
     if not all(math.isfinite(v) for v in (epsilon, alpha, beta)) or epsilon < 0 or batch_size < 1:
         fail("--epsilon, --alpha and --beta must be finite numbers (ε ≥ 0), --batch-size ≥ 1")
-    lrp = {"epsilon": epsilon, "alpha": alpha, "beta": beta}
+    lrp = {"epsilon": epsilon, "alpha": alpha, "beta": beta, "attention_rule": attention_rule.value}
     with process_group(device) as ranks:
         try:
             captioner = load(model, ranks.device(device))
@@ -480,7 +497,9 @@ def audit(
         write_json(out, report.to_dict())
     verdict = "[green]passed[/]" if report.passed else f"[red]failed[/]: {len(report.flagged)} flagged"
     console.print(f"audit {verdict} — caption '{' '.join(report.words)}': score {report.score:.6g}, relevance at the "
-                  f"pixels {report.pixels:.6g} + words {report.embeddings:.6g} = {report.conservation:.6%} of it")
+                  f"pixels {report.pixels:.6g} + words {report.embeddings:.6g}"
+                  + (f" + positions {report.positions:.6g}" if report.positions else "")
+                  + f" = {report.conservation:.6%} of it")
     if not report.passed:
         raise typer.Exit(code=1)
 

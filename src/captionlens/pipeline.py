@@ -20,7 +20,7 @@ from .distributed import current
 from .io import atomic_write, remove_leftovers
 from .models import Captioner, CaptionerConfig, build_model
 from .models.captioner import resolve_device
-from .models.registry import ENCODERS, lookup
+from .models.registry import ARCHITECTURES, ENCODERS, lookup
 from .models.encoders import Encoder, ShapesEncoder, build_encoder
 from .train import STATE_JSON, Trainer, TrainConfig
 
@@ -178,17 +178,27 @@ def train_captioner(
     encoder_weights: str | Path | None = None,
     hidden_size: int = 512,
     embed_size: int = 512,
-    dropout: float = 0.5,
+    dropout: float | None = None,
     min_count: int | None = None,
     train_config: TrainConfig | None = None,
     resume: bool = False,
     device: str | None = None,
     progress: bool = True,
     workers: int = 0,
+    architecture_options: dict | None = None,
 ) -> Captioner:
     """The whole recipe of Section 4: vocabulary from the training split, a frozen pretrained encoder,
     cached grid features (images decoded by ``workers`` processes), a decoder trained with teacher
-    forcing and early stopping."""
+    forcing and early stopping. ``dropout`` defaults to the architecture's (the papers' 0.5; 0.1 for
+    the transformer); ``architecture_options`` go to the decoder (transformer: layers, heads,
+    encoder_layers)."""
+    decoder_class = lookup(ARCHITECTURES, "architecture", architecture)
+    architecture_options = dict(architecture_options or {})
+    unknown = sorted(set(architecture_options) - set(decoder_class.options))
+    if unknown:
+        raise ValueError(f"architecture {architecture!r} takes no option {', '.join(unknown)}"
+                         + (f" (its options: {', '.join(decoder_class.options)})" if decoder_class.options else ""))
+    dropout = decoder_class.default_dropout if dropout is None else dropout
     bundle = data if isinstance(data, DataBundle) else open_data(data)
     for split in ("train", "val"):
         if not bundle.split(split):
@@ -216,7 +226,7 @@ def train_captioner(
         cnn = freeze(build_encoder(encoder, encoder_weights))
     torch.manual_seed(config.seed)
     captioner_config = CaptionerConfig(architecture, encoder, len(vocab), hidden_size, embed_size, dropout=dropout,
-                                       encoder_options=cnn.options())
+                                       encoder_options=cnn.options(), architecture_options=architecture_options)
     model = build_model(captioner_config)
     model.encoder = cnn
     captioner = Captioner(model, vocab, captioner_config, device)

@@ -56,6 +56,7 @@ def correctness(heatmap: torch.Tensor, mask: torch.Tensor, thresholds: Sequence[
 # The curves of the papers' Fig. 3 / Fig. 5: (method whose explanation is used, negative part?).
 CURVES = {
     "attention": ("attention", False),
+    "rollout": ("rollout", False),  # transformers only: attention rollout (Abnar & Zuidema 2020)
     "gradcam": ("gradcam", False),
     "guided_gradcam": ("guided_gradcam", False),
     "gradient_x_input": ("gradient_x_input", False),

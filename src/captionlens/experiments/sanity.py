@@ -87,16 +87,19 @@ def randomisation_blocks(captioner: Captioner, pixels: torch.Tensor, token_ids: 
                          ) -> list[tuple[str, list[nn.Module]]]:
     """The model's named blocks in the order a cascading randomisation takes them: output layer
     first, down through the decoder, then the encoder from its top layer. A block is a decoder
-    child (``decoder.fc``, ``decoder.attention`` ..) or an encoder unit three names deep
-    (``encoder.features.17``, ``encoder.layer4.2``); its modules are those with parameters.
+    child (``decoder.fc``, ``decoder.attention`` ..), one layer of a decoder's layer list
+    (``decoder.layers.2``) or an encoder unit three names deep (``encoder.features.17``,
+    ``encoder.layer4.2``); its modules are those with parameters.
     The order is the reverse of the order in which one forward first calls each block."""
     model = captioner.model
     first_call: list[str] = []
     blocks: dict[str, list[nn.Module]] = {}
-    for name, module in model.named_modules():
+    named = dict(model.named_modules())
+    for name, module in named.items():
         if list(module.parameters(recurse=False)) and hasattr(module, "reset_parameters"):
             parts = name.split(".")
-            blocks.setdefault(".".join(parts[:3] if parts[0] == "encoder" else parts[:2]), []).append(module)
+            deep = parts[0] == "encoder" or isinstance(named.get(".".join(parts[:2])), nn.ModuleList)
+            blocks.setdefault(".".join(parts[:3] if deep else parts[:2]), []).append(module)
     block_of = {id(m): block for block, modules in blocks.items() for m in modules}
     hooks = [m.register_forward_hook(lambda m, i, o: first_call.append(block_of[id(m)]))
              for modules in blocks.values() for m in modules]

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..data.bundle import DataBundle
 from ..data.ground_truth import Subset
-from ..explain import METHODS, Explanation
+from ..explain import Explanation, methods_for
 from ..explain.store import ExplanationStore, StoreMismatch
 from ..io import atomic_write
 from ..models import Captioner
@@ -149,7 +149,8 @@ class Workbench:
                         self.predictions.image_size, self.workers)
         objects = truth.annotations
         mentions = localisable(predictions, objects)
-        explanations = {method: self.explanations(method, mentions) for method in {m for m, _ in CURVES.values()}}
+        methods = set(methods_for(self.captioner.model)) & {m for m, _ in CURVES.values()}
+        explanations = {method: self.explanations(method, mentions) for method in sorted(methods)}
         rows = correctness_curves(predictions, objects, explanations)
         if not mentions:
             rows = [{**row, "note": "no correctly named object word with a box in the image"} for row in rows]
@@ -252,7 +253,7 @@ class Workbench:
         """Region perturbation (``faithfulness.py``) of ``words`` correctly named object words and a
         sample of ``other`` other words, for each method and a random order."""
         mentions, kinds = self._sanity_words(words, other, seed)
-        methods = methods or tuple(sorted(METHODS))
+        methods = methods or methods_for(self.captioner.model)
         explanations = {method: self.word_explanations(method, mentions) for method in methods}
         curves = region_perturbation(self.captioner, self.predictions, explanations, mentions, patch, regions,
                                      replacement, seed, self.progress)
@@ -286,7 +287,7 @@ class Workbench:
         """Cascading model-parameter randomisation and input invariance (``sanity.py``) on the
         explanations of ``words`` object words and ``other`` other words."""
         mentions, _ = self._sanity_words(words, other, seed)
-        methods = methods or tuple(sorted(METHODS))
+        methods = methods or methods_for(self.captioner.model)
         originals = {method: self.word_explanations(method, mentions) for method in methods}
         steps = cascading_randomisation(self.captioner, self.predictions, mentions, methods, seed,
                                         originals=originals, progress=self.progress)

@@ -19,7 +19,7 @@ from ..models.captioner import Caption, Captioner
 from . import attention, gradients, lrp  # noqa: F401  (registration)
 from .engine import Targets, words_per_pass
 from .explanation import Explanation
-from .methods import METHODS
+from .methods import METHODS, methods_for
 
 CaptionLike = Caption | Sequence[str] | str
 
@@ -175,4 +175,5 @@ def explain(captioner: Captioner, image: ImageInput, caption: CaptionLike, metho
                          **parameters)[0]
 
 
-__all__ = ["METHODS", "Explanation", "explain", "explain_batch", "explain_pixels", "method_parameters", "resolved_parameters"]
+__all__ = ["METHODS", "Explanation", "explain", "explain_batch", "explain_pixels", "method_parameters", "methods_for",
+           "resolved_parameters"]

@@ -1,12 +1,28 @@
-"""The model's own attention as an explanation: α_t over the grid (eq. (3)), upsampled to the image,
-with the sentinel weight β_t (eq. (6)) in ``extra["beta"]`` where the decoder has a sentinel. Attention says nothing about the
-preceding words, so its linguistic explanation is zero."""
+"""The model's own attention as an explanation.
+
+* ``attention``: α_t over the grid (eq. (3); the transformer: the last layer's cross-attention
+  averaged over heads), upsampled to the image, with the sentinel weight β_t (eq. (6)) in
+  ``extra["beta"]`` where the decoder has a sentinel. Attention says nothing about the preceding
+  words, so its linguistic explanation is zero.
+* ``rollout`` (transformers): attention rollout (Abnar & Zuidema 2020) — each layer's head-averaged
+  attention with its residual, ``Ã = ½(A + I)``, multiplied through the layers. A word's row of the
+  product says how much of its final representation came from each fed token and each cell:
+
+      E = Π_encoder Ã_enc                                  cells ← cells [L, L] (I without encoder layers)
+      W = I [S, S],  C = 0 [S, L]                          what each position is made of: tokens, cells
+      per decoder layer:  W ← Ã_self W,  C ← Ã_self C      causal self-attention mixes the positions
+                          W ← ½ W,  C ← ½ C + ½ A_cross E  the residual keeps half, cross-attention adds cells
+
+  ``C[t]`` is the image map of the word predicted at step t, ``W[t]`` its preceding-word explanation
+  (every row of [W C] sums to 1).
+"""
 from __future__ import annotations
 
 import torch
 
 from ..models.captioner import CaptionModel
-from .engine import Targets
+from ..models.transformer import MultiHeadAttention
+from .engine import Targets, forward_hooks
 from .methods import MethodOutput, register_method, upsample
 
 
@@ -22,3 +38,40 @@ def attention(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor
     extra = {} if out.beta is None else {"beta": out.beta[batch, targets.steps]}  # no sentinel: no β
     return MethodOutput(upsample(alpha, tuple(pixels.shape[2:])), alpha, preceding, targets.scores(out.logits),
                         extra=extra)
+
+
+def _attention_layers(model: torch.nn.Module) -> list[MultiHeadAttention]:
+    return [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+
+
+@register_method("rollout", applies=lambda model: bool(_attention_layers(model)))
+@torch.no_grad()
+def rollout(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets) -> MethodOutput:
+    layers = _attention_layers(model)
+    if not layers:
+        raise ValueError("attention rollout needs a decoder of multi-head attention layers (--arch transformer); "
+                         "this model's attention is a single additive attention: use the 'attention' method")
+    weights: list[tuple[str, torch.Tensor]] = []  # (kind, head-averaged α [B, Q, N]) in the order they ran
+    hooks = [(layer.weights, lambda m, i, out, kind=layer.kind: weights.append((kind, out.mean(dim=1))))
+             for layer in layers]
+    with forward_hooks(hooks):
+        grid = model.encoder(pixels)  # [B, C, h, w]
+        out = model.decoder(grid, token_ids)
+    batch, steps, cells = pixels.shape[0], token_ids.shape[1], grid.shape[2] * grid.shape[3]
+    eye = lambda n: torch.eye(n, dtype=pixels.dtype, device=pixels.device).expand(batch, n, n)  # noqa: E731
+    from_cells = eye(cells)  # E [B, L, L]
+    words, looked = eye(steps), pixels.new_zeros(batch, steps, cells)  # W [B, S, S], C [B, S, L]
+    for kind, alpha in weights:
+        if kind == "encoder":
+            from_cells = (alpha + eye(cells)) / 2 @ from_cells
+        elif kind == "self":
+            mixing = (alpha + eye(steps)) / 2
+            words, looked = mixing @ words, mixing @ looked
+        else:  # cross
+            words, looked = words / 2, (looked + alpha @ from_cells) / 2
+    rows = torch.arange(batch, device=pixels.device).unsqueeze(1)
+    valid = targets.valid.unsqueeze(2).to(pixels.dtype)
+    grid_maps = (looked[rows, targets.steps] * valid).reshape(batch, -1, *grid.shape[2:])  # [B, K, h, w]
+    preceding = words[rows, targets.steps] * valid  # [B, K, S]
+    return MethodOutput(upsample(grid_maps, tuple(pixels.shape[2:])), grid_maps, preceding,
+                        targets.scores(out.logits))

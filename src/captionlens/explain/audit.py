@@ -60,6 +60,7 @@ class AuditReport:
     embeddings: float  # Σ relevance reaching the word embeddings
     tolerance: float
     rows: list[AuditRow] = field(default_factory=list)
+    positions: float = 0.0  # Σ relevance reaching learned positional embeddings (transformers)
 
     @property
     def flagged(self) -> list[AuditRow]:
@@ -67,8 +68,8 @@ class AuditReport:
 
     @property
     def conservation(self) -> float:
-        """(pixels + embeddings) / score: 1 when nothing is created or lost."""
-        return (self.pixels + self.embeddings) / self.score if self.score else float("nan")
+        """(pixels + embeddings + positions) / score: 1 when nothing is created or lost."""
+        return (self.pixels + self.embeddings + self.positions) / self.score if self.score else float("nan")
 
     @property
     def passed(self) -> bool:
@@ -76,7 +77,7 @@ class AuditReport:
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "words": self.words, "score": self.score, "pixels": self.pixels,
-                "embeddings": self.embeddings, "conservation": self.conservation, "tolerance": self.tolerance,
+                "embeddings": self.embeddings, "positions": self.positions, "conservation": self.conservation, "tolerance": self.tolerance,
                 "flagged": [row.name for row in self.flagged], "rows": [row.to_dict() for row in self.rows]}
 
 
@@ -191,8 +192,9 @@ def audit_lrp(captioner: Captioner, image=None, caption=None, tolerance: float =
             for handle in handles:
                 handle.remove()
         logits = traced.output.logits  # [1, S, V]
-        inputs = [traced.pixels, *traced.embeddings]
-        score = pixel_total = embedding_total = magnitude = 0.0
+        inputs = [traced.pixels, *traced.positions, *traced.embeddings]
+        count = len(traced.positions)
+        score = pixel_total = embedding_total = position_total = magnitude = 0.0
         for step in range(logits.shape[1]):  # every word and <end>, one backward each
             token = int(token_ids[0, step + 1])
             value = logits[0, step, token].detach()
@@ -202,6 +204,7 @@ def audit_lrp(captioner: Captioner, image=None, caption=None, tolerance: float =
             score += float(value)
             magnitude += abs(float(value))
             pixel_total += float(grads[0].sum())
-            embedding_total += sum(float(g.sum()) for g in grads[1:] if g is not None)
+            position_total += sum(float(g.sum()) for g in grads[1: 1 + count] if g is not None)
+            embedding_total += sum(float(g.sum()) for g in grads[1 + count:] if g is not None)
     rows = probes.finish(tolerance * max(magnitude, 1e-12))
-    return AuditReport([*words, "<end>"], score, pixel_total, embedding_total, tolerance, rows)
+    return AuditReport([*words, "<end>"], score, pixel_total, embedding_total, tolerance, rows, position_total)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..models.captioner import CaptionModel
 from ..models.decoder import DecoderOutput
-from ..models.layers import ROLE
+from ..models.layers import ROLE, LearnedPositions
 
 ForwardHook = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]
 
@@ -50,8 +50,19 @@ class Trace:
 
     pixels: torch.Tensor  # [B, 3, H, W], requires grad unless the trace stops at the grid
     grid: torch.Tensor  # encoder output A [B, C, h, w]
-    embeddings: list[torch.Tensor]  # word embedding fed at step j, [B, E] each
+    embeddings: list[torch.Tensor]  # the word embeddings as the decoder looked them up: [B, E] per step
+    # (a recurrent decoder) or [B, S, E] at once (a transformer)
     output: DecoderOutput  # logits [B, S, V], alpha [B, S, L], beta [B, S]
+    positions: list[torch.Tensor]  # outputs of LearnedPositions modules, [B, n, D] each (none for the LSTMs)
+
+    def embedding_values(self) -> torch.Tensor:
+        """The embeddings of the fed tokens [B, S, E], whichever way the decoder looked them up."""
+        return torch.cat([_as_sequence(e.detach()) for e in self.embeddings], dim=1)
+
+
+def _as_sequence(tensor: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """One step's embedding [.., B, E] as a sequence of one [.., B, 1, E]; a sequence unchanged."""
+    return tensor.unsqueeze(axis) if tensor.dim() == axis + 1 else tensor
 
 
 def trace(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
@@ -59,25 +70,26 @@ def trace(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
     """Run ``model`` (teacher forcing on ``token_ids`` [B, S]) and keep the grid and the embeddings.
     With ``to_pixels=False`` the encoder runs without a graph and gradients stop at the grid (all
     that Grad-CAM needs): the same forward, without the cost of the CNN's backward."""
-    captured: dict[str, list[torch.Tensor]] = {"grid": [], "embeddings": []}
+    captured: dict[str, list[torch.Tensor]] = {"grid": [], "embeddings": [], "positions": []}
 
     def keep(name: str) -> ForwardHook:
         def hook(module, inputs, output):
             captured[name].append(output)
         return hook
 
+    readers = [(model.decoder.embedding, keep("embeddings"))] + [
+        (module, keep("positions")) for module in model.decoder.modules() if isinstance(module, LearnedPositions)]
     if to_pixels:
         pixels = pixels.detach().requires_grad_(True)
-        hooks = [*extra_hooks, (model.encoder, keep("grid")), (model.decoder.embedding, keep("embeddings"))]
-        with forward_hooks(hooks), torch.enable_grad():
+        with forward_hooks([*extra_hooks, (model.encoder, keep("grid")), *readers]), torch.enable_grad():
             output = model.run(pixels, token_ids)
-        return Trace(pixels, captured["grid"][0], captured["embeddings"], output)
+        return Trace(pixels, captured["grid"][0], captured["embeddings"], output, captured["positions"])
     with torch.no_grad():
         grid = model.encoder(pixels)
     grid = grid.requires_grad_(True)
-    with forward_hooks([*extra_hooks, (model.decoder.embedding, keep("embeddings"))]), torch.enable_grad():
+    with forward_hooks([*extra_hooks, *readers]), torch.enable_grad():
         output = model.decoder(grid, token_ids)
-    return Trace(pixels.detach(), grid, captured["embeddings"], output)
+    return Trace(pixels.detach(), grid, captured["embeddings"], output, captured["positions"])
 
 
 @dataclass
@@ -113,6 +125,7 @@ class Backward:
     pixels: torch.Tensor | None  # [K, B, 3, H, W]; None when the trace stopped at the grid
     grid: torch.Tensor  # [K, B, C, h, w]
     embeddings: torch.Tensor  # [K, B, S, E]
+    positions: torch.Tensor  # [K, B]: summed over every learned position (0 for a model without them)
 
 
 _WORDS_PER_PASS: contextvars.ContextVar[int | None] = contextvars.ContextVar("words_per_pass", default=None)
@@ -135,7 +148,8 @@ def batched_backward(traced: Trace, seeds: torch.Tensor) -> Backward:
     """All K seeds back through one forward graph in batched calls of at most ``words_per_pass``
     seeds (all K at once by default), to the pixels only when the trace kept their graph."""
     to_pixels = traced.pixels.requires_grad
-    inputs = [traced.pixels, traced.grid, *traced.embeddings] if to_pixels else [traced.grid, *traced.embeddings]
+    inputs = [traced.pixels, traced.grid] if to_pixels else [traced.grid]
+    inputs += [*traced.positions, *traced.embeddings]
     step = _WORDS_PER_PASS.get() or seeds.shape[0]
     chunks = []
     for start in range(0, seeds.shape[0], step):
@@ -147,4 +161,7 @@ def batched_backward(traced: Trace, seeds: torch.Tensor) -> Backward:
              for g, x in zip(grads, inputs)]
     if not to_pixels:
         grads = [None, *grads]
-    return Backward(grads[0], grads[1], torch.stack(grads[2:], dim=2))
+    count = len(traced.positions)
+    positions = sum((g.flatten(2).sum(dim=2) for g in grads[2: 2 + count]), seeds.new_zeros(seeds.shape[:2]))
+    embeddings = torch.cat([_as_sequence(g, axis=2) for g in grads[2 + count:]], dim=2)
+    return Backward(grads[0], grads[1], embeddings, positions)

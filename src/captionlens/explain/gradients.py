@@ -109,6 +109,6 @@ def gradient_x_input(model: CaptionModel, pixels: torch.Tensor, token_ids: torch
                      targets: Targets) -> MethodOutput:
     traced, back, score = gradients(model, pixels, token_ids, targets)
     image = words_first((back.pixels * traced.pixels.detach().unsqueeze(0)).sum(dim=2))
-    embeddings = torch.stack([e.detach() for e in traced.embeddings], dim=1)  # [B, S, E]
+    embeddings = traced.embedding_values()  # [B, S, E]
     preceding = words_first((back.embeddings * embeddings.unsqueeze(0)).sum(dim=-1))
     return MethodOutput(image, _grid_gradient_x_input(traced, back), preceding, score)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..models.captioner import CaptionModel
+from ..models.layers import AttentionScores
 from .canonize import CANONIZERS, canonized
 from .engine import ForwardHook, Targets, batched_backward, trace
 from .methods import MethodOutput, register_method, words_first
@@ -53,10 +54,16 @@ def rule_hooks(model: CaptionModel, parameters: LRPParameters) -> list[tuple[nn.
 
 @register_method("lrp")
 def lrp(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,
-        epsilon: float = 0.01, alpha: float = 1.0, beta: float = 0.0, first_layer: str = "alphabeta") -> MethodOutput:
+        epsilon: float = 0.01, alpha: float = 1.0, beta: float = 0.0, first_layer: str = "alphabeta",
+        attention_rule: str = "cp") -> MethodOutput:
     """ε-rule for linear, sum, mean, attention and LSTM layers (gates get nothing), αβ for the
-    convolutions (``first_layer="zb"`` for the zB-rule on the first one)."""
-    parameters = LRPParameters(epsilon, alpha, beta, first_layer)
+    convolutions (``first_layer="zb"`` for the zB-rule on the first one). Dot-product attention
+    (the transformer): weights held constant (``attention_rule="cp"``) or AttnLRP's rules
+    (``"attnlrp"``). Relevance of learned positional embeddings: ``extra["positions"]`` [B, K]."""
+    parameters = LRPParameters(epsilon, alpha, beta, first_layer, attention_rule)
+    if attention_rule != "cp" and not any(isinstance(m, AttentionScores) for m in model.modules()):
+        raise ValueError(f"attention_rule={attention_rule!r} is for dot-product softmax attention (the transformer); "
+                         "this model's attention is additive, whose weights LRP holds constant (eq. 8)")
     with canonized(model):  # the backward too: the rules read the (folded) weights then
         traced = trace(model, pixels, token_ids, rule_hooks(model, parameters))
         logits = traced.output.logits
@@ -68,4 +75,5 @@ def lrp(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targ
         preceding=words_first(back.embeddings.sum(dim=-1)),  # [B, K, S]
         score=score,
         parameters=asdict(parameters),
+        extra={"positions": words_first(back.positions)} if traced.positions else {},
     )

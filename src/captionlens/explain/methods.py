@@ -5,6 +5,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 
@@ -22,16 +23,26 @@ class MethodOutput:
 
 Method = Callable[..., MethodOutput]
 METHODS: dict[str, Method] = {}
+APPLIES: dict[str, Callable[[nn.Module], bool]] = {}  # methods defined for some models only
 
 
-def register_method(name: str) -> Callable[[Method], Method]:
+def register_method(name: str, applies: Callable[[nn.Module], bool] | None = None) -> Callable[[Method], Method]:
+    """Register an explanation method; ``applies(model)`` says whether it is defined for a model
+    (every model when not given)."""
     def decorator(function: Method) -> Method:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
         METHODS[name] = function
+        if applies is not None:
+            APPLIES[name] = applies
         return function
 
     return decorator
+
+
+def methods_for(model: nn.Module) -> tuple[str, ...]:
+    """The registered methods defined for ``model``, sorted (attention rollout needs a transformer)."""
+    return tuple(sorted(name for name in METHODS if APPLIES.get(name, lambda _: True)(model)))
 
 
 def words_first(tensor: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,19 @@ Relevance of a rule's inputs, with ``z`` the module's output and ``stab(z) = z +
 * zB-rule (first layer, inputs in [low, high]):         ``R_i = Σ_j (x_i w_ij − l_i w_ij^+ − h_i w_ij^−) / z_j^B · R_j``
 * ε-rule, average pooling ``z_j = Σ_i P_ji x_i``:        ``R_i = Σ_j x_i P_ji / stab(z_j) · R_j``
   (``P`` the pooling's matrix, any kernel or adaptive output size)
+* LayerNorm ``y = w ⊙ (x − μ)/σ + b`` with σ held constant (AttnLRP, Prop. 3.4; the ε-rule of the
+  linear map that remains):                                ``R_i = x_i/σ · (w_i S_i − mean_j w_j S_j)``,
+  ``S = R / stab(y)`` — with b = 0 the scale cancels: identity on σ, ε-rule on the centring
+* GELU (the feed-forward block's activation):             ``R_in = R`` (identity rule, AttnLRP eq. 9)
+
+Softmax attention (``AttentionScores`` → ``AttentionWeights`` → ``WeightedSum``), by ``attention_rule``:
+
+* ``"cp"`` (Ali et al. 2022's conservative propagation; the papers' eq. 8): the weights are constants
+  of the linear combination — ε-rule on the values, nothing into weights, scores, queries or keys.
+* ``"attnlrp"`` (Achtibat et al. 2024): softmax ``s = softmax(x)``, ``R_x = x ⊙ (R − s Σ_j R_j)``
+  (Prop. 3.1, Taylor at x with bias; masked −∞ scores get 0); a bilinear product ``z = c·A B``
+  (q·kᵀ with c = 1/√d_k, and α·v with c = 1) splits relevance evenly between its two factors
+  (uniform rule, Prop. 3.3): ``R_A = c·A ⊙ (S Bᵀ)``, ``R_B = c·B ⊙ (Aᵀ S)`` with ``S = R / stab(2z)``.
 
 Batch-norm gets no rule of its own: an explanation folds it into the preceding convolution (or
 makes it a per-channel linear layer, ε-rule) first — see ``canonize.py``. ReLU and ReLU6 pass
@@ -41,9 +54,10 @@ from torch.autograd import Function
 from torch.nn import functional as F
 
 from ..models.efficientnet import TFSamePad
-from ..models.layers import (AttentionWeights, ChannelAffine, Gate, GateProduct, GridMean, Reduce, SignalTanh, Sum,
-                             WeightedSum)
+from ..models.layers import (AttentionScores, AttentionWeights, ChannelAffine, Gate, GateProduct, GridMean,
+                             LearnedPositions, Reduce, SignalTanh, Sum, WeightedSum)
 
+ATTENTION_RULES = ("cp", "attnlrp")
 TINY = 1e-12  # keeps αβ denominators away from zero where a unit got no positive (negative) input
 
 
@@ -97,9 +111,41 @@ class _EpsilonSum(_RelevanceFunction):
 class _EpsilonWeightedSum(_RelevanceFunction):
     @classmethod
     def relevance(cls, ctx, relevance):
-        weights, values, out = ctx.saved_tensors  # [B, N], [B, N, D], [B, D]
-        share = relevance / stabilize(out, ctx.settings)  # [B, D]
-        return None, weights.unsqueeze(2) * values * share.unsqueeze(1), None
+        weights, values, out = ctx.saved_tensors
+        share = relevance / stabilize(out, ctx.settings)
+        if weights.dim() == values.dim() - 1:  # one query: weights [B, N], values [B, N, D], out [B, D]
+            return None, weights.unsqueeze(-1) * values * share.unsqueeze(-2), None
+        return None, values * (weights.transpose(-1, -2) @ share), None  # [..., Q, N], [..., N, D], [..., Q, D]
+
+
+class _UniformProduct(_RelevanceFunction):
+    @classmethod
+    def relevance(cls, ctx, relevance):
+        a, b = ctx.saved_tensors  # z = c · a @ b: a [..., Q, N], b [..., N, D]
+        epsilon, scale = ctx.settings
+        share = relevance / stabilize(2 * scale * (a @ b), epsilon)  # [..., Q, D]
+        return scale * a * (share @ b.transpose(-1, -2)), scale * b * (a.transpose(-1, -2) @ share)
+
+
+class _SoftmaxTaylor(_RelevanceFunction):
+    @classmethod
+    def relevance(cls, ctx, relevance):
+        x, out = ctx.saved_tensors  # scores and weights [..., N]
+        x = torch.where(torch.isneginf(x), torch.zeros_like(x), x)  # masked scores: weight 0, relevance 0
+        return x * (relevance - out * relevance.sum(dim=-1, keepdim=True)), None
+
+
+class _EpsilonLayerNorm(_RelevanceFunction):
+    @classmethod
+    def relevance(cls, ctx, relevance):
+        x, out = ctx.saved_tensors
+        epsilon, module = ctx.settings
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        std = (x.var(dim=dims, unbiased=False, keepdim=True) + module.eps).sqrt()  # σ, held constant
+        share = relevance / stabilize(out, epsilon)
+        if module.weight is not None:
+            share = share * module.weight
+        return x / std * (share - share.mean(dim=dims, keepdim=True)), None
 
 
 class _GateProduct(_RelevanceFunction):
@@ -130,8 +176,7 @@ class _EpsilonReduce(_RelevanceFunction):
 class _NoRelevance(_RelevanceFunction):
     @classmethod
     def relevance(cls, ctx, relevance):
-        (x,) = ctx.saved_tensors
-        return (torch.zeros_like(x),)
+        return tuple(torch.zeros_like(x) for x in ctx.saved_tensors)
 
 
 class _PassThrough(_RelevanceFunction):
@@ -223,12 +268,14 @@ def pooling_matrix(module: nn.Module, height: int, width: int, like: torch.Tenso
 class LRPParameters:
     """The papers' settings by default: ε = 0.01 for linear, sum, attention and LSTM layers; αβ with
     α = 1, β = 0 for the convolutions. ``first_layer`` is "alphabeta" (as every conv) or "zb"
-    (bounded inputs: the pixel range after normalisation)."""
+    (bounded inputs: the pixel range after normalisation). ``attention_rule`` ("cp" or "attnlrp")
+    is how relevance passes dot-product softmax attention."""
 
     epsilon: float = 0.01
     alpha: float = 1.0
     beta: float = 0.0
     first_layer: str = "alphabeta"
+    attention_rule: str = "cp"
 
     def __post_init__(self) -> None:
         if not all(math.isfinite(v) for v in (self.epsilon, self.alpha, self.beta)):
@@ -239,6 +286,9 @@ class LRPParameters:
             raise ValueError(f"the αβ-rule needs α − β = 1 and β ≥ 0, got α={self.alpha}, β={self.beta}")
         if self.first_layer not in ("alphabeta", "zb"):
             raise ValueError(f"first_layer must be 'alphabeta' or 'zb', got {self.first_layer!r}")
+        if self.attention_rule not in ATTENTION_RULES:
+            raise ValueError(f"attention_rule must be one of {', '.join(map(repr, ATTENTION_RULES))}, "
+                             f"got {self.attention_rule!r}")
 
 
 def epsilon_linear(module: nn.Linear, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
@@ -254,8 +304,27 @@ def epsilon_mean(module: GridMean, inputs, output, p: LRPParameters, **_) -> tor
     return _EpsilonReduce.apply(output, (p.epsilon, (1,), False, cells.shape[1]), cells, output.detach())
 
 
-def epsilon_weighted_sum(module: WeightedSum, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+def weighted_sum(module: WeightedSum, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    if p.attention_rule == "attnlrp":
+        return _UniformProduct.apply(output, (p.epsilon, 1.0), inputs[0], inputs[1])
     return _EpsilonWeightedSum.apply(output, p.epsilon, inputs[0], inputs[1], output.detach())
+
+
+def attention_scores(module: AttentionScores, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    queries, keys = inputs[0], inputs[1]
+    if p.attention_rule == "attnlrp":
+        return _UniformProduct.apply(output, (p.epsilon, module.scale), queries, keys.transpose(-1, -2))
+    return _NoRelevance.apply(output, None, queries, keys)
+
+
+def attention_weights(module: AttentionWeights, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    if p.attention_rule == "attnlrp":
+        return _SoftmaxTaylor.apply(output, None, inputs[0], output.detach())
+    return _NoRelevance.apply(output, None, inputs[0])
+
+
+def epsilon_layer_norm(module: nn.LayerNorm, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    return _EpsilonLayerNorm.apply(output, (p.epsilon, module), inputs[0], output.detach())
 
 
 def gate_product(module: GateProduct, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
@@ -304,7 +373,10 @@ RULES = {
     nn.Conv2d: convolution,
     Sum: epsilon_sum,
     GridMean: epsilon_mean,
-    WeightedSum: epsilon_weighted_sum,
+    WeightedSum: weighted_sum,
+    AttentionScores: attention_scores,
+    nn.LayerNorm: epsilon_layer_norm,
+    nn.GELU: pass_through,
     GateProduct: gate_product,
     SignalTanh: pass_through,
     # ReLU passes relevance unchanged: every rule that receives a ReLU's output multiplies by its
@@ -315,8 +387,8 @@ RULES = {
     nn.AdaptiveAvgPool2d: epsilon_pool,
     ChannelAffine: epsilon_channel_affine,
     Reduce: epsilon_reduce,
-    Gate: no_relevance,  # gates and attention weights are coefficients: they receive nothing
-    AttentionWeights: no_relevance,
+    Gate: no_relevance,  # gates are coefficients: they receive nothing
+    AttentionWeights: attention_weights,  # nothing either, unless attention_rule="attnlrp"
 }
 # Max-pooling (winner-take-all) and (eval-mode) dropout pass relevance correctly with their ordinary backward;
 # the embedding's output is where the linguistic relevance is read; the attention's tanh only feeds
@@ -324,5 +396,6 @@ RULES = {
 # Zero padding passes relevance correctly too (padded zeros receive none; its backward crops).
 # Constant padding (the input-invariance test's shift-absorbing layer) crops the same way: what
 # the rule gives the padded constants is not an input's and is dropped.
+# Learned positions are read where they enter the model, like the word embeddings.
 NEUTRAL = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Embedding, nn.Tanh, nn.Sequential, nn.ModuleDict,
-           nn.ModuleList, nn.ZeroPad2d, nn.ConstantPad2d, TFSamePad)
+           nn.ModuleList, nn.ZeroPad2d, nn.ConstantPad2d, TFSamePad, LearnedPositions)

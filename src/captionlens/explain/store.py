@@ -15,6 +15,7 @@ Layout (one group per image, so reading one word's map touches one chunk)::
         preceding  float32 [K, n+1]    relevance of <start> and each caption word
         score      float32 [K]
         beta       float32 [K]         where the method defines it (attention)
+        positions  float32 [K]         where the model has learned positions (LRP on the transformer)
                                     attributes: complete = true, written last
 
 Every file is written atomically by Zarr; an image's caption exists once its group does, and a
@@ -37,6 +38,7 @@ from .explanation import Explanation
 STORE_FORMAT, STORE_VERSION = "captionlens-explanations", 1
 WORD_MODES = ("all", "objects")
 _ARRAYS = ("image", "grid", "preceding", "score")
+EXTRAS = ("beta", "positions")  # per-word numbers some methods add: attention's β, LRP's positional share
 
 
 class StoreMismatch(ValueError):
@@ -185,7 +187,8 @@ class ExplanationStore:
         tensors = {name: torch.from_numpy(np.asarray(group[name][...], dtype=np.float32)) for name in _ARRAYS}
         scale = np.asarray(group["image_scale"][...], dtype=np.float32)
         tensors["image"] *= torch.from_numpy(scale).view(-1, 1, 1)
-        extra = {"beta": torch.from_numpy(np.asarray(group["beta"][...], dtype=np.float32))} if "beta" in group else {}
+        extra = {name: torch.from_numpy(np.asarray(group[name][...], dtype=np.float32)) for name in EXTRAS
+                 if name in group}
         words = caption["words"]
         positions = caption["positions"]
         result = Explanation(method, [words[p] if p < len(words) else "<end>" for p in positions], positions,
@@ -262,8 +265,7 @@ class ExplanationStore:
         scale[scale == 0] = 1.0
         arrays = {"image": image / scale[:, None, None], "image_scale": scale, "grid": explanation.grid.numpy(),
                   "preceding": explanation.preceding.numpy(), "score": explanation.score.numpy()}
-        if "beta" in explanation.extra:
-            arrays["beta"] = explanation.extra["beta"].numpy()
+        arrays |= {name: explanation.extra[name].numpy() for name in EXTRAS if name in explanation.extra}
         for name, values in arrays.items():
             values = np.ascontiguousarray(values, dtype=np.float16 if name == "image" else np.float32)
             array = group.create_array(name, shape=values.shape, dtype=values.dtype,

@@ -12,7 +12,6 @@ from typing import NamedTuple
 import torch
 
 from .decoder import Decoder
-from .layers import GridMemory
 
 
 class Hypothesis(NamedTuple):
@@ -37,7 +36,7 @@ def beam_search(
     batch, k = grid.shape[0], beam_size
     device = grid.device
     memory = decoder.prepare(grid)
-    memory = GridMemory(*(t.repeat_interleave(k, dim=0) for t in memory))  # [B*K, ...]
+    memory = type(memory)(*(t.repeat_interleave(k, dim=0) for t in memory))  # [B*K, ...]
     state = decoder.initial_state(memory)
     words = torch.full((batch * k,), start_id, dtype=torch.long, device=device)  # [B*K]
     scores = torch.full((batch, k), float("-inf"), device=device)

@@ -34,6 +34,7 @@ class CaptionerConfig:
     dropout: float = 0.5
     max_length: int = 20  # longest caption beam search produces, in words
     encoder_options: dict = field(default_factory=dict)
+    architecture_options: dict = field(default_factory=dict)  # e.g. transformer: layers, heads, encoder_layers
 
 
 class CaptionModel(nn.Module):
@@ -62,6 +63,7 @@ def build_model(config: CaptionerConfig) -> CaptionModel:
         embed_size=config.embed_size,
         attention_size=config.attention_size,
         dropout=config.dropout,
+        **config.architecture_options,
     )
     return CaptionModel(encoder, decoder)
 
@@ -238,7 +240,7 @@ def read_config(path: Path) -> CaptionerConfig:
         raise ValueError(f"{path}: {'unknown field(s) ' + ', '.join(unknown) if unknown else ''}"
                          f"{'; ' if unknown and missing else ''}{'missing field(s) ' + ', '.join(missing) if missing else ''}")
     kinds = {"architecture": str, "encoder": str, "vocab_size": int, "hidden_size": int, "embed_size": int,
-             "max_length": int, "dropout": (int, float), "encoder_options": dict}
+             "max_length": int, "dropout": (int, float), "encoder_options": dict, "architecture_options": dict}
     for name, kind in kinds.items():
         if name in values and (not isinstance(values[name], kind) or isinstance(values[name], bool)):
             raise ValueError(f"{path}: field {name!r} must be {getattr(kind, '__name__', 'a number')}, "

@@ -30,6 +30,9 @@ class Decoder(nn.Module):
     embedding ``W_e``, dropout and the output layer ``fc``. Subclasses add their LSTM(s), their
     attention and ``prepare`` (grid -> ``GridMemory``)."""
 
+    default_dropout = 0.5  # the papers' (training recipes use it unless told otherwise)
+    options: tuple[str, ...] = ()  # keyword arguments beyond the sizes (a run's architecture_options)
+
     def __init__(
         self,
         vocab_size: int,

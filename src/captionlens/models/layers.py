@@ -49,12 +49,75 @@ class GridMean(nn.Module):
 
 
 class WeightedSum(nn.Module):
-    """``Σ_i w_i x_i`` with attention weights ``w``. LRP treats the weights as the constant
-    coefficients of a linear combination (eq. (8)): ε-rule on the values, nothing into the weights."""
+    """``Σ_i w_i x_i`` with attention weights ``w``: one query (weights [B, N], values [B, N, D] ->
+    [B, D]) or many (weights [..., Q, N], values [..., N, D] -> [..., Q, D], e.g. multi-head
+    attention). LRP treats the weights as the constant coefficients of a linear combination (eq. (8)):
+    ε-rule on the values, nothing into the weights (``attention_rule="attnlrp"``: AttnLRP's rule)."""
 
     def forward(self, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        # weights [B, N], values [B, N, D]
-        return torch.einsum("bn,bnd->bd", weights, values)  # [B, D]
+        if weights.dim() == values.dim() - 1:  # one query: weights [B, N], values [B, N, D]
+            return torch.einsum("bn,bnd->bd", weights, values)  # [B, D]
+        return weights @ values  # [..., Q, N] @ [..., N, D] -> [..., Q, D]
+
+
+class AttentionScores(nn.Module):
+    """Scaled dot-product scores ``z_ij = s · q_i · k_j`` (Vaswani et al. 2017, s = 1/√d_k), with
+    ``-inf`` above the diagonal when ``causal`` (position i sees keys j ≤ i). LRP: the scores feed
+    attention weights, which get no relevance under ``attention_rule="cp"``; under ``"attnlrp"`` the
+    bilinear product shares it (AttnLRP's uniform rule)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        # queries [..., Q, d], keys [..., N, d] -> scores [..., Q, N]
+        scores = (queries * self.scale) @ keys.transpose(-1, -2)
+        if causal:
+            q, n = scores.shape[-2:]
+            future = torch.ones(q, n, dtype=torch.bool, device=scores.device).triu(n - q + 1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return scores
+
+
+class LearnedPositions(nn.Module):
+    """Learned positional embeddings of a sequence, ``P[offset : offset + S]`` for every row of a
+    batch (Vaswani et al. 2017, §3.5, the learned variant). The explainers read relevance at this
+    module's output: what LRP gives to *where* a word or cell is, apart from *what* it is."""
+
+    def __init__(self, count: int, size: int) -> None:
+        super().__init__()
+        self.count = count
+        self.table = nn.Parameter(torch.empty(count, size))  # [count, D]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for table in self.parameters(recurse=False):
+            nn.init.normal_(table, std=0.02)
+
+    def forward(self, like: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        # like [B, S, D] -> the positions offset .. offset+S-1 [B, S, D]
+        batch, length = like.shape[:2]
+        if offset + length > self.count:
+            raise ValueError(f"position {offset + length - 1} is beyond the {self.count} learned positions")
+        return self.table[offset: offset + length].unsqueeze(0).expand(batch, -1, -1)
+
+
+class GridPositions(LearnedPositions):
+    """Learned 2-D positions of the grid cells: a row and a column embedding summed,
+    ``P[r, c] = P_row[r] + P_col[c]``, in the cells' row-major order (up to ``count`` × ``count``)."""
+
+    def __init__(self, count: int, size: int) -> None:
+        super().__init__(count, size)
+        self.columns = nn.Parameter(torch.empty(count, size))  # [count, D]
+        nn.init.normal_(self.columns, std=0.02)
+
+    def forward(self, like: torch.Tensor, height: int = 1, width: int = 1) -> torch.Tensor:
+        # like [B, L=h*w, D] -> [B, L, D]
+        if max(height, width) > self.count:
+            raise ValueError(f"a {height}×{width} grid is beyond the {self.count}×{self.count} learned positions")
+        table = (self.table[:height, None] + self.columns[None, :width]).reshape(height * width, -1)
+        return table.unsqueeze(0).expand(like.shape[0], -1, -1)
 
 
 class LSTMState(NamedTuple):
