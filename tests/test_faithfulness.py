@@ -148,7 +148,7 @@ def test_cascading_randomisation_equals_quantus_mprt(bench):
 
 # ------------------------------------------------------------------------------ planted cases
 def test_a_model_that_ignores_the_image_has_flat_curves_for_every_method(bench):
-    from captionlens.explain import METHODS
+    from captionlens.explain import methods_for
 
     blind = Captioner(copy.deepcopy(bench.captioner.model), bench.captioner.vocab, bench.captioner.config)
     projection = blind.model.decoder.projection
@@ -156,9 +156,10 @@ def test_a_model_that_ignores_the_image_has_flat_curves_for_every_method(bench):
         projection.cell_proj.weight.zero_()
         projection.global_proj.weight.zero_()
     mentions = other_words(bench.predictions, 4)  # words of the trained model's captions, scored by the blind one
-    explanations = {m: explain_mentions(blind, bench.predictions, mentions, m) for m in sorted(METHODS)}
+    methods = methods_for(blind.model)
+    explanations = {m: explain_mentions(blind, bench.predictions, mentions, m) for m in methods}
     curves = region_perturbation(blind, bench.predictions, explanations, mentions, regions=10, progress=False)
-    assert curves.logit.shape == (4, len(METHODS) + 1, 2, 11)  # methods + random, MoRF/LeRF, the image + 10 steps
+    assert curves.logit.shape == (4, len(methods) + 1, 2, 11)  # methods + random, MoRF/LeRF, the image + 10 steps
     assert np.abs(curves.logit - curves.logit[..., :1]).max() < 1e-5  # float32 rounding of other batch sizes only
     assert all(abs(r["aopc_morf"]) < 1e-5 for r in summarise(curves, ["other"] * 4))
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from captionlens.explain.rules import (_AlphaBetaConv, _EpsilonChannelAffine, _EpsilonLinear,
+from captionlens.explain.rules import (_AlphaBetaConv, _EpsilonChannelAffine, _EpsilonLayerNorm, _EpsilonLinear,
                                        _EpsilonPool, _EpsilonReduce, _EpsilonSum, _EpsilonWeightedSum, _GateProduct,
-                                       _ZBoxConv, epsilon_mean, pooling_matrix)
+                                       _SoftmaxTaylor, _UniformProduct, _ZBoxConv, epsilon_mean, pooling_matrix)
 from captionlens.explain.lrp import rule_hooks
 from captionlens.explain.rules import LRPParameters
 from captionlens.models.layers import GridMean, LSTMCell, LSTMState
@@ -268,3 +268,72 @@ def test_batch_norm_folding_against_its_equation():
             assert torch.allclose(conv.bias[o], (bias[o] - bn.running_mean[o]) * factor + bn.bias[o])
         assert torch.allclose(conv(x), reference, atol=1e-12)
     assert torch.equal(conv.weight, weight) and torch.equal(conv.bias, bias)
+
+
+# ------------------------------------------------------------------- transformer rules (AttnLRP, CP-LRP)
+def test_layer_norm_rule_holds_the_scale_constant():
+    """y_j = w_j (x_j − μ)/σ + b_j with σ constant: R_i = Σ_j x_i ∂y_j/∂x_i / stab(y_j) R_j, with
+    ∂y_j/∂x_i = w_j/σ (δ_ij − 1/N) (AttnLRP Prop. 3.4; lxt's layer_norm)."""
+    norm = nn.LayerNorm(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x, eps, r_out = torch.randn(2, 6), 0.01, torch.randn(2, 6)
+    y = norm(x)
+    got = relevance_in(_EpsilonLayerNorm, y, (eps, norm), (x, y), r_out)
+    expected = torch.zeros(2, 6)
+    for b in range(2):
+        sigma = float(torch.sqrt(x[b].var(unbiased=False) + norm.eps))
+        for i, j in itertools.product(range(6), range(6)):
+            derivative = norm.weight[j] / sigma * ((i == j) - 1 / 6)
+            expected[b, i] += x[b, i] * derivative / (y[b, j] + eps * sign(y[b, j])) * r_out[b, j]
+    assert torch.allclose(got, expected.detach(), atol=1e-12)
+    with torch.no_grad():  # without bias and ε, relevance is conserved
+        norm.bias.zero_()
+    y = norm(x)
+    assert torch.allclose(relevance_in(_EpsilonLayerNorm, y, (0.0, norm), (x, y), r_out).sum(1), r_out.sum(1))
+
+
+def test_softmax_rule_is_the_taylor_expansion_at_the_scores():
+    """AttnLRP Prop. 3.1: R_i = x_i (R_i − s_i Σ_j R_j); masked (−∞) scores get nothing."""
+    x = torch.randn(3, 5)
+    x[0, 4] = float("-inf")
+    s, r_out = torch.softmax(x, -1), torch.randn(3, 5)
+    got = relevance_in(_SoftmaxTaylor, s, None, (x, s), r_out)
+    expected = torch.zeros(3, 5)
+    for b, i in itertools.product(range(3), range(5)):
+        if torch.isfinite(x[b, i]):
+            expected[b, i] = x[b, i] * (r_out[b, i] - s[b, i] * sum(r_out[b, j] for j in range(5)))
+    assert torch.allclose(got, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_uniform_rule_splits_a_bilinear_product_evenly(scale):
+    """AttnLRP Prop. 3.3: z_qd = c Σ_n a_qn b_nd; each factor gets half of every term's share,
+    R_a[q,n] = Σ_d c a_qn b_nd / stab(2 z_qd) R_qd and R_b alike."""
+    a, b, eps = torch.randn(2, 3, 4), torch.randn(2, 4, 5), 1e-3
+    z, r_out = scale * (a @ b), torch.randn(2, 3, 5)
+    got_a = relevance_in(_UniformProduct, z, (eps, scale), (a, b), r_out, index=0)
+    got_b = relevance_in(_UniformProduct, z, (eps, scale), (a, b), r_out, index=1)
+    expected_a, expected_b = torch.zeros(2, 3, 4), torch.zeros(2, 4, 5)
+    for h, q, n, d in itertools.product(range(2), range(3), range(4), range(5)):
+        term = scale * a[h, q, n] * b[h, n, d] / (2 * z[h, q, d] + eps * sign(z[h, q, d])) * r_out[h, q, d]
+        expected_a[h, q, n] += term
+        expected_b[h, n, d] += term
+    assert torch.allclose(got_a, expected_a, atol=1e-12) and torch.allclose(got_b, expected_b, atol=1e-12)
+    # ε → 0: the two factors share exactly what arrived
+    assert torch.allclose((relevance_in(_UniformProduct, z, (0.0, scale), (a, b), r_out, 0).sum()
+                           + relevance_in(_UniformProduct, z, (0.0, scale), (a, b), r_out, 1).sum()), r_out.sum())
+
+
+def test_cp_rule_for_many_queries_holds_the_weights_constant():
+    """Multi-head attention's Σ_n α_qn v_nd (eq. 8 per query): R_v[n,d] = Σ_q α_qn v_nd / stab(z_qd) R_qd."""
+    weights = torch.softmax(torch.randn(2, 3, 4), -1)
+    values, eps = torch.randn(2, 4, 5), 0.01
+    z, r_out = weights @ values, torch.randn(2, 3, 5)
+    got = relevance_in(_EpsilonWeightedSum, z, eps, (weights, values, z), r_out, index=1)
+    expected = torch.zeros(2, 4, 5)
+    for h, q, n, d in itertools.product(range(2), range(3), range(4), range(5)):
+        expected[h, n, d] += weights[h, q, n] * values[h, n, d] / (z[h, q, d] + eps * sign(z[h, q, d])) * r_out[h, q, d]
+    assert torch.allclose(got, expected, atol=1e-12)
+    assert relevance_in(_EpsilonWeightedSum, z, eps, (weights, values, z), r_out, index=0) is None  # weights: nothing

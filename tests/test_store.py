@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import captionlens as cl
 from captionlens.cli import app
 from captionlens.data.bundle import open_data
-from captionlens.explain import METHODS
+from captionlens.explain import methods_for
 from captionlens.explain.store import ExplanationStore, StoreMismatch
 from captionlens.experiments.explain_split import explain_split
 
@@ -36,6 +36,27 @@ def tiny(tiny_shapes, tmp_path_factory):
     return cl.load(run), data, run
 
 
+def test_a_transformers_positions_share_and_rollout_round_trip(tiny_shapes, tmp_path):
+    data = open_data(tiny_shapes)
+    vocab = sorted({w for r in data.split("train") for c in r.captions for w in c})
+    cap = cl.build_captioner("transformer", encoder="shapes", vocab=vocab, hidden_size=16, embed_size=16, seed=0,
+                             architecture_options={"layers": 1, "heads": 2})
+    with torch.no_grad():  # captions of a few words
+        cap.model.decoder.fc.bias[cap.vocab.index("circle")] += 4.0
+    cap.config.max_length = 4
+    explain_split(cap, data, tmp_path / "t.zarr", "test", ["lrp", "rollout"], "all", batch_size=2, limit=2,
+                  progress=False)
+    store = cl.ExplanationStore.open(tmp_path / "t.zarr")
+    for image_id in store.image_ids():
+        words = store.words(image_id)
+        assert words
+        path = next(r.path for r in data.split("test") if r.image_id == image_id)
+        direct = cl.explain(cap, path, words, "lrp")
+        assert torch.allclose(store.explanation(image_id, "lrp").extra["positions"], direct.extra["positions"], atol=1e-6)
+        assert torch.allclose(store.explanation(image_id, "rollout").preceding,
+                              cl.explain(cap, path, words, "rollout").preceding, atol=1e-6)
+
+
 def store_content(path: Path) -> dict:
     """Everything a store holds, as plain data (arrays as bytes), for exact comparison."""
     store = ExplanationStore.open(path)
@@ -50,7 +71,8 @@ def store_content(path: Path) -> dict:
 
 def test_round_trip_equals_explain_for_every_method(tiny, tmp_path):
     cap, data, _ = tiny
-    explain_split(cap, data, tmp_path / "s.zarr", "test", sorted(METHODS), "all", batch_size=3, limit=5,
+    methods = methods_for(cap.model)
+    explain_split(cap, data, tmp_path / "s.zarr", "test", methods, "all", batch_size=3, limit=5,
                   progress=False)
     store = cl.ExplanationStore.open(tmp_path / "s.zarr")  # the public reading API
     records = data.split("test")[:5]
@@ -58,7 +80,7 @@ def test_round_trip_equals_explain_for_every_method(tiny, tmp_path):
     for record in records:
         words = store.words(record.image_id)
         assert store.positions(record.image_id) == list(range(len(words)))
-        for method in METHODS:
+        for method in methods:
             direct = cl.explain(cap, record.path, words, method)
             stored = store.explanation(record.image_id, method)
             scale = float(direct.image.abs().max()) or 1.0

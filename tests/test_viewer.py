@@ -46,7 +46,7 @@ def test_page_methods_images_and_openapi(client):
     assert page.status_code == 200 and "captionlens viewer" in page.text and "textContent" in page.text
     methods = client.get("/api/methods").json()
     assert set(methods) == {"lrp", "gradcam", "guided_gradcam", "guided_backprop", "gradient_x_input", "attention"}
-    assert methods["lrp"] == ["epsilon", "alpha", "beta", "first_layer"]
+    assert methods["lrp"] == ["epsilon", "alpha", "beta", "first_layer", "attention_rule"]  # rollout: transformers only
     images = client.get("/api/images").json()
     assert len(images) == 10 and images[0]["id"].startswith("data-")
     picture = client.get(f"/api/images/{images[0]['id']}")

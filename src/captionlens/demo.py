@@ -19,7 +19,7 @@ from .report.html import build_report
 from .pipeline import ENCODER_TRAINING, pretrain_shapes_encoder, train_captioner
 from .train import TrainConfig
 
-ARCHITECTURES = ("adaptive", "gridtd")  # the papers' two; `--archs adaptive,gridtd,sat` adds Show-Attend-Tell
+ARCHITECTURES = ("adaptive", "gridtd")  # the papers' two; `--archs adaptive,gridtd,sat,transformer` adds others
 
 
 @dataclass(frozen=True)

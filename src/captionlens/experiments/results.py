@@ -71,6 +71,12 @@ def findings(results: dict, arch: str) -> list[tuple[str, str, str]]:
                                 f"{name} {shown(at0(curve))}" for name, curve in (
                                     ("LRP", "lrp"), ("Grad-CAM", "gradcam"), ("Guided Grad-CAM", "guided_gradcam"),
                                     ("attention", "attention"), ("uniform map", "uniform"))))))
+    if _row(correctness, curve="rollout"):  # a transformer: its second attention baseline
+        checks.append(("Explanations (LRP, Grad-CAM, Guided Grad-CAM) localise objects better than attention rollout "
+                       "(beyond the papers: the transformer's attention through all its layers)",
+                       lambda: (all_of(*(above(at0(m), at0("rollout")) for m in ("lrp", "gradcam", "guided_gradcam"))),
+                                f"correctness at threshold 0: rollout {shown(at0('rollout'))}, last-layer attention "
+                                f"{shown(at0('attention'))}, LRP {shown(at0('lrp'))}")))
     checks.append(("Attention localises objects better than a uniform map (a precondition of the comparison above)",
                    lambda: (above(at0("attention"), at0("uniform")),
                             f"attention {shown(at0('attention'))} vs uniform {shown(at0('uniform'))}, centre prior "
@@ -270,7 +276,37 @@ def results_markdown(results: dict, seconds: float, quick: bool) -> str:
     lines += ["The papers report (journal Table III, adaptive, Flickr30K clothes subset) TP% 47.19 (plain), "
               "50.46 (frequency), 49.12 (LRP).", ""]
     lines += faithfulness_markdown(results, archs)
+    lines += architectures_markdown(results, archs)
     return "\n".join(lines)
+
+
+def architectures_markdown(results: dict, archs: list[str]) -> list[str]:
+    """How each method fares on each architecture, side by side (the demo's --archs): localisation,
+    region perturbation and hallucination detection, with 95% intervals."""
+    if len(archs) < 2:
+        return []
+    methods = ("lrp", "gradcam", "guided_gradcam", "attention", "rollout")
+    rows = []
+    for arch in archs:
+        correctness = results.get("correctness", {}).get(arch, [])
+        faithfulness = results.get("faithfulness", {}).get(arch, [])
+        intervals = (results.get("hallucination", {}).get(arch) or {}).get("auc_interval", {})
+        for method in methods:
+            at0 = _row(correctness, curve=method)
+            perturbed = _row(faithfulness, words="object", method=method)
+            if not at0 and not perturbed:
+                continue  # a method this architecture does not have (rollout: transformers only)
+            auc = intervals.get(method) or [None, None]
+            rows.append({"model": arch, "method": method,
+                         "correctness (thr. 0)": _with_interval(at0, "0.0"),
+                         "MoRF − random": _with_interval(perturbed, "morf_minus_random"),
+                         "hallucination AUC": "" if auc[0] is None else f"[{auc[0]:.3g}, {auc[1]:.3g}]"})
+    return ["## The architectures side by side — beyond the papers", "",
+            "Each method's localisation (correctness at threshold 0), region perturbation (MoRF AOPC minus random, "
+            "object words) and hallucination detection (AUC) on every trained architecture, with 95% intervals. "
+            "For the transformer, 'attention' is its last layer's cross-attention averaged over heads and 'rollout' "
+            "attention rollout through all its layers (Abnar & Zuidema 2020); LRP uses `attention_rule=\"cp\"`.", "",
+            markdown_table(rows), ""]
 
 
 def _with_interval(row: dict, key: str) -> str:

@@ -16,10 +16,11 @@ from PIL import Image
 from ..explain.explanation import Explanation
 from .scales import LEGEND, ZERO, display_size, heatmap_image, map_scale
 
-TITLES = {"attention": "attention", "gradcam": "Grad-CAM", "guided_gradcam": "Guided Grad-CAM",
-          "guided_backprop": "guided backprop", "gradient_x_input": "gradient×input", "lrp": "LRP"}
-COLUMN_ORDER = ("attention", "gradcam", "guided_gradcam", "guided_backprop", "gradient_x_input", "lrp")
-LINGUISTIC_PREFERENCE = ("lrp", "gradcam", "guided_gradcam", "gradient_x_input", "guided_backprop")
+TITLES = {"attention": "attention", "rollout": "attention rollout", "gradcam": "Grad-CAM",
+          "guided_gradcam": "Guided Grad-CAM", "guided_backprop": "guided backprop", "gradient_x_input": "gradient×input",
+          "lrp": "LRP"}
+COLUMN_ORDER = ("attention", "rollout", "gradcam", "guided_gradcam", "guided_backprop", "gradient_x_input", "lrp")
+LINGUISTIC_PREFERENCE = ("lrp", "gradcam", "guided_gradcam", "gradient_x_input", "guided_backprop", "rollout")
 
 
 def symmetric_limit(values: np.ndarray) -> float:

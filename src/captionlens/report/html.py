@@ -18,14 +18,14 @@ from pathlib import Path
 from PIL import Image
 
 from ..data.images import ImageInput, load_image
-from ..explain import METHODS, Explanation, explain, resolved_parameters
+from ..explain import METHODS, Explanation, explain, methods_for, resolved_parameters
 from ..explain.store import ExplanationStore
 from ..io import atomic_write_text
 from ..models import Captioner
 from .figures import COLUMN_ORDER, LINGUISTIC_PREFERENCE, TITLES, normalised, word_colour
 from .scales import LEGEND, ZERO, display_size, heatmap_image, map_scale
 
-DEFAULT_METHODS = COLUMN_ORDER  # every method
+DEFAULT_METHODS = COLUMN_ORDER  # every method (those the model has: rollout needs a transformer)
 DISPLAY = 160  # pixels per heatmap tile
 
 STYLE = """
@@ -148,6 +148,8 @@ def build_report(captioner: Captioner, images: Sequence[ImageInput], out: str | 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(sorted(METHODS))}")
+    if methods is DEFAULT_METHODS:
+        methods = [m for m in methods if m in methods_for(captioner.model)]
     sections = []
     for index, image in enumerate(images):
         picture = load_image(image)

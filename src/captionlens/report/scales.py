@@ -48,12 +48,12 @@ class MapScale:
 
 
 def non_negative(method: str | None, parameters: dict | None = None) -> bool | None:
-    """Whether a method's maps are non-negative by construction (attention, ReLU'd Grad-CAM); None
+    """Whether a method's maps are non-negative by construction (attention, rollout, ReLU'd Grad-CAM); None
     for a map of unknown origin. A signed method keeps the diverging scale even where one map happens
     to have no negative value, so a column of a figure reads the same way throughout."""
     if method is None:
         return None
-    return method == "attention" or (method == "gradcam" and bool((parameters or {}).get("relu")))
+    return method in ("attention", "rollout") or (method == "gradcam" and bool((parameters or {}).get("relu")))
 
 
 def map_scale(heatmap: np.ndarray, method: str | None = None, parameters: dict | None = None) -> MapScale:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from ..data.bundle import DataBundle, open_data
 from ..data.images import MAX_PIXELS, ImageLoadError, load_image, resized_pixels
-from ..explain import METHODS, explain, method_parameters, resolved_parameters
+from ..explain import explain, method_parameters, methods_for, resolved_parameters
 from ..explain.store import ExplanationStore
 from ..models import Captioner
 from ..report.figures import normalised
@@ -246,8 +246,8 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
 
     @app.get("/api/methods")
     def methods() -> dict[str, list[str]]:
-        """The explanation methods and the parameters each takes."""
-        return {name: method_parameters(name) for name in sorted(METHODS)}
+        """The explanation methods the model has and the parameters each takes."""
+        return {name: method_parameters(name) for name in methods_for(state.captioner.model)}
 
     @app.get("/api/images")
     def images() -> list[dict]:
@@ -302,6 +302,7 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
         alpha: float = Field(1.0, ge=1, le=1e6, allow_inf_nan=False)
         beta: float = Field(0.0, ge=0, le=1e6, allow_inf_nan=False)
         first_layer: str = Field("alphabeta", max_length=16)
+        attention_rule: str = Field("cp", max_length=16, description="cp or attnlrp (dot-product attention)")
         relu: bool = False
         caption: list[str] | None = Field(None, max_length=limits.max_caption_words,
                                           description="the caption to explain; default: the image's caption")
@@ -311,8 +312,9 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
         """The explanation of one word: heatmap (PNG data URI on its scale: blue–white–red when signed,
         sequential from 0 when non-negative, transparent when all zero; ``scale`` says which), grid, score and the
         relevance of <start> and each preceding word."""
-        if request.method not in METHODS:
-            raise HTTPException(400, f"unknown method {request.method!r}; choose from {', '.join(sorted(METHODS))}")
+        available = methods_for(state.captioner.model)
+        if request.method not in available:
+            raise HTTPException(400, f"unknown method {request.method!r} for this model; choose from {', '.join(available)}")
         if request.caption is not None and any(len(w) > 64 for w in request.caption):
             raise HTTPException(422, "caption words are at most 64 characters long")
         _, pixels = pictures_of(request.image_id)
