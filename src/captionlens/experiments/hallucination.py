@@ -22,6 +22,7 @@ SCORES: dict[str, tuple[str, Callable[[Explanation], float]]] = {
     "guided_gradcam_abs": ("guided_gradcam", lambda e: float(e.image.abs().mean())),
     "gradcam": ("gradcam", lambda e: float(e.image.mean())),
     "attention": ("attention", lambda e: float(e.image.mean())),
+    "rollout": ("rollout", lambda e: float(e.image.mean())),  # transformers only (attention rollout)
     # NaN where the decoder has no visual sentinel (sat): the score is not defined there
     "one_minus_beta": ("attention", lambda e: float(1 - e.extra["beta"][0]) if "beta" in e.extra else float("nan")),
 }

@@ -309,6 +309,11 @@ def architectures_markdown(results: dict, archs: list[str]) -> list[str]:
             markdown_table(rows), ""]
 
 
+def _two(value) -> str:
+    """Two decimals; "n/a" for a value not defined (NaN, or None once read back from JSON)."""
+    return "n/a" if value is None or value != value else f"{value:.2f}"
+
+
 def _with_interval(row: dict, key: str) -> str:
     value = row.get(key, float("nan"))
     if value != value:
@@ -343,7 +348,7 @@ def faithfulness_markdown(results: dict, archs: list[str]) -> list[str]:
             for block in dict.fromkeys(r["block"] for r in rows):
                 mine = {r["method"]: r for r in rows if r["block"] == block}
                 table.append({"randomised down to": block} | {
-                    m: f"{mine[m]['spearman_abs']:.2f} / {mine[m]['preceding_spearman']:.2f}" for m in methods})
+                    m: f"{_two(mine[m]['spearman_abs'])} / {_two(mine[m]['preceding_spearman'])}" for m in methods})
             lines += [f"**{arch}** (image |ρ| / preceding-word ρ)", "", markdown_table(table), ""]
     lines += ["## Sanity checks — input invariance (Kindermans et al. 2019)", "",
               "The input shifted by a constant, through a model whose first layer absorbs the shift (same function, "

@@ -165,7 +165,8 @@ class Workbench:
         p = self.predictions
         mentions = p.frequent_mentions(min_count)
         labels = labels_of(mentions)
-        explanations = {method: self.explanations(method, mentions) for method in {m for m, _ in SCORES.values()}}
+        methods = set(methods_for(self.captioner.model)) & {m for m, _ in SCORES.values()}
+        explanations = {method: self.explanations(method, mentions) for method in sorted(methods)}
         scores = detection_scores(mentions, explanations)
         auc = auc_table(labels, scores)
         rates = chair([c.words for c in p.captions], p.objects, p.synonyms)
