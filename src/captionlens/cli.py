@@ -849,8 +849,9 @@ def demo(
     device: DeviceOption = None,
 ) -> None:
     """Generate the shapes world, pretrain the encoder, train the captioners (the papers' two by
-    default; --archs adaptive,gridtd,sat adds Show-Attend-Tell), caption the test split, run the
-    papers' experiments and print a summary (also written to OUT/summary.json).
+    default; --archs adaptive,gridtd,sat adds Show-Attend-Tell, --archs adaptive,gridtd,transformer a
+    transformer), caption the test split, run the papers' experiments and print a summary (also
+    written to OUT/summary.json).
 
     Example: captionlens demo --quick --archs adaptive,gridtd,sat --out runs/demo-quick
     """

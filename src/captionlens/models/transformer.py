@@ -121,15 +121,22 @@ class DecoderLayer(nn.Module):
         self.feedforward_residual = Sum()
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, y: torch.Tensor, word_keys: torch.Tensor, word_values: torch.Tensor, cell_keys: torch.Tensor,
-                cell_values: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        # y [B, Q, D] (the newest Q positions), word keys/values [B, H, S, D/H] (all positions so far,
-        # these included), cell keys/values [B, H, L, D/H] -> y [B, Q, D], cross-attention α [B, H, Q, L]
-        attended, _ = self.self_attention(self.self_norm(y), word_keys, word_values, causal)
+    def forward(self, y: torch.Tensor, cell_keys: torch.Tensor, cell_values: torch.Tensor,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # y [B, Q, D] (the newest Q positions), cell keys/values [B, H, L, D/H], past: the earlier
+        # positions' self-attention keys/values [B, H, t, D/H] -> y [B, Q, D], cross-attention
+        # α [B, H, Q, L] and the keys/values of all t+Q positions
+        u = self.self_norm(y)
+        keys, values = self.self_attention.keys_values(u)
+        if past is not None:
+            keys, values = torch.cat([past[0], keys], dim=2), torch.cat([past[1], values], dim=2)
+        attended, _ = self.self_attention(u, keys, values, causal=y.shape[1] > 1)
         y = self.self_residual(y, self.dropout(attended))
         looked, alpha = self.cross_attention(self.cross_norm(y), cell_keys, cell_values)
         y = self.cross_residual(y, self.dropout(looked))
-        return self.feedforward_residual(y, self.dropout(self.feedforward(self.feedforward_norm(y)))), alpha
+        y = self.feedforward_residual(y, self.dropout(self.feedforward(self.feedforward_norm(y))))
+        return y, alpha, keys, values
 
 
 class TransformerMemory(NamedTuple):
@@ -201,11 +208,8 @@ class TransformerDecoder(Decoder):
         positions [B, layers, H, t+Q, D/H]."""
         all_keys, all_values = [], []
         for index, layer in enumerate(self.layers):
-            keys, values = layer.self_attention.keys_values(layer.self_norm(y))
-            if past is not None:
-                keys = torch.cat([past.keys[:, index], keys], dim=2)
-                values = torch.cat([past.values[:, index], values], dim=2)
-            y, alpha = layer(y, keys, values, memory.keys[:, index], memory.values[:, index], causal=y.shape[1] > 1)
+            earlier = None if past is None else (past.keys[:, index], past.values[:, index])
+            y, alpha, keys, values = layer(y, memory.keys[:, index], memory.values[:, index], earlier)
             all_keys.append(keys)
             all_values.append(values)
         logits = self.fc(self.dropout(self.output_norm(y)))  # [B, Q, V]
