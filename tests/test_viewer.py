@@ -76,6 +76,35 @@ def test_caption_and_explain_an_upload(client):
     assert explanation["scale"]["kind"] in ("diverging", "sequential", "zero") and explanation["scale"]["label"]
 
 
+def test_a_transformer_in_the_viewer_rollout_and_attention_rules(client, tiny_shapes):
+    import torch
+    from fastapi.testclient import TestClient
+
+    from captionlens.viewer.app import create_app
+
+    cap = cl.build_captioner("transformer", encoder="shapes", vocab="a red blue circle square".split(), hidden_size=16,
+                             embed_size=16, seed=0, architecture_options={"layers": 1, "heads": 2})
+    with torch.no_grad():
+        cap.model.decoder.fc.bias[cap.vocab.end_id] = -1e4
+    cap.config.max_length = 4
+    viewer = TestClient(create_app(cap, tiny_shapes))
+    assert "rollout" in viewer.get("/api/methods").json()
+    image_id = viewer.get("/api/images").json()[0]["id"]
+    words = viewer.post("/api/caption", data={"image_id": image_id}).json()["words"]
+    request = {"image_id": image_id, "word_index": len(words) - 1, "method": "lrp"}
+    cp = viewer.post("/api/explain", json=request).json()
+    attnlrp = viewer.post("/api/explain", json=request | {"attention_rule": "attnlrp"}).json()
+    assert cp["parameters"]["attention_rule"] == "cp" and attnlrp["parameters"]["attention_rule"] == "attnlrp"
+    assert "positions" in cp["extra"] and cp["preceding"] != attnlrp["preceding"]
+    rollout = viewer.post("/api/explain", json=request | {"method": "rollout"}).json()
+    assert rollout["scale"]["kind"] == "sequential"  # rollout is a non-negative map
+    # the LSTM captioner has no rollout, and refuses AttnLRP's rules with a reason
+    assert client.post("/api/explain", json={"image_id": image_id, "word_index": 0, "method": "rollout"}).status_code == 400
+    client.post("/api/caption", data={"image_id": image_id})
+    refused = client.post("/api/explain", json={"image_id": image_id, "word_index": 0, "attention_rule": "attnlrp"})
+    assert refused.status_code == 400 and "additive" in refused.json()["detail"]
+
+
 def test_bad_requests(client, tiny_shapes):
     big = client.post("/api/caption", files={"file": ("big.png", b"\0" * 300_000, "image/png")})
     assert big.status_code == 413
