@@ -87,6 +87,16 @@ def test_cp_lrp_conserves_the_logit_with_the_positions_share():
     assert (exp.image.abs().sum(dim=(1, 2)) > 0).all() and (exp.preceding[:, 1:].abs().sum(dim=1) > 0).any()
 
 
+def test_the_audit_finds_no_leak_in_the_transformer():
+    """Every module and every operation between modules conserves (positions counted as a sink)."""
+    cap = captioner()
+    cap.model.float()  # as trained; the audit runs its own float64 copy
+    report = cl.audit_lrp(cap)
+    assert report.passed and report.flagged == [] and abs(report.conservation - 1) < 1e-6
+    assert report.positions != 0 and {"LayerNorm", "AttentionScores", "AttentionWeights", "WeightedSum",
+                                      "GELU"} <= {row.kind for row in report.rows}
+
+
 def _lxt_reference(cap, pixels, token_ids, step, token, epsilon):
     """The same decoder written with lxt's explicit AttnLRP functions; relevance of the grid, each fed
     token's embedding and all positions for one logit (seeded with the logit, as LRP starts)."""
