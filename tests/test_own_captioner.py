@@ -123,14 +123,15 @@ def standard(arch, encoder="shapes"):
 
 
 # ------------------------------------------------------------------------------------ conservation
-@pytest.mark.parametrize("arch", ["adaptive", "gridtd", "sat", "test_tutorial_style", "test_show_and_tell"])
+@pytest.mark.parametrize("arch", ["adaptive", "gridtd", "sat", "transformer", "test_tutorial_style",
+                                  "test_show_and_tell"])
 @pytest.mark.parametrize("encoder", sorted(SMALL))
 def test_lrp_conserves_relevance_for_every_architecture_and_encoder(arch, encoder):
     cap = standard(arch, encoder)
     zero_biases(cap.model).double()
     size = SMALL[encoder]["image_size"]
     exp = explain(cap, image(size), CAPTION, method="lrp", epsilon=1e-9, alpha=1.0, beta=0.0, include_end=True)
-    total = exp.image.sum(dim=(1, 2)) + exp.preceding.sum(dim=1)
+    total = exp.image.sum(dim=(1, 2)) + exp.preceding.sum(dim=1) + exp.extra.get("positions", 0)  # transformer
     assert exp.score.abs().min() > 1e-9
     assert torch.allclose(total, exp.score, rtol=1e-4, atol=0)
     assert (exp.image.abs().sum(dim=(1, 2)) > 0).all()
@@ -139,7 +140,7 @@ def test_lrp_conserves_relevance_for_every_architecture_and_encoder(arch, encode
 def test_every_registered_encoder_is_covered():
     assert {name for name, cls in ENCODERS.items() if cls.__module__.startswith("captionlens.")} == set(SMALL)
     assert {name for name, cls in ARCHITECTURES.items() if cls.__module__.startswith("captionlens.")} == \
-        {"adaptive", "gridtd", "sat"}
+        {"adaptive", "gridtd", "sat", "transformer"}
 
 
 # ------------------------------------------------------------------------- canonised == original
