@@ -89,9 +89,7 @@ def test_cp_lrp_conserves_the_logit_with_the_positions_share():
 
 def test_the_audit_finds_no_leak_in_the_transformer():
     """Every module and every operation between modules conserves (positions counted as a sink)."""
-    cap = captioner()
-    cap.model.float()  # as trained; the audit runs its own float64 copy
-    report = cl.audit_lrp(cap)
+    report = cl.audit_lrp(captioner())  # a float64 captioner too (its caption pass takes the model's dtype)
     assert report.passed and report.flagged == [] and abs(report.conservation - 1) < 1e-6
     assert report.positions != 0 and {"LayerNorm", "AttentionScores", "AttentionWeights", "WeightedSum",
                                       "GELU"} <= {row.kind for row in report.rows}

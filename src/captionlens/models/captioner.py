@@ -139,7 +139,7 @@ class Captioner:
         self.model.eval()
         captions = []
         for i in range(0, grids.shape[0], batch_size):
-            batch = grids[i: i + batch_size].to(self.device, torch.float32)
+            batch = grids[i: i + batch_size].to(self.device, next(self.model.parameters()).dtype)
             for hypothesis in beam_search(self.model.decoder, batch, self.vocab.start_id, self.vocab.end_id,
                                           beam_size, max_length or self.config.max_length,
                                           banned=(self.vocab.pad_id, self.vocab.start_id)):
