@@ -120,7 +120,8 @@ def _lxt_reference(cap, pixels, token_ids, step, token, epsilon):
         return linear(context.transpose(1, 2).flatten(2), mha.output)
 
     def feedforward(block, x):
-        return linear(identity(block.activation, linear(x, block.expand)), block.contract)
+        hidden = identity(block.activation, linear(norm(x, block.norm), block.expand))
+        return residual(x, linear(hidden, block.contract))
 
     def residual(x, y):
         return lf.add2(x, y, epsilon=epsilon)
@@ -134,7 +135,7 @@ def _lxt_reference(cap, pixels, token_ids, step, token, epsilon):
     for layer in d.encoder_layers:
         u = norm(x, layer.attention_norm)
         x = residual(x, attention(layer.attention, u, u, False))
-        x = residual(x, feedforward(layer.feedforward, norm(x, layer.feedforward_norm)))
+        x = feedforward(layer.feedforward, x)
     memory = norm(x, d.memory_norm)
     embeddings = d.embedding(token_ids).detach().requires_grad_(True)
     words = lf.linear_epsilon(embeddings, d.embed_projection.weight, None, epsilon)
@@ -144,7 +145,7 @@ def _lxt_reference(cap, pixels, token_ids, step, token, epsilon):
         u = norm(y, layer.self_norm)
         y = residual(y, attention(layer.self_attention, u, u, True))
         y = residual(y, attention(layer.cross_attention, norm(y, layer.cross_norm), memory, False))
-        y = residual(y, feedforward(layer.feedforward, norm(y, layer.feedforward_norm)))
+        y = feedforward(layer.feedforward, y)
     logit = linear(norm(y, d.output_norm), d.fc)[0, step, token]
     inputs = [grid, embeddings, cell_positions, word_positions]
     relevance = torch.autograd.grad(logit, inputs, logit.detach())

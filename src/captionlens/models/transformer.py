@@ -72,17 +72,22 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """``W_2 GELU(W_1 u)`` with dropout; LRP: ε through both linear layers, identity through GELU."""
+    """The pre-LN feed-forward sublayer both layer kinds end with, ``x ⊕ W_2 GELU(W_1 LN(x))`` with
+    dropout. LRP: LayerNorm with σ held constant, ε through both linear layers and the residual ⊕,
+    identity through GELU."""
 
     def __init__(self, size: int, hidden: int, dropout: float) -> None:
         super().__init__()
+        self.norm = nn.LayerNorm(size)
         self.expand = nn.Linear(size, hidden)
         self.activation = nn.GELU()
         self.dropout = nn.Dropout(dropout)
         self.contract = nn.Linear(hidden, size)
+        self.residual = Sum()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.contract(self.dropout(self.activation(self.expand(x))))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, N, D] -> [B, N, D]
+        hidden = self.dropout(self.activation(self.expand(self.norm(x))))  # [B, N, 4D]
+        return self.residual(x, self.dropout(self.contract(hidden)))
 
 
 class EncoderLayer(nn.Module):
@@ -93,16 +98,13 @@ class EncoderLayer(nn.Module):
         self.attention_norm = nn.LayerNorm(size)
         self.attention = MultiHeadAttention(size, heads, "encoder")
         self.attention_residual = Sum()
-        self.feedforward_norm = nn.LayerNorm(size)
         self.feedforward = FeedForward(size, 4 * size, dropout)
-        self.feedforward_residual = Sum()
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, L, D]
         u = self.attention_norm(x)
         attended, _ = self.attention(u, *self.attention.keys_values(u))
-        x = self.attention_residual(x, self.dropout(attended))
-        return self.feedforward_residual(x, self.dropout(self.feedforward(self.feedforward_norm(x))))
+        return self.feedforward(self.attention_residual(x, self.dropout(attended)))
 
 
 class DecoderLayer(nn.Module):
@@ -116,9 +118,7 @@ class DecoderLayer(nn.Module):
         self.cross_norm = nn.LayerNorm(size)
         self.cross_attention = MultiHeadAttention(size, heads, "cross")
         self.cross_residual = Sum()
-        self.feedforward_norm = nn.LayerNorm(size)
         self.feedforward = FeedForward(size, 4 * size, dropout)
-        self.feedforward_residual = Sum()
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, y: torch.Tensor, cell_keys: torch.Tensor, cell_values: torch.Tensor,
@@ -135,8 +135,7 @@ class DecoderLayer(nn.Module):
         y = self.self_residual(y, self.dropout(attended))
         looked, alpha = self.cross_attention(self.cross_norm(y), cell_keys, cell_values)
         y = self.cross_residual(y, self.dropout(looked))
-        y = self.feedforward_residual(y, self.dropout(self.feedforward(self.feedforward_norm(y))))
-        return y, alpha, keys, values
+        return self.feedforward(y), alpha, keys, values
 
 
 class TransformerMemory(NamedTuple):
