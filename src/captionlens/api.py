@@ -14,8 +14,8 @@ from .explain.audit import AuditReport, audit_lrp
 from .explain.store import ExplanationStore
 from .io import write_json
 from .models import Captioner, CaptionerConfig, build_model
+from .models.captioner import architecture_settings
 from .models.encoders import build_encoder
-from .models.registry import ARCHITECTURES, lookup
 from .pipeline import train_captioner
 
 
@@ -49,10 +49,9 @@ def build_captioner(
         vocab = Vocabulary([*SPECIAL_TOKENS, *dict.fromkeys(words)])
     torch.manual_seed(seed)
     cnn = build_encoder(encoder, encoder_weights, **(encoder_options or {}))
-    decoder_class = lookup(ARCHITECTURES, "architecture", architecture)
-    config = CaptionerConfig(architecture, encoder, len(vocab), hidden_size, embed_size, attention_size,
-                             decoder_class.default_dropout if dropout is None else dropout,
-                             encoder_options=cnn.options(), architecture_options=dict(architecture_options or {}))
+    dropout, architecture_options = architecture_settings(architecture, dropout, architecture_options)
+    config = CaptionerConfig(architecture, encoder, len(vocab), hidden_size, embed_size, attention_size, dropout,
+                             encoder_options=cnn.options(), architecture_options=architecture_options)
     model = build_model(config)
     model.encoder = cnn
     return Captioner(model, vocab, config, device)

@@ -19,8 +19,8 @@ from .data.vocab import Vocabulary
 from .distributed import current
 from .io import atomic_write, remove_leftovers
 from .models import Captioner, CaptionerConfig, build_model
-from .models.captioner import resolve_device
-from .models.registry import ARCHITECTURES, ENCODERS, lookup
+from .models.captioner import architecture_settings, resolve_device
+from .models.registry import ENCODERS, lookup
 from .models.encoders import Encoder, ShapesEncoder, build_encoder
 from .train import STATE_JSON, Trainer, TrainConfig
 
@@ -192,13 +192,7 @@ def train_captioner(
     forcing and early stopping. ``dropout`` defaults to the architecture's (the papers' 0.5; 0.1 for
     the transformer); ``architecture_options`` go to the decoder (transformer: layers, heads,
     encoder_layers)."""
-    decoder_class = lookup(ARCHITECTURES, "architecture", architecture)
-    architecture_options = dict(architecture_options or {})
-    unknown = sorted(set(architecture_options) - set(decoder_class.options))
-    if unknown:
-        raise ValueError(f"architecture {architecture!r} takes no option {', '.join(unknown)}"
-                         + (f" (its options: {', '.join(decoder_class.options)})" if decoder_class.options else ""))
-    dropout = decoder_class.default_dropout if dropout is None else dropout
+    dropout, architecture_options = architecture_settings(architecture, dropout, architecture_options)
     bundle = data if isinstance(data, DataBundle) else open_data(data)
     for split in ("train", "val"):
         if not bundle.split(split):

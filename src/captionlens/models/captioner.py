@@ -54,6 +54,19 @@ class CaptionModel(nn.Module):
         return self.run(pixels, token_ids).logits
 
 
+def architecture_settings(architecture: str, dropout: float | None = None, options: dict | None = None
+                          ) -> tuple[float, dict]:
+    """The decoder's dropout (its architecture's ``default_dropout`` when None) and its options,
+    checked against those the architecture takes (``Decoder.options``)."""
+    decoder_class = lookup(ARCHITECTURES, "architecture", architecture)
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(decoder_class.options))
+    if unknown:
+        raise ValueError(f"architecture {architecture!r} takes no option {', '.join(unknown)}"
+                         + (f" (its options: {', '.join(decoder_class.options)})" if decoder_class.options else ""))
+    return decoder_class.default_dropout if dropout is None else dropout, options
+
+
 def build_model(config: CaptionerConfig) -> CaptionModel:
     encoder = lookup(ENCODERS, "encoder", config.encoder)(**config.encoder_options)
     decoder = lookup(ARCHITECTURES, "architecture", config.architecture)(
