@@ -104,6 +104,11 @@ class Workbench:
         """Rows with the ground truth's source beside every number."""
         return [{**row, "ground_truth": self.predictions.require_truth().source} for row in rows]
 
+    def _available(self, table: dict[str, tuple]) -> list[str]:
+        """The methods a table of (method, ...) entries uses that this captioner has (rollout: a
+        transformer), sorted."""
+        return sorted(set(methods_for(self.captioner.model)) & {entry[0] for entry in table.values()})
+
     def explanations(self, method: str, mentions: list[Mention]) -> StoredExplanations:
         """``explanations[mention]``: its explanation by ``method``, from the store (computed and
         written there first if missing)."""
@@ -149,8 +154,7 @@ class Workbench:
                         self.predictions.image_size, self.workers)
         objects = truth.annotations
         mentions = localisable(predictions, objects)
-        methods = set(methods_for(self.captioner.model)) & {m for m, _ in CURVES.values()}
-        explanations = {method: self.explanations(method, mentions) for method in sorted(methods)}
+        explanations = {method: self.explanations(method, mentions) for method in self._available(CURVES)}
         rows = correctness_curves(predictions, objects, explanations)
         if not mentions:
             rows = [{**row, "note": "no correctly named object word with a box in the image"} for row in rows]
@@ -165,8 +169,7 @@ class Workbench:
         p = self.predictions
         mentions = p.frequent_mentions(min_count)
         labels = labels_of(mentions)
-        methods = set(methods_for(self.captioner.model)) & {m for m, _ in SCORES.values()}
-        explanations = {method: self.explanations(method, mentions) for method in sorted(methods)}
+        explanations = {method: self.explanations(method, mentions) for method in self._available(SCORES)}
         scores = detection_scores(mentions, explanations)
         auc = auc_table(labels, scores)
         rates = chair([c.words for c in p.captions], p.objects, p.synonyms)

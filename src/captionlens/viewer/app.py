@@ -244,10 +244,12 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
     def index() -> str:
         return page
 
+    available = methods_for(state.captioner.model)  # the model is fixed for the app's life
+
     @app.get("/api/methods")
     def methods() -> dict[str, list[str]]:
         """The explanation methods the model has and the parameters each takes."""
-        return {name: method_parameters(name) for name in methods_for(state.captioner.model)}
+        return {name: method_parameters(name) for name in available}
 
     @app.get("/api/images")
     def images() -> list[dict]:
@@ -312,7 +314,6 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
         """The explanation of one word: heatmap (PNG data URI on its scale: blue–white–red when signed,
         sequential from 0 when non-negative, transparent when all zero; ``scale`` says which), grid, score and the
         relevance of <start> and each preceding word."""
-        available = methods_for(state.captioner.model)
         if request.method not in available:
             raise HTTPException(400, f"unknown method {request.method!r} for this model; choose from {', '.join(available)}")
         if request.caption is not None and any(len(w) > 64 for w in request.caption):
