@@ -61,6 +61,14 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="not divisible"):
         cl.build_captioner("transformer", encoder="shapes", vocab=WORDS, hidden_size=10, embed_size=10,
                            architecture_options={"heads": 4})
+    for sizes, options, message in (((0, 0), {}, "sizes must be ≥ 1"), ((16, 16), {"layers": 10**9}, "layers ≤ 256"),
+                                    ((16, 16), {"dropout": 1.5}, "dropout in")):
+        dropout = options.pop("dropout", None)
+        with pytest.raises(ValueError, match=message):
+            cl.build_captioner("transformer", encoder="shapes", vocab=WORDS, hidden_size=sizes[0], embed_size=sizes[1],
+                               dropout=dropout, architecture_options=options)
+    with pytest.raises(ValueError, match="takes no option layers"):
+        cl.build_captioner("gridtd", encoder="shapes", vocab=WORDS, architecture_options={"layers": 2})
     cap = captioner()
     with pytest.raises(ValueError, match="attention_rule"):
         explain(cap, image(), CAPTION, method="lrp", attention_rule="softmax")

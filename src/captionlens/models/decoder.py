@@ -43,6 +43,9 @@ class Decoder(nn.Module):
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
+        if min(hidden_size, embed_size, attention_size or hidden_size) < 1 or not 0 <= dropout < 1:
+            raise ValueError(f"hidden, embedding and attention sizes must be ≥ 1 and dropout in [0, 1), got "
+                             f"{hidden_size}, {embed_size}, {attention_size}, {dropout}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.embed_size = embed_size

@@ -36,6 +36,7 @@ from .registry import register_architecture
 
 MAX_WORDS = 64  # learned word positions: captions (with <start>) up to this many tokens
 MAX_GRID = 32  # learned grid positions: grids up to 32 × 32 cells
+MAX_LAYERS = 256  # more is a typo (a billion layers would only run out of memory slowly)
 
 
 class MultiHeadAttention(nn.Module):
@@ -165,9 +166,9 @@ class TransformerDecoder(Decoder):
     def __init__(self, vocab_size: int, feature_channels: int, hidden_size: int = 512, embed_size: int = 512,
                  attention_size: int | None = None, dropout: float = 0.1, layers: int = 3, heads: int = 8,
                  encoder_layers: int = 0) -> None:
-        if layers < 1 or heads < 1 or encoder_layers < 0:
-            raise ValueError(f"a transformer needs layers ≥ 1, heads ≥ 1 and encoder_layers ≥ 0, got {layers}, "
-                             f"{heads}, {encoder_layers}")
+        if not (1 <= layers <= MAX_LAYERS and heads >= 1 and 0 <= encoder_layers <= MAX_LAYERS):
+            raise ValueError(f"a transformer needs 1 ≤ layers ≤ {MAX_LAYERS}, heads ≥ 1 and 0 ≤ encoder_layers ≤ "
+                             f"{MAX_LAYERS}, got {layers}, {heads}, {encoder_layers}")
         super().__init__(vocab_size, feature_channels, hidden_size, embed_size, attention_size, dropout)
         self.layer_count, self.heads = layers, heads
         d = hidden_size
