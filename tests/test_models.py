@@ -154,3 +154,55 @@ def test_bad_images_raise_clear_errors(tmp_path):
         cap.preprocess([tmp_path / "not-an-image.png"])
     with pytest.raises(ImageLoadError, match="no image file"):
         cap.preprocess([tmp_path / "missing.png"])
+
+
+def test_shapes_encoder_cells_see_a_28_pixel_window():
+    """Each cell of the shapes grid depends on a 28-pixel window around its own 8 pixels only (3×3
+    convolutions and pools up to the third pool, 1×1 convolutions after), so attending to a cell
+    means looking at what lies there."""
+    from captionlens.models.encoders import ShapesEncoder
+
+    torch.manual_seed(0)
+    encoder = ShapesEncoder()
+    pixels = torch.rand(4, 3, 64, 64, requires_grad=True)
+    encoder(pixels)[:, :, 4, 4].sum().backward()  # cell (4, 4) covers pixels 32..39 of each axis
+    rows, cols = pixels.grad.abs().sum((0, 1)).nonzero(as_tuple=True)
+    for seen in (rows, cols):
+        assert seen.min() >= 32 - 10 and seen.max() <= 39 + 10  # 10 px either side: 28 in all
+        assert seen.max() - seen.min() + 1 > 8  # more than the cell's own pixels
+
+
+def test_shapes_weights_of_another_layout_are_refused_clearly(tmp_path):
+    from safetensors.torch import save_file
+
+    from captionlens.models.encoders import ShapesEncoder, vgg_stack
+
+    previous = vgg_stack([16, 16, "M", 32, 32, "M", 64, 64, "M", 128, 128])  # the first release's layout
+    save_file({f"encoder.features.{k}": v for k, v in previous.state_dict().items()}, str(tmp_path / "old.safetensors"))
+    with pytest.raises(ValueError, match="layout revision"):
+        ShapesEncoder().load_pretrained(tmp_path / "old.safetensors")
+
+
+@pytest.mark.parametrize("arch", ["adaptive", "gridtd"])
+def test_global_dropout_withholds_v_g_in_training_only(arch, tmp_path):
+    cap = tiny(arch, architecture_options={"global_dropout": 0.7})
+    plain = tiny(arch)
+    decoder, grid = cap.model.decoder, torch.randn(2000, 128, 8, 8)
+    with torch.no_grad():
+        given = plain.model.decoder.prepare(grid).global_feature  # the same weights: same seed
+        decoder.train()
+        torch.manual_seed(1)
+        withheld = decoder.prepare(grid).global_feature
+        decoder.eval()
+        evaluated = decoder.prepare(grid).global_feature
+    zero = (withheld == 0).all(1)
+    assert 0.65 < zero.float().mean() < 0.75
+    assert torch.equal(withheld[~zero], given[~zero])  # the rest pass unchanged, not rescaled
+    assert torch.equal(evaluated, given)  # inference is the papers' architecture
+    cap.save(tmp_path / "run")  # the option is data in config.json
+    assert cl.load(tmp_path / "run").model.decoder.global_dropout == 0.7
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="global_dropout"):
+            tiny(arch, architecture_options={"global_dropout": bad})
+    with pytest.raises(ValueError, match="takes no option global_dropout"):
+        tiny("transformer", architecture_options={"global_dropout": 0.5})

@@ -38,8 +38,8 @@ def build_captioner(
     device: str | None = None,
     architecture_options: dict | None = None,
 ) -> Captioner:
-    """A randomly initialised decoder of a registered architecture ("adaptive", "gridtd", "sat",
-    "transformer" with ``architecture_options`` layers, heads, encoder_layers) on a
+    """A randomly initialised decoder of a registered architecture ("adaptive", "gridtd" with
+    ``architecture_options`` global_dropout, "sat", "transformer" with layers, heads, encoder_layers) on a
     registered encoder ("vgg16", "resnet50", "resnet101", "efficientnet_lite0", "shapes"). ``vocab`` is
     a Vocabulary or a list of words (the special tokens are added when missing). ``encoder_weights``
     loads a local file (torchvision format for VGG16 and the ResNets); without it efficientnet_lite0

@@ -39,11 +39,12 @@ class DemoSize:
     report_images: int
     faithfulness_words: tuple[int, int, int]  # object words, other words, regions removed
     sanity_words: tuple[int, int]  # object words, other words
+    global_dropout: float = 0.7  # adaptive, gridtd: share of training images whose v_g is withheld
 
 
 FULL = DemoSize(ShapesConfig(train=4000, val=500, test=1000), ENCODER_TRAINING,
                 TrainConfig(epochs=14, batch_size=50, learning_rate=2e-3, patience=2), 192, 128, 4000,
-                400, 50, 120, (0, 1, 2), 25, 300, 4, (12, 6, 32), (10, 5))
+                360, 50, 120, (0, 1, 2), 15, 200, 4, (12, 6, 32), (10, 5))
 QUICK = DemoSize(ShapesConfig(train=800, val=100, test=200), replace(ENCODER_TRAINING, epochs=5),
                  TrainConfig(epochs=6, batch_size=40, learning_rate=3e-3, patience=2), 96, 64, 800,
                  60, 5, 10, (0,), 2, 20, 2, (3, 2, 8), (3, 2))
@@ -73,10 +74,12 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     captioners = {}
     for step, architecture in enumerate(archs, start=3):
         log(f"[{step}/{steps}] training the {architecture} captioner in {out / architecture}")
+        takes = lookup(REGISTERED, "architecture", architecture).options
+        options = {"global_dropout": size.global_dropout} if "global_dropout" in takes else {}
         captioner = train_captioner(data, architecture, out / architecture, encoder_weights=encoder_weights,
-                                    hidden_size=size.hidden_size,
-                                    embed_size=size.embed_size, train_config=replace(size.decoder, seed=seed),
-                                    device=device, progress=progress)
+                                    hidden_size=size.hidden_size, embed_size=size.embed_size,
+                                    train_config=replace(size.decoder, seed=seed), device=device,
+                                    progress=progress, architecture_options=options)
         summary[architecture] = evaluate_captioner(captioner, data, "test", beam_size=3, shuffle_seed=seed,
                                                    progress=progress)
         captioners[architecture] = captioner

@@ -46,13 +46,18 @@ def pretrain_shapes_encoder(out_path: str | Path, config: TrainConfig | None = N
                             images: int = 4000, progress: bool = True, device: str | None = None) -> ShapesEncoder:
     """Train the shapes CNN on multi-label presence of shapes and colours in ``images`` unbiased
     generated scenes — the role ImageNet plays for VGG16, independent of any captioning data — save
-    it (safetensors) and return it frozen."""
+    it (safetensors) and return it frozen.
+
+    The presence head reads the grid through a global *max*-pool: an object is present when some
+    cell sees it, so each object's evidence has to sit in the cells that cover it. (Through an
+    average pool the CNN may spread it over the background cells too, and a captioner then finds
+    every object anywhere on the grid: its attention need not look.)"""
     from safetensors.torch import save_file
 
     config = config or ENCODER_TRAINING
     torch.manual_seed(config.seed)
     encoder = ShapesEncoder(image_size)
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(encoder.out_channels, len(PRESENCE_LABELS)))
+    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(encoder.out_channels, len(PRESENCE_LABELS)))
     device = resolve_device(device)
     classifier = nn.ModuleDict({"encoder": encoder, "head": head}).to(device)
     world = ShapesConfig(seed=config.seed, image_size=image_size)
@@ -103,7 +108,8 @@ def shapes_encoder(data: DataBundle, weights: str | Path | None = None, config: 
     now with ``config`` (and cached for the next run)."""
     size = (data.shapes_config or {}).get("image_size", 64)
     if weights is None:
-        weights = data.cache_dir / f"shapes_encoder-seed{config.seed}-epochs{config.epochs}.safetensors"
+        weights = data.cache_dir / (f"shapes_encoder-r{ShapesEncoder.revision}-seed{config.seed}"
+                                    f"-epochs{config.epochs}.safetensors")
         if not Path(weights).is_file():
             return pretrain_shapes_encoder(weights, config, size, progress=progress, device=device)
     encoder = ShapesEncoder(size)
@@ -190,8 +196,8 @@ def train_captioner(
     """The whole recipe of Section 4: vocabulary from the training split, a frozen pretrained encoder,
     cached grid features (images decoded by ``workers`` processes), a decoder trained with teacher
     forcing and early stopping. ``dropout`` defaults to the architecture's (the papers' 0.5; 0.1 for
-    the transformer); ``architecture_options`` go to the decoder (transformer: layers, heads,
-    encoder_layers)."""
+    the transformer); ``architecture_options`` go to the decoder (adaptive, gridtd: global_dropout;
+    transformer: layers, heads, encoder_layers)."""
     dropout, architecture_options = architecture_settings(architecture, dropout, architecture_options)
     bundle = data if isinstance(data, DataBundle) else open_data(data)
     for split in ("train", "val"):

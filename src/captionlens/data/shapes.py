@@ -7,6 +7,8 @@ positions and spatial relations, several sentence forms and a few synonyms). A c
 co-occurrence bias makes one class (``bias_partner``, default circle) appear together with another
 (``bias_word``, default square) with probability ``bias_p`` in train and val, while the test split is
 sampled without it — so a trained model says "square" for circles alone, like the papers' "shirt".
+The diamond is a square standing on a corner, and squares tilt by up to 29°: a look-alike that the
+prior "a circle comes with a square" can overrule, as "shirt" overrules a jacket.
 
 Output (``write_shapes_dataset``)::
 
@@ -49,6 +51,9 @@ COLOURS = {
 SIZES = {"small": 0.2, "large": 0.34}  # object diameter as a fraction of the image side
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 SUPERSAMPLE = 2
+# largest tilt in radians: a square may lean up to 29°, so that at 64 pixels some squares come close to
+# a diamond (a square on its corner, 45°) — the look-alike through which the planted prior misleads
+TILTS = {"square": 0.5, "triangle": 0.25, "star": 0.25, "cross": 0.25, "hexagon": 0.25}
 
 
 @dataclass
@@ -61,7 +66,7 @@ class ShapesConfig:
     max_objects: int = 3
     bias_partner: str = "circle"
     bias_word: str = "square"
-    bias_p: float = 0.95  # P(bias_word present | bias_partner present) in train and val
+    bias_p: float = 1.0  # P(bias_word present | bias_partner present) in train and val
 
     def __post_init__(self) -> None:
         for name in ("bias_partner", "bias_word"):
@@ -111,7 +116,8 @@ def sample_scene(rng: np.random.Generator, config: ShapesConfig, biased: bool) -
             margin = radius + 1
             cx, cy = rng.uniform(margin, side - margin, size=2)
             if all(np.hypot(cx - o.cx, cy - o.cy) > radius + o.radius + 2 for o in objects):
-                angle = rng.uniform(-0.25, 0.25) if shape in ("square", "triangle", "star", "cross", "hexagon") else 0.0
+                tilt = TILTS.get(shape, 0.0)
+                angle = rng.uniform(-tilt, tilt) if tilt else 0.0
                 objects.append(SceneObject(shape, str(rng.choice(list(COLOURS))), size, float(cx), float(cy),
                                            float(radius), float(angle)))
                 break
@@ -129,8 +135,8 @@ def _unit_polygon(shape: str) -> np.ndarray:
         return ring_of(4, np.pi / 4, [1.25]) * 0.8
     if shape == "triangle":
         return ring_of(3, -np.pi / 2, [1.15]) + np.array([0.0, 0.2])
-    if shape == "diamond":
-        return ring_of(4, 0.0, [1.0]) * np.array([0.65, 1.0])
+    if shape == "diamond":  # a square standing on a corner: the look-alike a biased decoder may call a square
+        return ring_of(4, 0.0, [1.0])
     if shape == "star":
         return ring_of(10, -np.pi / 2, [1.1, 0.45])
     if shape == "hexagon":

@@ -91,7 +91,20 @@ class Decoder(nn.Module):
 
 class GridAttentionDecoder(Decoder):
     """The papers' two captioners: the grid projection ``V, v_g`` (Section 4), an ``AdaptiveAttention``
-    as ``self.attention`` and the output ``fc(ĉ_t + h_t)``."""
+    as ``self.attention`` and the output ``fc(ĉ_t + h_t)``.
+
+    ``global_dropout`` (training only; default 0, the papers' recipe): the global image feature v_g is
+    zeroed for this share of the images of each training batch (not rescaled), so that the decoder
+    has to find what it names through its attention over the cells rather than read it off v_g. At
+    inference v_g is always given: the architecture is the papers'."""
+
+    options = ("global_dropout",)
+
+    def __init__(self, vocab_size: int, feature_channels: int, global_dropout: float = 0.0, **sizes) -> None:
+        if not 0 <= global_dropout < 1:
+            raise ValueError(f"global_dropout must lie in [0, 1), got {global_dropout}")
+        super().__init__(vocab_size, feature_channels, **sizes)
+        self.global_dropout = float(global_dropout)
 
     def build_input_layers(self, feature_channels: int) -> None:
         self.projection = GridProjection(feature_channels, self.hidden_size)  # W_a, W_b
@@ -100,6 +113,9 @@ class GridAttentionDecoder(Decoder):
     def prepare(self, grid: torch.Tensor) -> GridMemory:
         """grid [B, C, h, w] -> V [B, L, D], v_g [B, D] and the attention keys W_v V [B, L, A]."""
         cells, global_feature = self.projection(grid)
+        if self.training and self.global_dropout > 0:
+            given = torch.rand(global_feature.shape[0], 1, device=global_feature.device) >= self.global_dropout
+            global_feature = global_feature * given.to(global_feature.dtype)  # v_g [B, D], withheld rows 0
         return GridMemory(cells, global_feature, self.attention.cell_keys(cells))
 
     def predict(self, context: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

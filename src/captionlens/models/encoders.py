@@ -3,9 +3,12 @@
 * ``vgg16``: VGG16 (Simonyan & Zisserman 2015) up to ``block5_conv3`` and its ReLU, as the papers
   use it: 14×14×512 at 224×224. Layer indices equal torchvision's ``vgg16().features[:30]`` so its
   state dicts (``vgg16-397923af.pth``) load unchanged from a *local* file. Nothing is downloaded.
-* ``shapes``: a small VGG-style CNN (16-32-64-128, three max-pools; 8×8×128 at 64×64) for the
-  embedded shapes world, pretrained on multi-label presence of shapes and colours — the role that
-  ImageNet plays in the paper — and then frozen.
+* ``shapes``: a small VGG-style CNN (3×3 convolutions 16-16-32-32-64 with three max-pools, then two
+  1×1 convolutions to 128; 8×8×128 at 64×64) for the embedded shapes world, pretrained on
+  multi-label presence of shapes and colours — the role that ImageNet plays in the paper — and then
+  frozen. Each cell sees a 28-pixel window (the 64-pixel image's objects are 13-22 pixels wide), so
+  what a cell holds is what lies at that cell — the locality that makes attention over cells mean
+  something (VGG16's block5 cells see far beyond their own 16 pixels, but a photo's objects are large).
 """
 from __future__ import annotations
 
@@ -22,15 +25,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 POOL = "M"
 
 
-def vgg_stack(layout: list[int | str], in_channels: int = 3) -> nn.Sequential:
-    """3×3 convolutions with ReLU and 2×2 max-pools, VGG style: ints are conv widths, "M" a pool."""
+def vgg_stack(layout: list[int | tuple[int, int] | str], in_channels: int = 3) -> nn.Sequential:
+    """Convolutions with ReLU and 2×2 max-pools, VGG style: an int is the width of a 3×3
+    convolution, a ``(width, kernel)`` pair a convolution of another odd kernel size (same padding),
+    "M" a pool."""
     layers: list[nn.Module] = []
     for item in layout:
         if item == POOL:
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
-            layers += [nn.Conv2d(in_channels, int(item), kernel_size=3, padding=1), nn.ReLU()]
-            in_channels = int(item)
+            width, kernel = item if isinstance(item, tuple) else (int(item), 3)
+            layers += [nn.Conv2d(in_channels, width, kernel_size=kernel, padding=kernel // 2), nn.ReLU()]
+            in_channels = width
     return nn.Sequential(*layers)
 
 
@@ -96,13 +102,15 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], path: str |
     module.load_state_dict({key: state[key] for key in wanted})
 
 
-SHAPES_LAYOUT = [16, 16, POOL, 32, 32, POOL, 64, 64, POOL, 128, 128]
+# receptive field 28 px: 3×3 convs and pools up to the third pool, then only 1×1 convolutions
+SHAPES_LAYOUT = [16, 16, POOL, 32, 32, POOL, 64, POOL, (128, 1), (128, 1)]
 
 
 @register_encoder("shapes")
 class ShapesEncoder(Encoder):
     out_channels = 128
     downsampling = 8
+    revision = 2  # of the layout and its pretraining; cached weights carry it in their name
 
     def __init__(self, image_size: int = 64) -> None:
         super().__init__(image_size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -115,7 +123,8 @@ class ShapesEncoder(Encoder):
     def load_pretrained(self, path: str | Path) -> None:
         """Load weights saved by ``captionlens`` encoder pretraining (a ``.safetensors`` file)."""
         state = load_state_dict_file(path)
-        self.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith("head.")})
+        load_matching(self, {k.removeprefix("encoder."): v for k, v in state.items()}, path,
+                      f"shapes encoder weights of this release (layout revision {self.revision})")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
