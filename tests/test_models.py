@@ -206,3 +206,10 @@ def test_global_dropout_withholds_v_g_in_training_only(arch, tmp_path):
             tiny(arch, architecture_options={"global_dropout": bad})
     with pytest.raises(ValueError, match="takes no option global_dropout"):
         tiny("transformer", architecture_options={"global_dropout": 0.5})
+
+
+@pytest.mark.parametrize("name, encoder", [("broken.safetensors", "shapes"), ("broken.pth", "vgg16")])
+def test_corrupt_encoder_weights_are_a_clear_error(tmp_path, name, encoder):
+    (tmp_path / name).write_bytes(b"\x93not a weights file" * 5)
+    with pytest.raises(ValueError, match="truncated, corrupt or not a tensor-only state dict"):
+        build_encoder(encoder, tmp_path / name)

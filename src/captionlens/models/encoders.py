@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -135,11 +136,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             f"encoder weights not found at {path}. captionlens never downloads weights: "
             "download the file yourself (e.g. torchvision's vgg16-397923af.pth) and pass its local path."
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: a .pth file that holds anything but tensors is refused, never unpickled
+        state = load_file(str(path)) if path.suffix == ".safetensors" else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        raise ValueError(f"cannot read encoder weights {path}: the file is truncated, corrupt or not a "
+                         f"tensor-only state dict ({type(error).__name__})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict")
     return state
