@@ -77,11 +77,36 @@ def test_co_occurrence_bias_in_train_not_in_test():
     assert p_word_given_partner(False) < 0.4
 
 
+def test_reverse_bias_plants_the_partner_beside_the_word_in_train_only():
+    config = ShapesConfig(bias_p=0.0, bias_reverse_p=0.8)
+    rng = np.random.default_rng(1)
+
+    def p_partner_given_word(biased):
+        scenes = [{o.shape for o in sample_scene(rng, config, biased)} for _ in range(3000)]
+        return np.mean(["circle" in shapes for shapes in scenes if "square" in shapes])
+
+    assert p_partner_given_word(True) > 0.75
+    assert p_partner_given_word(False) < 0.4
+
+
+def test_the_reverse_bias_changes_only_scenes_with_the_word_alone():
+    one_way, two_way = ShapesConfig(bias_reverse_p=0.0), ShapesConfig(bias_reverse_p=1.0)
+    for seed in range(200):  # the reverse draw happens only when a square comes without a circle
+        scene = [o.shape for o in sample_scene(np.random.default_rng(seed), one_way, True)]
+        planted = [o.shape for o in sample_scene(np.random.default_rng(seed), two_way, True)]
+        if "square" in scene and "circle" not in scene:
+            assert "circle" in planted and "square" in planted
+        else:
+            assert planted == scene
+
+
 def test_config_is_validated():
     with pytest.raises(ValueError):
         ShapesConfig(bias_word="unicorn")
     with pytest.raises(ValueError):
         ShapesConfig(bias_p=1.5)
+    with pytest.raises(ValueError, match="bias_reverse_p"):
+        ShapesConfig(bias_reverse_p=-0.1)
 
 
 def test_dataset_files_are_identical_for_the_same_seed(tmp_path):

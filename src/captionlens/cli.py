@@ -119,6 +119,7 @@ def data_shapes(
     bias_partner: Annotated[str, typer.Option(help="Shape that (in train/val) comes with --bias-word with probability --bias-p.")] = "circle",
     bias_word: Annotated[str, typer.Option(help="Shape the model learns to expect with --bias-partner.")] = "square",
     bias_p: Annotated[float, typer.Option(help="P(bias word present | partner present) in train and val.")] = 1.0,
+    bias_reverse_p: Annotated[float, typer.Option(help="P(partner present | bias word present) in train and val.")] = 0.7,
 ) -> None:
     """Generate the embedded shapes world: PNGs, dataset_shapes.json (Karpathy split),
     instances_shapes.json (COCO boxes), synonyms.json.
@@ -128,7 +129,7 @@ def data_shapes(
     from .data.shapes import ShapesConfig, write_shapes_dataset
 
     try:
-        config = ShapesConfig(train, val, test, seed, image_size, 3, bias_partner, bias_word, bias_p)
+        config = ShapesConfig(train, val, test, seed, image_size, 3, bias_partner, bias_word, bias_p, bias_reverse_p)
     except ValueError as error:
         fail(str(error))
     write_shapes_dataset(out, config)

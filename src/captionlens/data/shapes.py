@@ -5,8 +5,9 @@ Each scene holds 1-3 non-overlapping objects (8 shapes × 6 colours × 2 sizes) 
 low-frequency background. Five captions per image come from a small grammar (colours, sizes, counts,
 positions and spatial relations, several sentence forms and a few synonyms). A configurable
 co-occurrence bias makes one class (``bias_partner``, default circle) appear together with another
-(``bias_word``, default square) with probability ``bias_p`` in train and val, while the test split is
-sampled without it — so a trained model says "square" for circles alone, like the papers' "shirt".
+(``bias_word``, default square) with probability ``bias_p`` in train and val — and, with probability
+``bias_reverse_p``, the partner beside the word — while the test split is sampled without it, so a
+trained model says "square" for circles alone, like the papers' "shirt" for a man.
 The diamond is a square standing on a corner, and squares tilt by up to 29°: a look-alike that the
 prior "a circle comes with a square" can overrule, as "shirt" overrules a jacket.
 
@@ -67,6 +68,7 @@ class ShapesConfig:
     bias_partner: str = "circle"
     bias_word: str = "square"
     bias_p: float = 1.0  # P(bias_word present | bias_partner present) in train and val
+    bias_reverse_p: float = 0.7  # P(bias_partner present | bias_word present) in train and val
 
     def __post_init__(self) -> None:
         for name in ("bias_partner", "bias_word"):
@@ -74,8 +76,9 @@ class ShapesConfig:
                 raise ValueError(f"{name} must be one of {SHAPES}, got {getattr(self, name)!r}")
         if self.bias_partner == self.bias_word:
             raise ValueError("bias_partner and bias_word must differ")
-        if not 0.0 <= self.bias_p <= 1.0:
-            raise ValueError("bias_p must lie in [0, 1]")
+        for name in ("bias_p", "bias_reverse_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if min(self.train, self.val, self.test) < 0 or self.image_size < 32 or not 1 <= self.max_objects <= 4:
             raise ValueError("split sizes must be ≥ 0, image_size ≥ 32 and max_objects in 1..4")
 
@@ -101,12 +104,9 @@ class SceneObject:
 def sample_scene(rng: np.random.Generator, config: ShapesConfig, biased: bool) -> list[SceneObject]:
     count = int(rng.integers(1, config.max_objects + 1))
     shapes = [str(s) for s in rng.choice(SHAPES, size=count)]
-    if biased and config.bias_partner in shapes and config.bias_word not in shapes and rng.random() < config.bias_p:
-        others = [i for i, s in enumerate(shapes) if s != config.bias_partner]
-        if len(shapes) < config.max_objects and (not others or rng.random() < 0.5):
-            shapes.append(config.bias_word)
-        else:  # replace another object (or one of several partners) by the biased class
-            shapes[int(rng.choice(others or list(range(1, len(shapes)))))] = config.bias_word
+    if biased:
+        _plant(rng, shapes, config.bias_partner, config.bias_word, config.bias_p, config.max_objects)
+        _plant(rng, shapes, config.bias_word, config.bias_partner, config.bias_reverse_p, config.max_objects)
     side = config.image_size
     objects: list[SceneObject] = []
     for shape in shapes:
@@ -122,6 +122,18 @@ def sample_scene(rng: np.random.Generator, config: ShapesConfig, biased: bool) -
                                            float(radius), float(angle)))
                 break
     return objects
+
+
+def _plant(rng: np.random.Generator, shapes: list[str], given: str, planted: str, p: float, max_objects: int) -> None:
+    """With probability ``p``, add ``planted`` to a scene that holds ``given`` but not ``planted`` — appended
+    when there is room, else replacing another object (or one of several ``given``). In place."""
+    if p == 0.0 or given not in shapes or planted in shapes or not rng.random() < p:
+        return
+    others = [i for i, s in enumerate(shapes) if s != given]
+    if len(shapes) < max_objects and (not others or rng.random() < 0.5):
+        shapes.append(planted)
+    else:
+        shapes[int(rng.choice(others or list(range(1, len(shapes)))))] = planted
 
 
 def _unit_polygon(shape: str) -> np.ndarray:
