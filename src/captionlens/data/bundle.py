@@ -42,7 +42,7 @@ class DataBundle:
     image_root: Path
     instance_files: tuple[Path, ...] = ()
     synonyms_spec: str | None = None  # a built-in list name or a file path
-    shapes_config: dict | None = None  # the bias (partner, word, p) of a generated shapes world
+    shapes_config: dict | None = None  # the generation settings of a shapes world, its bias included
 
     def split(self, name: str) -> list[ImageRecord]:
         return self.captions.split(name)
