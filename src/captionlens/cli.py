@@ -129,7 +129,8 @@ def data_shapes(
     from .data.shapes import ShapesConfig, write_shapes_dataset
 
     try:
-        config = ShapesConfig(train, val, test, seed, image_size, 3, bias_partner, bias_word, bias_p, bias_reverse_p)
+        config = ShapesConfig(train=train, val=val, test=test, seed=seed, image_size=image_size, bias_partner=bias_partner,
+                              bias_word=bias_word, bias_p=bias_p, bias_reverse_p=bias_reverse_p)
     except ValueError as error:
         fail(str(error))
     write_shapes_dataset(out, config)

@@ -126,7 +126,8 @@ def sample_scene(rng: np.random.Generator, config: ShapesConfig, biased: bool) -
 
 def _plant(rng: np.random.Generator, shapes: list[str], given: str, planted: str, p: float, max_objects: int) -> None:
     """With probability ``p``, add ``planted`` to a scene that holds ``given`` but not ``planted`` — appended
-    when there is room, else replacing another object (or one of several ``given``). In place."""
+    when there is room, else replacing another object (or one of several ``given``). In place. A ``p`` of 0
+    draws nothing, so a world with one direction off is the world generated without that direction."""
     if p == 0.0 or given not in shapes or planted in shapes or not rng.random() < p:
         return
     others = [i for i, s in enumerate(shapes) if s != given]
