@@ -8,7 +8,7 @@ Every measurement runs in a fresh child process, so each peak RSS is that child'
 * speed:      the papers' size (VGG16 224, grid-TD, hidden/embedding 512, vocabulary 10k, 15 words,
               1 thread, CPU-seconds): Grad-CAM / LRP (target ≤ 0.2), LRP / input-gradient pass
               (target ≤ 1.15), LRP in bfloat16 (target ≤ 4.3 CPU-s, i.e. ≥ 20× faster than the 86 CPU-s
-              measured for the authors' code — NOTES.md, not re-measured here), with its Pearson
+              measured once for the authors' published code, not re-measured here), with its Pearson
               correlation to the float32 maps (≥ 0.99) and its conservation error (≤ 2%)
 * peak:       peak RSS of LRP for a 20-word caption at the papers' size, all words in one pass vs
               `max_words_per_pass=5` (target ≤ 2 GiB)
@@ -156,7 +156,7 @@ def speed() -> None:
     print(f"    Grad-CAM                {result['gradcam']:6.2f}")
     print(f"    LRP                     {result['lrp']:6.2f}")
     print(f"    input-gradient pass     {result['gradient_x_input']:6.2f}")
-    print(f"    LRP, bfloat16           {result['lrp_bf16']:6.2f}   (target ≤ 4.3; authors' code: 86 per NOTES.md "
+    print(f"    LRP, bfloat16           {result['lrp_bf16']:6.2f}   (target ≤ 4.3; authors' code: 86, measured once "
           f"-> {86 / result['lrp_bf16']:.0f}x)")
     print(f"  Grad-CAM / LRP            {result['gradcam'] / result['lrp']:6.2f}x  (target ≤ 0.2)")
     print(f"  LRP / gradient pass       {result['lrp'] / result['gradient_x_input']:6.2f}x  (target ≤ 1.15)")

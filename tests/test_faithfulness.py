@@ -13,7 +13,7 @@ from captionlens.experiments.context import explain_mentions
 from captionlens.experiments.faithfulness import (aopc, other_words, patch_masks, patch_order, perturbation_curve,
                                                   region_perturbation, replacement_image, summarise, word_score)
 from captionlens.experiments.sanity import (cascading_randomisation, input_invariance, randomisation_blocks,
-                                            shift_absorbing_copy, spearman)
+                                            shift_absorbing_copy, spearman, ssim)
 from captionlens.explain import explain_pixels
 from captionlens.models import Captioner
 
@@ -245,6 +245,22 @@ def test_summaries_pair_each_method_with_the_random_order(bench):
     assert lrp["abpc"] == pytest.approx(lrp["aopc_morf"] - lrp["aopc_lerf"])
     assert lrp["aopc_morf_low"] <= lrp["aopc_morf"] <= lrp["aopc_morf_high"]
     assert "morf_minus_random" not in random and random["abpc"] == 0
+
+
+def test_ssim_equals_scikit_image():
+    """Our SSIM (no scikit-image at run time) against scikit-image's structural_similarity (installed with
+    the test extra through Quantus) on the max-normalised maps, for maps alike, unlike and of odd sizes."""
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    for shape in [(64, 64), (7, 9), (31, 20)]:
+        a = rng.normal(size=shape)
+        for b in (a + 0.3 * rng.normal(size=shape), rng.normal(size=shape) * 5, -a, a):
+            expected = structural_similarity(a / np.abs(a).max(), b / np.abs(b).max(), data_range=2.0)
+            assert ssim(a, b) == pytest.approx(expected, abs=1e-12)
+    assert np.isnan(ssim(np.zeros((8, 8)), rng.normal(size=(8, 8))))
+    with pytest.raises(ValueError, match="at least 7"):
+        ssim(np.ones((5, 8)), np.ones((5, 8)))
 
 
 def test_spearman_of_constant_maps_is_undefined():

@@ -826,9 +826,8 @@ def serve(
     if min(max_upload_mb, max_upload_megapixels, max_uploads, rate_limit) <= 0:
         fail("--max-upload-mb, --max-upload-megapixels, --max-uploads and --rate-limit must be positive")
     try:
-        import uvicorn
-
         from .explain.store import ExplanationStore
+        from .extras import require
         from .viewer.app import ViewerLimits, create_app
 
         bundle = dataset.open(data) if data is not None else None
@@ -840,6 +839,7 @@ def serve(
                               max_upload_pixels=int(max_upload_megapixels * 1e6), max_uploads=max_uploads,
                               requests_per_second=rate_limit)
         application = create_app(captioner, bundle, store=explanations, limits=limits)
+        uvicorn = require("uvicorn", "viewer")
     except (FileNotFoundError, ValueError, ImportError) as error:
         fail(str(error))
     console.print(f"captionlens viewer on http://{host}:{port}")

