@@ -219,7 +219,7 @@ def test_every_verb_runs_on_the_real_layouts(kind, tmp_path, encoder_weights, mo
                                  "--count", "1", "--methods", "lrp,attention", "--out", str(report)])
     assert result.exit_code == 0 and report.is_file(), result.output
     served = {}
-    monkeypatch.setattr("uvicorn.run", lambda application, **kwargs: served.setdefault("app", application))
+    monkeypatch.setattr("captionlens.viewer.server.serve", lambda application, *args, **kwargs: served.setdefault("app", application))
     result = runner.invoke(app, ["serve", "--model", str(run), "--data", str(data), "--images", str(moved)])
     assert result.exit_code == 0, result.output
     from fastapi.testclient import TestClient

@@ -169,10 +169,12 @@ def server(captioner, tiny_shapes):
     import uvicorn
 
     from captionlens.viewer.app import create_app
+    from captionlens.viewer.server import guarded_protocol
 
-    port = _free_port()
-    instance = uvicorn.Server(uvicorn.Config(create_app(captioner, tiny_shapes), host="127.0.0.1", port=port,
-                                             log_level="warning"))
+    port = _free_port()  # the protocol `captionlens serve` runs, with a 1 s header deadline and 40 connections
+    instance = uvicorn.Server(uvicorn.Config(create_app(captioner, tiny_shapes, max_upload_bytes=200_000),
+                                             host="127.0.0.1", port=port, log_level="warning",
+                                             http=guarded_protocol(header_timeout=1.0, max_connections=40)))
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
     for _ in range(100):
@@ -232,3 +234,114 @@ def test_in_a_real_browser_upload_click_a_word_see_the_heatmap(server, tiny_shap
         assert not browser.find_elements(By.CSS_SELECTOR, "#dataset img, body > img")
     finally:
         browser.quit()
+
+
+# ------------------------------------------------------------------ hostile clients (issue 28)
+def _raw(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def _response(sock: socket.socket) -> bytes:
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ConnectionResetError, socket.timeout):
+        pass
+    return data
+
+
+def test_an_oversized_json_body_is_refused_without_being_read(client):
+    body = b'{"image_id": "' + b"x" * 200_000 + b'"}'
+    declared = client.post("/api/explain", content=body, headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and "larger than" in declared.json()["detail"]
+    streamed = client.post("/api/explain", content=iter([body[:50_000]] * 4),  # chunked: no Content-Length
+                           headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
+    assert client.post("/api/explain", json={"image_id": "data-50", "word_index": 0}).status_code != 413
+
+
+def test_a_chunked_upload_is_cut_off_while_it_streams(server):
+    """An upload without Content-Length, far larger than the limit: the server answers 413 after reading
+    about the limit, long before the client has sent it all (it is never spooled whole)."""
+    sock = _raw(server)
+    sock.sendall(b"POST /api/caption HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                 b"Content-Type: multipart/form-data; boundary=B\r\n\r\n")
+    piece = b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n" + b"\0" * 60_000
+    sent = 0
+    try:
+        for _ in range(200):  # up to 12 MB; the limit is 200 kB (+ 64 kB of form)
+            sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            sent += len(piece)
+            piece = b"\0" * 60_000
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    answer = _response(sock)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413") and sent < 12_000_000
+
+
+def test_a_slow_header_client_is_disconnected_and_others_are_served(server):
+    import httpx
+
+    idle = [_raw(server) for _ in range(30)]
+    for sock in idle:
+        sock.sendall(b"GET /api/methods HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+    began = time.perf_counter()
+    assert httpx.get(f"{server}/api/methods", timeout=5).status_code == 200  # served meanwhile
+    assert time.perf_counter() - began < 2
+    time.sleep(1.5)  # past the 1 s header deadline
+    for sock in idle:
+        sock.settimeout(2)
+        assert sock.recv(100) == b""  # closed by the server
+        sock.close()
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(server):
+    import httpx
+
+    held = [_raw(server) for _ in range(45)]  # the cap is 40
+    time.sleep(0.2)
+    closed = 0
+    for sock in held:
+        sock.settimeout(0.5)
+        try:
+            closed += sock.recv(1) == b""
+        except socket.timeout:
+            pass
+    for sock in held:
+        sock.close()
+    assert closed >= 5
+    time.sleep(0.2)
+    assert httpx.get(f"{server}/api/methods", timeout=5).status_code == 200
+
+
+def test_errors_name_no_server_path_and_broken_uploads_are_not_kept(captioner, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from captionlens.viewer.app import create_app
+
+    uploads = tmp_path / "uploads"
+    client = TestClient(create_app(captioner, upload_dir=uploads))
+    assert not uploads.exists()  # made on the first upload, not before
+    truncated = png_bytes((64, 64))[:60]  # a PNG header and size, then nothing
+    answer = client.post("/api/caption", files={"file": ("cut.png", truncated, "image/png")})
+    assert answer.status_code == 415 and str(uploads) not in answer.text and "/tmp" not in answer.text
+    assert "cut.png" in answer.text
+    assert client.get("/api/images").json() == []  # not listed
+    assert not any(uploads.iterdir())
+
+
+def test_the_upload_folder_goes_with_the_viewer(captioner):
+    import gc
+
+    from captionlens.viewer.app import ViewerLimits, ViewerState
+
+    state = ViewerState(captioner, None, ViewerLimits())
+    state.add_upload(png_bytes(), "a.png")
+    folder = state.upload_dir
+    assert folder.is_dir()
+    del state
+    gc.collect()
+    assert not folder.exists()

@@ -12,7 +12,7 @@ from .data.vocab import SPECIAL_TOKENS, Vocabulary
 from .explain import METHODS, Explanation, explain, explain_batch, method_parameters
 from .explain.audit import AuditReport, audit_lrp
 from .explain.store import ExplanationStore
-from .io import write_json
+from .io import claim_output_folder, write_json
 from .models import Captioner, CaptionerConfig, build_model
 from .models.captioner import architecture_settings
 from .models.encoders import build_encoder
@@ -70,8 +70,7 @@ def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, meth
                         else caption if not isinstance(caption, str) else captioner.tokenize(caption))
     if not words_to_explain:
         raise ValueError(f"the caption of {image} is empty: nothing to explain")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_folder(out, "explanations")
     explanations: list[Explanation] = []
     for method in methods:
         parameters = {k: v for k, v in (lrp or {}).items() if k in method_parameters(method)}

@@ -839,11 +839,13 @@ def serve(
                               max_upload_pixels=int(max_upload_megapixels * 1e6), max_uploads=max_uploads,
                               requests_per_second=rate_limit)
         application = create_app(captioner, bundle, store=explanations, limits=limits)
-        uvicorn = require("uvicorn", "viewer")
+        require("uvicorn", "viewer")
     except (FileNotFoundError, ValueError, ImportError) as error:
         fail(str(error))
+    from .viewer.server import serve as run_server
+
     console.print(f"captionlens viewer on http://{host}:{port}")
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    run_server(application, host, port)
 
 
 @app.command()

@@ -14,7 +14,7 @@ from .data.shapes import ShapesConfig, write_shapes_dataset
 from .experiments.captioning import evaluate_captioner
 from .experiments.results import results_markdown
 from .experiments.workbench import Workbench
-from .io import atomic_write_text, write_json
+from .io import atomic_write_text, claim_output_folder, write_json
 from .report.html import build_report
 from .pipeline import ENCODER_TRAINING, pretrain_shapes_encoder, train_captioner
 from .train import TrainConfig
@@ -62,7 +62,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         raise ValueError("the demo needs at least one architecture")
     began = time.perf_counter()
     steps = len(archs) + 3
-    out = Path(out)
+    out = claim_output_folder(out, "demo")
     size = QUICK if quick else FULL
     log(f"[1/{steps}] generating the shapes world in {out / 'data'}")
     data = open_data(write_shapes_dataset(out / "data", replace(size.data, seed=seed), progress))

@@ -64,13 +64,71 @@ def read_json(path: str | Path) -> object:
         raise ValueError(f"{path} is not valid JSON ({error})") from None
 
 
-def sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes (read in 1 MiB pieces)."""
-    digest = hashlib.sha256()
+OUTPUT_MARKER = ".captionlens"  # in every folder captionlens creates for its output: {"kind": ...}
+# Folders of each kind that captionlens wrote before it left markers, recognised by their files.
+_RECOGNISED: dict[str, tuple[tuple[str, ...], ...]] = {
+    "dataset": (("shapes_config.json", "dataset_shapes.json"), ("captionlens_dataset.json",)),
+    "run": (("config.json", "vocab.json"),),
+    "demo": (("summary.json",), ("data", "encoder")),
+    "results": (("explanations.zarr",),),
+    "explanations": (),
+}
+
+
+class OutputRefused(ValueError):
+    """An --out that captionlens would not write into: a file, the current folder, or a folder of
+    someone else's."""
+
+
+def claim_output_folder(path: str | Path, kind: str) -> Path:
+    """Make ``path`` a folder of ``kind`` ("dataset", "run", "demo", "results", "explanations") that
+    captionlens may write into (and, for a dataset, replace): it must not exist, be empty, or be a
+    folder of that kind that captionlens made (its ``.captionlens`` marker, or the files of an older
+    one). Anything else — a file, the current folder or one above it, a folder holding someone's files
+    — raises :class:`OutputRefused` naming it, before anything is written or deleted."""
+    path = Path(path)
+    if kind not in _RECOGNISED:
+        raise ValueError(f"unknown output kind {kind!r}")
+    resolved, here = path.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise OutputRefused(f"{path} is the current folder or holds it: choose a new folder for the {kind}")
+    if path.exists() and not path.is_dir():
+        raise OutputRefused(f"{path} is a file, not a folder: choose a folder for the {kind}")
+    if path.is_dir() and any(path.iterdir()) and output_kind(path) != kind:
+        found = output_kind(path)
+        what = f"a captionlens {found} folder" if found else "not a folder captionlens made"
+        raise OutputRefused(f"{path} is not empty and is {what}: nothing was written; choose another folder "
+                            f"for the {kind} (or empty it yourself)")
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / OUTPUT_MARKER).is_file():
+        write_json(path / OUTPUT_MARKER, {"kind": kind})
+    return path
+
+
+def output_kind(path: Path) -> str | None:
+    """What kind of captionlens output folder ``path`` is, or None."""
+    try:
+        marked = json.loads((path / OUTPUT_MARKER).read_text())
+        if isinstance(marked, dict) and marked.get("kind") in _RECOGNISED:
+            return marked["kind"]
+    except (OSError, ValueError):
+        pass
+    for kind, signatures in _RECOGNISED.items():
+        if any(all((path / name).exists() for name in names) for names in signatures):
+            return kind
+    return None
+
+
+def file_hash(path: str | Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes (``hashlib.file_digest``, read in pieces): "sha256" for the run
+    folder's manifest, "blake2b" where speed matters (the feature cache's content keys)."""
     with open(path, "rb") as handle:
-        for piece in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, algorithm).hexdigest()
+
+
+def sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes."""
+    return file_hash(path, "sha256")
 
 
 def process_alive(pid: int) -> bool:

@@ -17,7 +17,7 @@ from .data.features import grid_features
 from .data.shapes import COLOURS, SHAPES, ShapesConfig, generate_image
 from .data.vocab import Vocabulary
 from .distributed import current
-from .io import atomic_write, remove_leftovers
+from .io import atomic_write, claim_output_folder, remove_leftovers
 from .models import Captioner, CaptionerConfig, build_model
 from .models.captioner import architecture_settings, resolve_device
 from .models.registry import ENCODERS, lookup
@@ -205,7 +205,7 @@ def train_captioner(
             raise ValueError(f"the {split} split of {bundle.name} has no images: a captioner needs both a train and "
                              "a val split (Karpathy's 'restval' counts as train)")
     config = train_config or TrainConfig()
-    out = Path(out)
+    out = claim_output_folder(out, "run")
     if resume and not (out / STATE_JSON).is_file():
         raise FileNotFoundError(f"nothing to resume in {out}: no {STATE_JSON} (train without --resume first)")
     if resume and (out / "vocab.json").is_file():

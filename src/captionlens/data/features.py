@@ -3,8 +3,8 @@ trains the decoder on the stored grids.
 
 One ``.npy`` file (float16, memory-mapped on load, so COCO-sized caches need not fit in memory) per
 (encoder weights, image files); its name carries a fingerprint of the weights and of every image's
-path, size and modification time, so a changed encoder or a replaced or regenerated image never reads
-stale features. Written to a temporary file and renamed when complete; temporary files of processes
+path and *content* (a BLAKE2b hash of its bytes, ~1 GB/s), so a changed encoder or a replaced or
+regenerated image never reads stale features — even one with the same size and modification time. Written to a temporary file and renamed when complete; temporary files of processes
 that died are removed.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..io import remove_leftovers
+from ..io import file_hash, remove_leftovers
 from ..models.encoders import Encoder
 from .images import decoded_batches, normalise
 
@@ -31,6 +31,15 @@ def encoder_fingerprint(encoder: Encoder) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def content_hash(path: str | Path) -> str:
+    """A BLAKE2b hash of a file's bytes; a missing file is a clear error."""
+    try:
+        return file_hash(path, "blake2b")
+    except OSError:
+        raise FileNotFoundError(f"no image file at {path} (pass --images with the folder that holds the "
+                                "dataset's images)") from None
 
 
 @torch.no_grad()
@@ -47,13 +56,8 @@ def grid_features(
     """Grid features ``[N, C, h, w]`` (float16) of the images at ``paths``, computed once and cached
     in ``cache_dir`` as ``{name}-{fingerprint}.npy``; ``workers`` processes decode the images."""
     digest = hashlib.sha1(encoder_fingerprint(encoder).encode())
-    for path in paths:
-        try:
-            stat = os.stat(path)
-        except OSError:
-            raise FileNotFoundError(f"no image file at {path} (pass --images with the folder that holds the "
-                                    "dataset's images)") from None
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for path in tqdm(paths, desc=f"hashing {name}", disable=not progress or len(paths) < 10_000):
+        digest.update(f"{path}\0{content_hash(path)}\n".encode())
     cache = Path(cache_dir) / f"{name}-{digest.hexdigest()[:16]}.npy"
     if cache.is_file():
         return np.load(cache, mmap_mode="r")

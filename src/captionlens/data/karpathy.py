@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..io import read_json, write_json
 from .vocab import tokenize
@@ -87,8 +87,19 @@ def _record(entry: object, index: int, json_path: Path, root: Path) -> ImageReco
             raise ValueError(f"{where}.sentences[{k}] needs 'tokens' (a list of strings) or 'raw' (a string)")
         captions.append(tokens if isinstance(tokens, list) else tokenize(text))
         raw.append(text if isinstance(text, str) else " ".join(tokens))
-    return ImageRecord(identifier, root / entry.get("filepath", "") / entry["filename"],
+    return ImageRecord(identifier, inside(root, entry.get("filepath", ""), entry["filename"], where=where),
                        "train" if entry["split"] == "restval" else entry["split"], captions, raw)
+
+
+def inside(root: Path, *parts: str, where: str) -> Path:
+    """``root / parts...``, refusing parts that would lead outside the image root (an absolute path, a
+    ``..`` component, a drive): a dataset file names images, it never reaches elsewhere on the disk."""
+    for part in parts:
+        pure = PurePosixPath(part.replace("\\", "/"))
+        if pure.is_absolute() or ".." in pure.parts or PureWindowsPath(part).drive:
+            raise ValueError(f"{where}: the image name {part!r} leads outside the image root {root} "
+                             "(absolute paths and '..' are not allowed in a dataset file)")
+    return root.joinpath(*parts)
 
 
 def write_karpathy(dataset: CaptionDataset, json_path: str | Path, image_root: str | Path) -> None:
@@ -144,7 +155,8 @@ def _coco_caption_records(path: str | Path, folder: Path, split: str) -> list[Im
     for k, image in enumerate(data["images"]):
         if not isinstance(image, dict) or not _is_int(image.get("id")) or not isinstance(image.get("file_name"), str):
             raise ValueError(f"{path}: images[{k}] needs an integer 'id' and a 'file_name' string")
-        records[image["id"]] = ImageRecord(image["id"], folder / image["file_name"], split, [], [])
+        records[image["id"]] = ImageRecord(image["id"], inside(folder, image["file_name"], where=f"{path}: images[{k}]"),
+                                           split, [], [])
     annotations = []
     for k, annotation in enumerate(data["annotations"]):
         if not isinstance(annotation, dict) or not _is_int(annotation.get("id")) or \

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ..io import remove_leftovers, write_json
+from ..io import claim_output_folder, remove_leftovers, write_json
 from .karpathy import CaptionDataset, ImageRecord, write_karpathy
 from .vocab import tokenize
 
@@ -299,14 +299,20 @@ def write_shapes_dataset(out: str | Path, config: ShapesConfig | None = None, pr
 
     Everything is written into a temporary folder beside ``out`` that replaces ``out`` only once it is
     complete, so ``out`` is always one whole dataset (an earlier one, or none, if the process dies);
-    temporary folders left by processes that died are removed."""
+    temporary folders left by processes that died are removed, and so is this one's on an error.
+    ``out`` must be new, empty or a dataset captionlens made: any other folder, a file or the current
+    folder is refused (``OutputRefused``) before anything is written or deleted."""
     config = config or ShapesConfig()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = claim_output_folder(out, "dataset")
     remove_leftovers(out.parent, f".{out.name}.*.partial")
     work = out.parent / f".{out.name}.{os.getpid()}.partial"
     shutil.rmtree(work, ignore_errors=True)
-    _write(work, config, progress)
+    try:
+        _write(work, config, progress)
+        claim_output_folder(work, "dataset")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     if out.exists():
         retired = out.parent / f".{out.name}.{os.getpid()}.retired.partial"
         os.replace(out, retired)

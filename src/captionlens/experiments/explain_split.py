@@ -73,7 +73,10 @@ def explain_split(captioner: Captioner, data: DataBundle, store_path: str | Path
                   parameters: dict[str, dict] | None = None, progress: bool = True, precision: str = "fp32",
                   max_words_per_pass: int | None = None) -> ExplanationStore:
     """Caption the split's images (beam search) and explain every word (or every object word) by each
-    method into the store at ``store_path``; this rank's share of the batches under torchrun."""
+    method into the store at ``store_path``; this rank's share of the batches under torchrun.
+
+    Another process writing the same store (a second command on it) shares the work: a batch whose
+    images it is writing is skipped and taken up at the end, once its lock is free, if still unfinished."""
     ranks = current()
     records = data.split(split)[:limit]
     if not records:
@@ -81,12 +84,11 @@ def explain_split(captioner: Captioner, data: DataBundle, store_path: str | Path
     chosen = {m: resolved_parameters(m, precision, **(parameters or {}).get(m, {})) for m in methods}
     store = open_store(captioner, store_path, split, words, chosen, ranks)
     batches = [records[i: i + batch_size] for i in range(0, len(records), batch_size)]
-    todo = [b for b in ranks.shard(batches)
-            if not all(store.has_caption(r.image_id) and all(store.has(r.image_id, m) for m in chosen) for r in b)]
-    encoder = captioner.model.encoder
-    images = decoded_batches([[r.path for r in batch] for batch in todo], captioner.image_size, workers)
-    for batch, pixels in tqdm(zip(todo, images), total=len(todo), desc=f"explain {split} (rank {ranks.rank})",
-                              disable=not progress or not ranks.is_main):
+    def unfinished(batch: list[ImageRecord]) -> bool:
+        return not all(store.has_caption(r.image_id) and all(store.has(r.image_id, m) for m in chosen) for r in batch)
+
+    def explain_batch_into_store(batch: list[ImageRecord], pixels: torch.Tensor) -> None:
+        encoder = captioner.model.encoder
         with torch.no_grad():
             grids = encoder(normalise(pixels.to(captioner.device), encoder.mean, encoder.std))
         captions = captioner.caption_features(grids, beam_size)
@@ -95,5 +97,21 @@ def explain_split(captioner: Captioner, data: DataBundle, store_path: str | Path
                                 explained_positions(caption.words, words, data.synonyms), caption.score)
         fill(captioner, store, batch, [stored_caption(store, r.image_id) for r in batch], pixels, chosen,
              max_words_per_pass)
+
+    todo = [b for b in ranks.shard(batches) if unfinished(b)]
+    images = decoded_batches([[r.path for r in batch] for batch in todo], captioner.image_size, workers)
+    busy_elsewhere = []
+    for batch, pixels in tqdm(zip(todo, images), total=len(todo), desc=f"explain {split} (rank {ranks.rank})",
+                              disable=not progress or not ranks.is_main):
+        with store.claim([r.image_id for r in batch]) as ours:
+            if not ours:
+                busy_elsewhere.append(batch)
+            elif unfinished(batch):
+                explain_batch_into_store(batch, pixels)
+    for batch in busy_elsewhere:  # wait for the other writer; do what it left undone
+        with store.claim([r.image_id for r in batch], wait=True):
+            if unfinished(batch):
+                explain_batch_into_store(batch, next(decoded_batches([[r.path for r in batch]],
+                                                                     captioner.image_size, 0)))
     ranks.barrier()
     return store

@@ -20,7 +20,7 @@ from ..data.bundle import DataBundle
 from ..data.ground_truth import Subset
 from ..explain import Explanation, methods_for
 from ..explain.store import ExplanationStore, StoreMismatch
-from ..io import atomic_write
+from ..io import atomic_write, claim_output_folder
 from ..models import Captioner
 from .ablation import word_ablation
 from .caption_metrics import caption_metrics, token_metrics
@@ -53,8 +53,7 @@ class Workbench:
                  limit: int | None = None, beam_size: int = 3, progress: bool = True, ground_truth: str = "auto",
                  subset: Subset | None = None, workers: int = 0, store: str | Path | None = None) -> None:
         self.captioner, self.data, self.split = captioner, data, split
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = claim_output_folder(out, "results")
         self.limit, self.beam_size, self.progress = limit, beam_size, progress
         self.ground_truth, self.subset, self.workers = ground_truth, subset, workers
         self.own_store = store is None

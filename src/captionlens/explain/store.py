@@ -19,15 +19,24 @@ Layout (one group per image, so reading one word's map touches one chunk)::
                                     attributes: complete = true, written last
 
 Every file is written atomically by Zarr; an image's caption exists once its group does, and a
-method's explanation counts only once ``complete`` is set, after its arrays: a process killed at
+method's explanation counts only once ``complete`` is set, after its arrays, and only while every
+array it vouches for is there with the shape the caption implies (``has`` checks): a process killed at
 any moment leaves nothing that is read as complete, and the same command later redoes exactly what
 is missing. A store belongs to one model and one set of method parameters; opening it with another
 is a clear error (:class:`StoreMismatch`).
+
+Several processes may write one store at once — torchrun ranks, or two commands started by hand: an
+image is written only under its lock (``STORE/.locks/<image id>``, an ``flock`` that the system releases
+when its process dies), so two writers never interleave on one image; ``claim`` lets a writer skip
+images another process is writing and come back to them (``explain_split`` shares the work so).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +52,41 @@ EXTRAS = ("beta", "positions")  # per-word numbers some methods add: attention's
 
 class StoreMismatch(ValueError):
     """The store was written for another model, split, word selection or method parameters."""
+
+
+# Image locks this process holds: (store folder, image id) -> [open lock file, depth]. flock conflicts
+# between two opens of one file even in one process, so a lock taken again by its holder is counted.
+_HELD: dict[tuple[str, int], list] = {}
+
+
+@contextlib.contextmanager
+def _image_lock(folder: Path, image_id: int, wait: bool) -> Iterator[bool]:
+    """Hold the write lock of one image of the store in ``folder``; yields whether it was taken (always
+    True with ``wait``: then it waits for the process holding it)."""
+    key = (str(folder.resolve()), int(image_id))
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield True
+        finally:
+            _HELD[key][1] -= 1
+        return
+    (folder / ".locks").mkdir(exist_ok=True)
+    handle = open(folder / ".locks" / f"{int(image_id)}", "a")  # noqa: SIM115  (closed below)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        _HELD[key] = [handle, 1]
+        try:
+            yield True
+        finally:
+            del _HELD[key]
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        handle.close()
 
 
 def _zarr():
@@ -61,6 +105,7 @@ class ExplanationStore:
     def __init__(self, root, path: Path) -> None:
         self._root = root
         self.path = path
+        self.repaired: list[str] = []  # what opening for writing found broken and removed (see verify)
         self._cache: OrderedDict[tuple[int, str], Explanation] = OrderedDict()
 
     # ----------------------------------------------------------------------------- opening
@@ -97,6 +142,7 @@ class ExplanationStore:
             store.check(model, split, None if any_words else words)
             store.add_methods(parameters)
             store.remove_partial_files()
+            store.repaired = store.verify(repair=True)
             return store
         if path.is_file() or (path.is_dir() and any(path.iterdir())):  # never overwrite what is not ours
             raise ValueError(f"{path} exists and is not an explanation store: choose another --store path")
@@ -133,9 +179,14 @@ class ExplanationStore:
         return dict(self._root.attrs.get("parameters", {}).get(method, {}))
 
     def remove_partial_files(self) -> None:
-        """Temporary files of writes that a killed process never finished."""
+        """Temporary files of writes that a killed process never finished (those of images another
+        process is writing now are left to it)."""
         for partial in self.path.rglob("*.partial"):
-            partial.unlink(missing_ok=True)
+            parts = partial.relative_to(self.path).parts
+            image_id = int(parts[1]) if len(parts) > 2 and parts[0] == "images" and parts[1].isdigit() else None
+            with self.claim([image_id] if image_id is not None else []) as ours:
+                if ours:
+                    partial.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------------------- reading
     def _image(self, image_id: int):
@@ -162,14 +213,58 @@ class ExplanationStore:
         return list(self._image(image_id).attrs["positions"])
 
     def has(self, image_id: int, method: str) -> bool:
-        """Whether ``method``'s explanation of the image was written completely."""
+        """Whether ``method``'s explanation of the image was written completely: marked complete, and
+        every array it vouches for there with one row per explained word."""
+        return self._problem(image_id, method) is None
+
+    def _problem(self, image_id: int, method: str) -> str | None:
+        """Why ``method``'s explanation of the image cannot be read (None: it can)."""
         name = f"images/{int(image_id)}/{method}"
-        if name not in self._root:
-            return False
         try:
-            return bool(self._root[name].attrs.get("complete", False))
-        except Exception:  # noqa: BLE001  an unreadable group is an unfinished one
-            return False
+            if name not in self._root:
+                return "not written"
+            group = self._root[name]
+            if not group.attrs.get("complete", False):
+                return "not complete"
+            rows = len(self._image(image_id).attrs["positions"])
+            for array in (*_ARRAYS, "image_scale"):
+                if array not in group:
+                    return f"marked complete but its {array!r} array is missing"
+                if group[array].shape[:1] != (rows,):
+                    return f"marked complete but its {array!r} array has {group[array].shape[0]} rows, not {rows}"
+        except Exception as error:  # noqa: BLE001  an unreadable group is an unfinished one
+            return f"unreadable ({type(error).__name__})"
+        return None
+
+    def verify(self, repair: bool = False) -> list[str]:
+        """Every explanation marked complete that is not (a missing or short array): one line each; with
+        ``repair`` (a store opened for writing) those groups are removed, so they are written again."""
+        found = []
+        for image_id in self.image_ids():
+            with self.claim([image_id]) if repair else contextlib.nullcontext(True) as ours:
+                if not ours:  # another process is writing it now: not broken, unfinished
+                    continue
+                for method in self._image(image_id).group_keys():
+                    problem = self._problem(image_id, method)
+                    if problem and problem not in ("not written", "not complete"):
+                        found.append(f"image {image_id}, {method}: {problem}")
+                        if repair:
+                            del self._image(image_id)[method]
+        self._cache.clear()
+        return found
+
+    @contextlib.contextmanager
+    def claim(self, image_ids: Sequence[int], wait: bool = False) -> Iterator[bool]:
+        """The right to write these images, against every other process writing this store: yields True
+        once all are held (in increasing id order, so two waiting writers cannot deadlock), or — without
+        ``wait`` — False at once if another process holds one of them (then none is held)."""
+        with contextlib.ExitStack() as held:
+            for image_id in sorted({int(i) for i in image_ids}):
+                if not held.enter_context(_image_lock(self.path, image_id, wait)):
+                    held.close()
+                    yield False
+                    return
+            yield True
 
     def methods(self, image_id: int) -> list[str]:
         return sorted(m for m in self._image(image_id).group_keys() if self.has(image_id, m))
@@ -237,6 +332,11 @@ class ExplanationStore:
     def write_caption(self, image_id: int, file: str, words: Sequence[str], token_ids: Sequence[int],
                       positions: Sequence[int], caption_score: float) -> None:
         """The image's caption and the positions that will be explained (written once)."""
+        with self.claim([image_id], wait=True):
+            self._write_caption(image_id, file, words, token_ids, positions, caption_score)
+
+    def _write_caption(self, image_id: int, file: str, words: Sequence[str], token_ids: Sequence[int],
+                       positions: Sequence[int], caption_score: float) -> None:
         if self.has_caption(image_id):
             stored = self.caption(image_id)
             if stored["words"] != list(words) or stored["positions"] != list(positions):
@@ -248,7 +348,13 @@ class ExplanationStore:
             "positions": [int(p) for p in positions], "caption_score": float(caption_score)})
 
     def write_explanation(self, image_id: int, explanation: Explanation) -> None:
-        """One method's explanation of the image's explained positions; ``complete`` is set last."""
+        """One method's explanation of the image's explained positions; ``complete`` is set last. Under
+        the image's lock: if another writer completed it meanwhile, it is kept."""
+        with self.claim([image_id], wait=True):
+            if not self.has(image_id, explanation.method):
+                self._write_explanation(image_id, explanation)
+
+    def _write_explanation(self, image_id: int, explanation: Explanation) -> None:
         method = explanation.method
         if explanation.positions != self.positions(image_id):
             raise ValueError(f"image {image_id}: explained {explanation.positions}, the store wants "
@@ -273,3 +379,4 @@ class ExplanationStore:
             if values.size:
                 array[...] = values
         group.attrs["complete"] = True
+        self._cache.pop((int(image_id), method), None)

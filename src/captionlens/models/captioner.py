@@ -14,7 +14,7 @@ from torch import nn
 
 from ..data.images import ImageInput, load_image, to_tensor
 from ..data.vocab import Vocabulary, tokenize
-from ..io import atomic_write, read_json, sha256, write_json
+from ..io import atomic_write, claim_output_folder, read_json, sha256, write_json
 from .beam import beam_search
 from .decoder import Decoder, DecoderOutput
 from .encoders import Encoder
@@ -176,8 +176,7 @@ class Captioner:
         ``manifest.json`` with their SHA-256: the files of one save, bound together."""
         from safetensors.torch import save_file
 
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = claim_output_folder(run_dir, "run")
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         atomic_write(run_dir / weights_name, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
         self.vocab.to_json(run_dir / "vocab.json")

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from ..data.images import MAX_PIXELS, ImageLoadError, load_image, resized_pixels
 from ..explain import explain, method_parameters, methods_for, resolved_parameters
 from ..explain.store import ExplanationStore
 from ..extras import require
+from .server import JSON_BODY_LIMIT, MULTIPART_OVERHEAD, BodyLimit
 from ..models import Captioner
 from ..report.figures import normalised
 from ..report.html import png_data_uri
@@ -120,8 +122,8 @@ class ViewerState:
         self.store = store  # explanations of the dataset's images made by explain-split, read when they fit
         self.lock = threading.Lock()  # the model
         self.state_lock = threading.Lock()  # the dictionaries below
-        self.upload_dir = Path(upload_dir) if upload_dir else Path(tempfile.mkdtemp(prefix="captionlens-uploads-"))
-        self.upload_dir.mkdir(parents=True, exist_ok=True)
+        self._given_upload_dir = Path(upload_dir) if upload_dir else None
+        self._upload_dir: Path | None = None  # made on the first upload, removed with the state
         self.names: dict[str, str] = {}
         self.uploads: LRU = LRU(limits.max_uploads, self._forget_upload)  # id -> (file, bytes)
         self.decoded: LRU = LRU(limits.decoded_images)  # id -> (display image, model-size uint8 pixels)
@@ -138,6 +140,29 @@ class ViewerState:
                 self.dataset_ids.append(image_id)
                 self.paths[image_id] = record.path
                 self.dataset_numbers[image_id] = record.image_id
+
+    @property
+    def upload_dir(self) -> Path:
+        """The folder uploads are kept in, made when the first one arrives; it goes with the state
+        (``close``, or when the state is collected or the process exits), errors or not."""
+        if self._upload_dir is None:
+            if self._given_upload_dir is not None:
+                self._given_upload_dir.mkdir(parents=True, exist_ok=True)
+                self._upload_dir = self._given_upload_dir
+            else:
+                self._upload_dir = Path(tempfile.mkdtemp(prefix="captionlens-uploads-"))
+                weakref.finalize(self, shutil.rmtree, self._upload_dir, True)
+        return self._upload_dir
+
+    def path_of(self, image_id: str) -> Path | None:
+        upload = self.uploads.get(image_id)
+        return self.paths.get(image_id) or (upload[0] if upload else None)
+
+    def forget_upload(self, image_id: str) -> None:
+        with self.state_lock:
+            entry = self.uploads.pop(image_id, None)
+            if entry is not None:
+                self._forget_upload(image_id, entry)
 
     def _forget_upload(self, image_id: str, entry) -> None:
         entry[0].unlink(missing_ok=True)
@@ -184,7 +209,8 @@ class ViewerState:
         return display, pixels
 
     def close(self) -> None:
-        shutil.rmtree(self.upload_dir, ignore_errors=True)
+        if self._upload_dir is not None:
+            shutil.rmtree(self._upload_dir, ignore_errors=True)
 
 
 def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None,
@@ -218,11 +244,11 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
             if not limiter.allow(request.client.host if request.client else "unknown"):
                 return JSONResponse({"detail": "too many requests: slow down"}, status_code=429,
                                     headers={"Retry-After": "1"})
-            length = request.headers.get("content-length")
-            if request.url.path == "/api/caption" and length and length.isdigit() and \
-                    int(length) > limits.max_upload_bytes + 64 * 1024:
-                return JSONResponse({"detail": f"upload larger than {limits.max_upload_bytes} bytes"}, status_code=413)
         return await call_next(request)
+
+    # bodies bounded on every endpoint, cut off while they stream (server.py)
+    app.add_middleware(BodyLimit, limit_for=lambda path: limits.max_upload_bytes + MULTIPART_OVERHEAD
+                       if path == "/api/caption" else JSON_BODY_LIMIT)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
@@ -233,8 +259,10 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
     def pictures_of(image_id: str):
         try:
             found = state.pictures(image_id)
-        except ImageLoadError as error:
-            raise HTTPException(413 if "megapixels" in str(error) else 415, str(error)) from None
+        except ImageLoadError as error:  # said with the image's name, never the server's path to it
+            message = str(error).replace(str(state.path_of(image_id)), repr(state.names.get(image_id, image_id)))
+            state.forget_upload(image_id)  # a broken upload is not kept (nor listed)
+            raise HTTPException(413 if "megapixels" in message else 415, message) from None
         if found is None:
             raise HTTPException(404, f"no image with id {image_id!r}")
         return found
