@@ -116,8 +116,8 @@ def test_beam_search_scores_and_greedy(arch):
 def test_checkpoint_round_trip_is_data_not_pickle(arch, tmp_path):
     cap = tiny(arch)
     cap.save(tmp_path / "run")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "manifest.json", "model.safetensors",
-                                                                   "vocab.json"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".captionlens", "config.json", "manifest.json",
+                                                                   "model.safetensors", "vocab.json"]
     loaded = cl.load(tmp_path / "run")
     ids = cap.encode(["a", "red", "circle"])
     pixels = torch.randn(1, 3, 64, 64)

@@ -9,10 +9,10 @@ import torch
 
 from .data.images import ImageInput, load_image
 from .data.vocab import SPECIAL_TOKENS, Vocabulary
-from .explain import METHODS, Explanation, explain, explain_batch, method_parameters
+from .explain import MAX_WORDS, METHODS, Explanation, explain, explain_batch, method_parameters
 from .explain.audit import AuditReport, audit_lrp
 from .explain.store import ExplanationStore
-from .io import claim_output_folder, write_json
+from .io import atomic_write_text, claim_output_folder, write_json
 from .models import Captioner, CaptionerConfig, build_model
 from .models.captioner import architecture_settings
 from .models.encoders import build_encoder
@@ -60,7 +60,7 @@ def build_captioner(
 def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, methods: Sequence[str],
                   caption: str | Sequence[str] | None = None, words: Sequence[int] | None = None,
                   include_end: bool = False, lrp: dict | None = None, beam_size: int = 3, precision: str = "fp32",
-                  max_words_per_pass: int | None = None) -> Path:
+                  max_words_per_pass: int | None = None, max_words: int | None = MAX_WORDS) -> Path:
     """Explain one image's caption (the model's own by default) with several methods and write
     caption.txt, explanation.json, ``<method>.npz`` heatmaps and figure.png into ``out``."""
     from .report.figures import explanation_figure
@@ -75,8 +75,8 @@ def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, meth
     for method in methods:
         parameters = {k: v for k, v in (lrp or {}).items() if k in method_parameters(method)}
         explanations.append(explain(captioner, picture, words_to_explain, method, words, include_end, precision,
-                                    max_words_per_pass, **parameters))
-    (out / "caption.txt").write_text(" ".join(words_to_explain) + "\n")
+                                    max_words_per_pass, max_words, **parameters))
+    atomic_write_text(out / "caption.txt", " ".join(words_to_explain) + "\n")
     write_json(out / "explanation.json", {
         "image": str(image) if isinstance(image, (str, Path)) else None,
         "caption": list(words_to_explain),

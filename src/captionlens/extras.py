@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from .errors import CaptionlensError
+
 #: extra name -> what it is for (the error message says it)
 EXTRAS = {
     "viewer": "the local web viewer (captionlens serve)",
@@ -19,7 +21,7 @@ EXTRAS = {
 }
 
 
-class MissingExtra(ImportError):
+class MissingExtra(CaptionlensError, ImportError):
     """An optional feature's package is not installed; the message names the extra that installs it."""
 
 

@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import CaptionlensError
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)`` and move the result to ``path`` in one rename, so a crash never
@@ -71,11 +73,11 @@ _RECOGNISED: dict[str, tuple[tuple[str, ...], ...]] = {
     "run": (("config.json", "vocab.json"),),
     "demo": (("summary.json",), ("data", "encoder")),
     "results": (("explanations.zarr",),),
-    "explanations": (),
+    "explanations": (("explanation.json",), ("caption.txt",)),
 }
 
 
-class OutputRefused(ValueError):
+class OutputRefused(CaptionlensError, ValueError):
     """An --out that captionlens would not write into: a file, the current folder, or a folder of
     someone else's."""
 
@@ -100,7 +102,8 @@ def claim_output_folder(path: str | Path, kind: str) -> Path:
         raise OutputRefused(f"{path} is not empty and is {what}: nothing was written; choose another folder "
                             f"for the {kind} (or empty it yourself)")
     path.mkdir(parents=True, exist_ok=True)
-    if not (path / OUTPUT_MARKER).is_file():
+    nested = output_kind(path.parent) == kind  # one image's folder inside `explain --out`: marked by its parent
+    if not nested and not (path / OUTPUT_MARKER).is_file():
         write_json(path / OUTPUT_MARKER, {"kind": kind})
     return path
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +132,7 @@ def caption_loss(decoder: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], p
 
 
 def train_decoder(captioner: Captioner, data: DataBundle, features: dict[str, np.ndarray], out: str | Path,
-                  config: TrainConfig, resume: bool = False, progress: bool = True) -> Captioner:
+                  config: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False) -> Captioner:
     """Train ``captioner.model.decoder`` on cached grids; the best weights (by validation loss) end up
     in ``out/model.safetensors`` and in the returned captioner. Under torchrun the decoder trains as
     DistributedDataParallel: each rank takes its DistributedSampler share of the training images
@@ -169,9 +169,11 @@ def train_decoder(captioner: Captioner, data: DataBundle, features: dict[str, np
 
     out = Path(out)
     captioner.model.encoder.requires_grad_(False)
+    settings = {"data": data.name, "data_folder": str(data.root.resolve()), "train_images": len(encoded["train"]),
+                "val_images": len(encoded["val"]), "captioner": asdict(captioner.config)}
     trainer = Trainer(decoder, lambda model, batch: caption_loss(model, batch, vocab.pad_id), config, out, progress,
-                      name=captioner.config.architecture, ranks=ranks)
-    trainer.fit(train_batches, val_batches, lambda: captioner.save(out), resume=resume)
+                      name=captioner.config.architecture, ranks=ranks, settings=settings)
+    trainer.fit(train_batches, val_batches, lambda: captioner.save(out), resume=resume, force=force)
     ranks.barrier()  # rank 0 has written the best weights
     return Captioner.load(out, device)
 
@@ -192,12 +194,14 @@ def train_captioner(
     progress: bool = True,
     workers: int = 0,
     architecture_options: dict | None = None,
+    force: bool = False,
 ) -> Captioner:
     """The whole recipe of Section 4: vocabulary from the training split, a frozen pretrained encoder,
     cached grid features (images decoded by ``workers`` processes), a decoder trained with teacher
     forcing and early stopping. ``dropout`` defaults to the architecture's (the papers' 0.5; 0.1 for
     the transformer); ``architecture_options`` go to the decoder (adaptive, gridtd: global_dropout;
-    transformer: layers, heads, encoder_layers)."""
+    transformer: layers, heads, encoder_layers). ``resume`` continues an interrupted run in ``out`` with
+    the same data and settings (``force`` allows other ones)."""
     dropout, architecture_options = architecture_settings(architecture, dropout, architecture_options)
     bundle = data if isinstance(data, DataBundle) else open_data(data)
     for split in ("train", "val"):
@@ -234,4 +238,4 @@ def train_captioner(
         features = {s: grid_features(cnn, [r.path for r in bundle.split(s)], bundle.cache_dir, f"{encoder}-{s}",
                                      device=captioner.device, progress=progress and ranks.is_main, workers=workers)
                     for s in ("train", "val")}
-    return train_decoder(captioner, bundle, features, out, config, resume, progress)
+    return train_decoder(captioner, bundle, features, out, config, resume, progress, force)

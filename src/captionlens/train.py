@@ -11,6 +11,7 @@ every rank's random state and a checksum of every rank's weights (they must agre
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .distributed import Ranks
+from .errors import InvalidValue, TrainingDiverged, integer, real
 from .io import atomic_write, atomic_write_text, dumps, read_json, write_json
 
 
@@ -34,6 +36,19 @@ class TrainConfig:
     grad_clip: float = 5.0  # max global gradient norm
     patience: int = 3  # epochs without a better validation loss before stopping early
     seed: int = 0
+
+    def __post_init__(self) -> None:  # a batch of -4 once trained on nothing and saved a model
+        self.epochs = integer("epochs", self.epochs, 1, 100_000)
+        self.batch_size = integer("batch_size", self.batch_size, 1, 1_000_000)
+        self.learning_rate = real("learning_rate", self.learning_rate, 0, 10, low_open=True)
+        self.grad_clip = real("grad_clip", self.grad_clip, 0, low_open=True)
+        self.patience = integer("patience", self.patience, 1)
+        self.seed = integer("seed", self.seed, 0, 2**63 - 1)
+
+
+# Settings a resumed run must share with the run it continues (epochs and patience may change: a run
+# can be extended); anything else changed is refused unless forced.
+RESUMED_SAME = ("batch_size", "learning_rate", "grad_clip", "seed")
 
 
 @dataclass
@@ -62,8 +77,11 @@ class Trainer:
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, object], torch.Tensor],
                  config: TrainConfig, out_dir: str | Path, progress: bool = True, name: str = "train",
-                 ranks: Ranks | None = None) -> None:
+                 ranks: Ranks | None = None, settings: dict | None = None) -> None:
+        """``settings``: what else defines the run (the data, the model's config); a resume must match
+        them and ``RESUMED_SAME`` of ``config``, unless ``fit(..., force=True)``."""
         self.model = model
+        self.settings = settings or {}
         self.loss_fn = loss_fn
         self.config = config
         self.out_dir = Path(out_dir)
@@ -77,14 +95,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
     def fit(self, train_batches: Callable[[int], Iterable], val_batches: Callable[[], Iterable],
-            on_best: Callable[[], None], resume: bool = False) -> list[EpochLog]:
+            on_best: Callable[[], None], resume: bool = False, force: bool = False) -> list[EpochLog]:
+        """Train until ``config.epochs`` or early stopping. A NaN or infinite loss stops training with
+        :class:`TrainingDiverged`; the weights last saved by ``on_best`` and the last epoch's resumable
+        state stay as they were."""
         main = self.ranks.is_main
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         history: list[EpochLog] = []
         best, stale, start = math.inf, 0, 0
         if resume:
-            history, best, stale, start = self._restore()
+            history, best, stale, start = self._restore(force)
         else:
             torch.manual_seed(self.config.seed + self.ranks.rank)
             if main:
@@ -117,7 +138,10 @@ class Trainer:
         for batch in bar:
             loss = self.loss_fn(self.trained, batch)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the training loss became {loss.item()} in epoch {epoch + 1}")
+                kept = (f"the best weights so far and the state after epoch {epoch} are kept in {self.out_dir} "
+                        "(--resume continues from there)" if epoch else "nothing was saved")
+                raise TrainingDiverged(f"the training loss became {loss.item()} in epoch {epoch + 1}: {kept}; try a "
+                                       f"lower learning rate (now {self.config.learning_rate:g})")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
@@ -161,15 +185,18 @@ class Trainer:
             "epochs_done": epochs_done, "best_val_loss": best, "stale_epochs": stale,
             "param_groups": optimizer["param_groups"], "history": [asdict(h) for h in history],
             "config": asdict(self.config), "world_size": self.ranks.world_size, "rank_weight_checksums": checksums,
+            "settings": self.settings,
         })
 
-    def _restore(self) -> tuple[list[EpochLog], float, int, int]:
+    def _restore(self, force: bool = False) -> tuple[list[EpochLog], float, int, int]:
         from safetensors.torch import load_file
 
         state_path = self.out_dir / STATE_JSON
         if not state_path.is_file():
             raise FileNotFoundError(f"nothing to resume in {self.out_dir}: no {STATE_JSON}")
         state = read_json(state_path)
+        if not force:
+            self._check_same_run(state)
         try:
             tensors = load_file(str(self.out_dir / STATE_TENSORS))
             self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -190,3 +217,19 @@ class Trainer:
             atomic_write_text(self.out_dir / LOG, "".join(dumps(asdict(h), indent=None) + "\n" for h in history))
         # best is null in the JSON when no epoch had a finite validation loss
         return history, math.inf if best is None else float(best), stale, done
+
+    def _check_same_run(self, state: object) -> None:
+        """Refuse to resume with other training settings or data than the run was started with."""
+        if not isinstance(state, dict):
+            return  # damaged: _restore reports it
+        stored_config, stored_settings = state.get("config") or {}, state.get("settings")
+        now = asdict(self.config)
+        changed = [f"{name}: {stored_config.get(name)!r} then, {now[name]!r} now" for name in RESUMED_SAME
+                   if name in stored_config and stored_config[name] != now[name]]
+        if stored_settings is not None:
+            changed += [f"{name}: {stored_settings.get(name)!r} then, {value!r} now"
+                        for name, value in json.loads(dumps(self.settings)).items() if stored_settings.get(name) != value]
+        if changed:
+            raise InvalidValue(f"cannot resume {self.out_dir} with other settings than it was started with — "
+                               f"{'; '.join(changed)}. Resume with the same ones, or force it (--force) if you "
+                               "mean to change them mid-run")

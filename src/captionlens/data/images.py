@@ -10,10 +10,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import CaptionlensError
+
 ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(CaptionlensError, ValueError):
     """An input that is not a readable image."""
 
 

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import ToolMissing
 from ..extras import MissingExtra, require
 from .metrics import bleu
 
@@ -31,7 +32,7 @@ def caption_metrics(candidates: Sequence[str], references: Sequence[Sequence[str
     if len(candidates) != len(references) or not candidates:
         raise ValueError("caption_metrics needs one list of references per candidate")
     if shutil.which("java") is None:
-        raise RuntimeError("the PTB tokenizer and METEOR need Java (java was not found on PATH)")
+        raise ToolMissing("the PTB tokenizer and METEOR need Java (java was not found on PATH)")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         tokenizer = PTBTokenizer()
         gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})

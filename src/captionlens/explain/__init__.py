@@ -15,6 +15,7 @@ import torch
 
 from ..data.images import ImageInput
 from ..data.vocab import UNK
+from ..errors import InvalidValue, OutOfRange, UnknownParameter
 from ..models.captioner import Caption, Captioner
 from . import attention, gradients, lrp  # noqa: F401  (registration)
 from .engine import Targets, words_per_pass
@@ -22,6 +23,7 @@ from .explanation import Explanation
 from .methods import METHODS, methods_for
 
 CaptionLike = Caption | Sequence[str] | str
+MAX_WORDS = 100  # words explained per caption unless told otherwise (1500 once ran 10 minutes at 1.7 GB)
 
 
 def _words(caption: CaptionLike, captioner: Captioner) -> list[str]:
@@ -39,7 +41,7 @@ def _positions(words: Sequence[int] | None, length: int, include_end: bool) -> l
     positions = [int(p) for p in words]
     bad = [p for p in positions if not 0 <= p < last]
     if bad:
-        raise IndexError(f"word index {bad[0]} is out of range for a caption of {length} words"
+        raise OutOfRange(f"word index {bad[0]} is out of range for a caption of {length} words"
                          + (" (+ <end>)" if include_end else ""))
     return positions
 
@@ -60,7 +62,7 @@ def resolved_parameters(method: str, precision: str = "fp32", **given) -> dict:
     allowed = method_parameters(method)
     unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise TypeError(f"method {method!r} takes {', '.join(allowed) or 'no parameters'}, not {', '.join(unknown)}")
+        raise UnknownParameter(f"method {method!r} takes {', '.join(allowed) or 'no parameters'}, not {', '.join(unknown)}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     defaults = {name: p.default for name, p in inspect.signature(METHODS[method]).parameters.items() if name in allowed}
@@ -84,7 +86,7 @@ def _model_in(captioner: Captioner, precision: str) -> torch.nn.Module:
 def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: Sequence[CaptionLike],
                   method: str = "lrp", words: Sequence[int] | Sequence[Sequence[int]] | None = None,
                   include_end: bool = False, precision: str = "fp32", max_words_per_pass: int | None = None,
-                  **parameters) -> list[Explanation]:
+                  max_words: int | None = MAX_WORDS, **parameters) -> list[Explanation]:
     """Explain several images at once (one forward, one batched backward): one Explanation each.
 
     ``words`` selects caption positions (0-based) to explain — all words by default, one list for
@@ -92,18 +94,20 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
     ``parameters`` go to the method (LRP: epsilon, alpha, beta, first_layer; Grad-CAM: relu).
     ``precision="bf16"`` runs the model in bfloat16 (about 2× faster on CPUs with bf16 units; maps
     correlate ≥ 0.99 with float32's, see benchmarks/scale.py; float32 stays the reference);
-    ``max_words_per_pass`` bounds how many words share one backward (memory)."""
+    ``max_words_per_pass`` bounds how many words share one backward (memory); more than ``max_words``
+    words of one caption (100) is an error unless raised (None: no bound)."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     resolved_parameters(method, precision, **parameters)  # unknown parameters fail before any image is read
     pixels = captioner.preprocess(list(images))
     return explain_pixels(captioner, pixels, captions, method, words, include_end, precision, max_words_per_pass,
-                          **parameters)
+                          max_words, **parameters)
 
 
 def explain_pixels(captioner: Captioner, pixels: torch.Tensor, captions: Sequence[CaptionLike], method: str = "lrp",
                    words: Sequence[int] | Sequence[Sequence[int]] | None = None, include_end: bool = False,
-                   precision: str = "fp32", max_words_per_pass: int | None = None, **parameters) -> list[Explanation]:
+                   precision: str = "fp32", max_words_per_pass: int | None = None, max_words: int | None = MAX_WORDS,
+                   **parameters) -> list[Explanation]:
     """``explain_batch`` on inputs already preprocessed for the model: ``pixels`` [B, 3, H, W]
     (normalised) — for inputs no image file can hold, such as the shifted inputs of the input
     invariance test (``experiments/sanity.py``)."""
@@ -117,6 +121,11 @@ def explain_pixels(captioner: Captioner, pixels: torch.Tensor, captions: Sequenc
     if per_image and len(words) != len(captions):
         raise ValueError(f"{len(words)} lists of word positions for {len(captions)} images")
     selected = [_positions(words[b] if per_image else words, len(w), include_end) for b, w in enumerate(word_lists)]
+    longest = max((len(s) for s in selected), default=0)
+    if max_words is not None and longest > max_words:
+        raise InvalidValue(f"{longest} words of one caption were asked to be explained, more than max_words="
+                           f"{max_words} (explaining costs time and memory per word): pick positions (words=...), "
+                           "or raise max_words (--max-words) if you mean it")
     if not any(selected):
         return [_empty(method, w, recorded) for w in word_lists]
     device = captioner.device
@@ -169,10 +178,10 @@ def _pad_columns(preceding: torch.Tensor, columns: int) -> torch.Tensor:
 
 def explain(captioner: Captioner, image: ImageInput, caption: CaptionLike, method: str = "lrp",
             words: Sequence[int] | None = None, include_end: bool = False, precision: str = "fp32",
-            max_words_per_pass: int | None = None, **parameters) -> Explanation:
+            max_words_per_pass: int | None = None, max_words: int | None = MAX_WORDS, **parameters) -> Explanation:
     """Explain every word (or the positions in ``words``) of ``caption`` for ``image``."""
     return explain_batch(captioner, [image], [caption], method, words, include_end, precision, max_words_per_pass,
-                         **parameters)[0]
+                         max_words, **parameters)[0]
 
 
 __all__ = ["METHODS", "Explanation", "explain", "explain_batch", "explain_pixels", "method_parameters", "methods_for",

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..errors import UnsupportedModel
 from ..models.layers import (ROLE, AttentionWeights, ChannelAffine, Gate, GateProduct, LSTMCell, LSTMState, Reduce,
                              Sum, WeightedSum)
 
@@ -65,7 +66,7 @@ class StandardLSTM(nn.Module):
                                               ("proj_size", original.proj_size != 0),
                                               ("batch_first=False", not original.batch_first)) if bad]
         if unsupported:
-            raise TypeError(f"captionlens explains nn.LSTM with one layer, batch_first=True; this one has "
+            raise UnsupportedModel(f"captionlens explains nn.LSTM with one layer, batch_first=True; this one has "
                             f"{', '.join(unsupported)} (write it as nn.LSTMCell steps or captionlens's LSTMCell)")
         self.cell = _captionlens_cell(original.input_size, original.hidden_size, original.weight_ih_l0,
                                       original.weight_hh_l0, getattr(original, "bias_ih_l0", None),
@@ -73,7 +74,7 @@ class StandardLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise TypeError("captionlens explains nn.LSTM on a [B, T, I] tensor (no packed sequences)")
+            raise UnsupportedModel("captionlens explains nn.LSTM on a [B, T, I] tensor (no packed sequences)")
         if hx is None:
             zeros = x.new_zeros(x.shape[0], self.cell.hidden_size)
             state = LSTMState(zeros, zeros)

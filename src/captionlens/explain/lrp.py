@@ -10,6 +10,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModel
 from ..models.captioner import CaptionModel
 from ..models.layers import AttentionScores
 from .canonize import CANONIZERS, canonized
@@ -41,7 +42,7 @@ def rule_hooks(model: CaptionModel, parameters: LRPParameters) -> list[tuple[nn.
         if rule is None:
             if isinstance(module, NEUTRAL):
                 continue
-            raise TypeError(
+            raise UnsupportedModel(
                 f"LRP has no rule for module {name!r} of type {type(module).__name__}. captionlens explains the layers "
                 "of captionlens.models.layers, nn.Linear/Conv2d/ReLU/ReLU6/pooling/dropout/embedding, and canonises "
                 f"{', '.join(sorted(t.__name__ for t in CANONIZERS))}; write the rest from those (see the README, "

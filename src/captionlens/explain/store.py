@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import CaptionlensError, NotInStore
 from .explanation import Explanation
 
 STORE_FORMAT, STORE_VERSION = "captionlens-explanations", 1
@@ -50,7 +51,7 @@ _ARRAYS = ("image", "grid", "preceding", "score")
 EXTRAS = ("beta", "positions")  # per-word numbers some methods add: attention's β, LRP's positional share
 
 
-class StoreMismatch(ValueError):
+class StoreMismatch(CaptionlensError, ValueError):
     """The store was written for another model, split, word selection or method parameters."""
 
 
@@ -193,7 +194,7 @@ class ExplanationStore:
         try:
             return self._root[f"images/{int(image_id)}"]
         except KeyError:
-            raise KeyError(f"image {image_id} is not in the store {self.path}") from None
+            raise NotInStore(f"image {image_id} is not in the store {self.path}") from None
 
     def image_ids(self) -> list[int]:
         """The images whose captions are in the store, in increasing id order."""
@@ -276,7 +277,7 @@ class ExplanationStore:
             self._cache.move_to_end(key)
             return self._cache[key]
         if not self.has(image_id, method):
-            raise KeyError(f"the store {self.path} has no complete {method} explanation of image {image_id}")
+            raise NotInStore(f"the store {self.path} has no complete {method} explanation of image {image_id}")
         group = self._root[f"images/{int(image_id)}/{method}"]
         caption = self.caption(image_id)
         tensors = {name: torch.from_numpy(np.asarray(group[name][...], dtype=np.float32)) for name in _ARRAYS}
@@ -297,7 +298,7 @@ class ExplanationStore:
     def _row(self, image_id: int, position: int) -> int:
         positions = self.positions(image_id)
         if position not in positions:
-            raise KeyError(f"word {position} of image {image_id} was not explained (explained: {positions})")
+            raise NotInStore(f"word {position} of image {image_id} was not explained (explained: {positions})")
         return positions.index(position)
 
     def image_map(self, image_id: int, position: int, method: str) -> np.ndarray:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..data.images import ImageInput, load_image, to_tensor
 from ..data.vocab import Vocabulary, tokenize
+from ..errors import InvalidValue, integer
 from ..io import atomic_write, claim_output_folder, read_json, sha256, write_json
 from .beam import beam_search
 from .decoder import Decoder, DecoderOutput
@@ -92,12 +93,28 @@ class Caption:
         return " ".join(self.words)
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The CPU unless a device is asked for; asking for CUDA without one is an error."""
-    device = torch.device(device or "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA device is available")
-    return device
+    """The CPU unless a device is asked for ("cpu", "cuda", "cuda:1", "mps"); a name torch does not
+    know, a device this machine lacks, or one that holds no data ("meta") is an error."""
+    try:
+        resolved = torch.device(device or "cpu")
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidValue(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if resolved.type not in DEVICE_TYPES:
+        raise InvalidValue(f"device {device!r} cannot run a captioner: use cpu, cuda, cuda:N or mps")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidValue(f"device {str(device)!r} was asked for but no CUDA device is available")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InvalidValue(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidValue("device 'mps' was asked for but this machine has no MPS device")
+    return resolved
+
+
+MAX_CAPTION_WORDS = 1000  # the longest caption beam search may be asked for (a bound, not a recipe)
 
 
 class Captioner:
@@ -139,6 +156,7 @@ class Captioner:
     def caption(self, images: ImageInput | Sequence[ImageInput], beam_size: int = 3,
                 max_length: int | None = None, batch_size: int = 64) -> list[Caption]:
         """One caption per image, by beam search batched across images (beam_size=1: greedy)."""
+        self._check_search(beam_size, max_length)
         if not isinstance(images, (list, tuple)):
             images = [images]
         grids = [self.model.encoder(self.preprocess(images[i: i + batch_size]))
@@ -149,6 +167,7 @@ class Captioner:
     def caption_features(self, grids: torch.Tensor, beam_size: int = 3, max_length: int | None = None,
                          batch_size: int = 256) -> list[Caption]:
         """Captions from encoder grids [N, C, h, w] (e.g. a feature cache)."""
+        self._check_search(beam_size, max_length)
         self.model.eval()
         captions = []
         for i in range(0, grids.shape[0], batch_size):
@@ -159,6 +178,11 @@ class Captioner:
                 ids = [self.vocab.start_id, *hypothesis.token_ids]
                 captions.append(Caption(self.vocab.decode(ids), ids, hypothesis.score))
         return captions
+
+    def _check_search(self, beam_size: int, max_length: int | None) -> None:
+        integer("beam_size", beam_size, 1, len(self.vocab))
+        if max_length is not None:
+            integer("max_length", max_length, 1, MAX_CAPTION_WORDS)
 
     def fingerprint(self) -> str:
         """A hash of the configuration, the vocabulary and every weight: two captioners with the same
@@ -257,9 +281,12 @@ def read_config(path: Path) -> CaptionerConfig:
         if name in values and (not isinstance(values[name], kind) or isinstance(values[name], bool)):
             raise ValueError(f"{path}: field {name!r} must be {getattr(kind, '__name__', 'a number')}, "
                              f"not {values[name]!r}")
-    for name in ("vocab_size", "hidden_size", "embed_size", "max_length"):
-        if name in values and values[name] < 1:
-            raise ValueError(f"{path}: field {name!r} must be ≥ 1, not {values[name]}")
+    bounds = {"vocab_size": 10_000_000, "hidden_size": 65_536, "embed_size": 65_536, "max_length": MAX_CAPTION_WORDS}
+    for name, high in bounds.items():  # bounded: a max_length of 10^9 once allocated gigabytes
+        if name in values and not 1 <= values[name] <= high:
+            raise ValueError(f"{path}: field {name!r} must be in [1, {high}], not {values[name]}")
+    if "dropout" in values and not 0 <= values["dropout"] < 1:
+        raise ValueError(f"{path}: field 'dropout' must be in [0, 1), not {values['dropout']}")
     config = CaptionerConfig(**values)
     for registry, kind, name in ((ARCHITECTURES, "architecture", config.architecture),
                                  (ENCODERS, "encoder", config.encoder)):

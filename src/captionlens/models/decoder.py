@@ -4,11 +4,13 @@ beam search and the explainers only use this interface. ``GridAttentionDecoder``
 papers' two captioners share: the grid projection and the output ``fc(ĉ_t + h_t)``."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ..errors import integer, real
 from .layers import GridMemory, GridProjection, Sum
 
 
@@ -25,13 +27,31 @@ class DecoderOutput(NamedTuple):
     beta: torch.Tensor | None  # [B, T]; None without a visual sentinel
 
 
+@dataclass(frozen=True)
+class DecoderOption:
+    """A keyword a decoder takes beyond its sizes (a run's ``architecture_options``), declared once: the
+    CLI's ``--option``, its help and its bounds come from here."""
+
+    kind: type  # int or float
+    default: float
+    help: str
+    low: float | None = None
+    high: float | None = None
+    high_open: bool = False  # the bound ``high`` itself is not allowed
+
+    def check(self, name: str, value: object) -> float:
+        if self.kind is int:
+            return integer(name, value, self.low, self.high)
+        return real(name, value, self.low, self.high, high_open=self.high_open)
+
+
 class Decoder(nn.Module):
     """Base class of the attention decoders (hidden/embedding sizes as in the paper: 512): the word
     embedding ``W_e``, dropout and the output layer ``fc``. Subclasses add their LSTM(s), their
     attention and ``prepare`` (grid -> ``GridMemory``)."""
 
     default_dropout = 0.5  # the papers' (training recipes use it unless told otherwise)
-    options: tuple[str, ...] = ()  # keyword arguments beyond the sizes (a run's architecture_options)
+    options: dict[str, DecoderOption] = {}  # keyword arguments beyond the sizes (a run's architecture_options)
 
     def __init__(
         self,
@@ -98,11 +118,12 @@ class GridAttentionDecoder(Decoder):
     has to find what it names through its attention over the cells rather than read it off v_g. At
     inference v_g is always given: the architecture is the papers'."""
 
-    options = ("global_dropout",)
+    options = {"global_dropout": DecoderOption(
+        float, 0.0, "zero the global image feature v_g for this share of each training batch, so the decoder must "
+        "find objects through its attention (the demo: 0.7; the papers: 0)", 0, 1, high_open=True)}
 
     def __init__(self, vocab_size: int, feature_channels: int, global_dropout: float = 0.0, **sizes) -> None:
-        if not 0 <= global_dropout < 1:
-            raise ValueError(f"global_dropout must lie in [0, 1), got {global_dropout}")
+        global_dropout = self.options["global_dropout"].check("global_dropout", global_dropout)
         super().__init__(vocab_size, feature_channels, **sizes)
         self.global_dropout = float(global_dropout)
 

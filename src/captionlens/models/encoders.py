@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import integer
 from .registry import register_encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,9 +48,11 @@ class Encoder(nn.Module):
     out_channels: int
     downsampling: int  # image side / grid side
 
+    max_image_size = 4096  # a side of 100000 px once ended in a MemoryError traceback
+
     def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
-        self.image_size = image_size
+        self.image_size = integer("the encoder's image_size", image_size, self.downsampling, self.max_image_size)
         self.mean = tuple(mean)
         self.std = tuple(std)
 
@@ -92,8 +95,13 @@ class VGG16Encoder(Encoder):
 
 def load_matching(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str) -> None:
     """Load the tensors of ``state`` that ``module`` has (others, e.g. a classifier, are ignored),
-    with a clear error naming missing keys or wrong shapes."""
+    with a clear error naming missing keys or wrong shapes. Batch-norm counters (``num_batches_tracked``)
+    that files from before PyTorch 0.4.1 lack are kept as they are, as PyTorch itself does."""
     wanted = module.state_dict()
+    state = dict(state)
+    for key in wanted:
+        if key.endswith(".num_batches_tracked") and key not in state:
+            state[key] = wanted[key]
     missing = [key for key in wanted if key not in state]
     if missing:
         raise ValueError(f"{path} is not {what}: missing {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .decoder import Decoder, DecoderOutput, StepOutput
+from .decoder import Decoder, DecoderOption, DecoderOutput, StepOutput
 from .layers import AttentionScores, AttentionWeights, GridPositions, LearnedPositions, Sum, WeightedSum
 from .registry import register_architecture
 
@@ -161,14 +161,17 @@ class TransformerDecoder(Decoder):
     ``layers``, ``heads`` and ``encoder_layers`` come from the run's ``architecture_options``."""
 
     default_dropout = 0.1
-    options = ("layers", "heads", "encoder_layers")
+    options = {
+        "layers": DecoderOption(int, 3, "decoder layers", 1, MAX_LAYERS),
+        "heads": DecoderOption(int, 8, "attention heads, dividing the model width (hidden size)", 1, 4096),
+        "encoder_layers": DecoderOption(int, 0, "self-attention layers over the grid cells", 0, MAX_LAYERS),
+    }
 
     def __init__(self, vocab_size: int, feature_channels: int, hidden_size: int = 512, embed_size: int = 512,
                  attention_size: int | None = None, dropout: float = 0.1, layers: int = 3, heads: int = 8,
                  encoder_layers: int = 0) -> None:
-        if not (1 <= layers <= MAX_LAYERS and heads >= 1 and 0 <= encoder_layers <= MAX_LAYERS):
-            raise ValueError(f"a transformer needs 1 ≤ layers ≤ {MAX_LAYERS}, heads ≥ 1 and 0 ≤ encoder_layers ≤ "
-                             f"{MAX_LAYERS}, got {layers}, {heads}, {encoder_layers}")
+        layers, heads, encoder_layers = (self.options[name].check(name, value) for name, value in
+                                         (("layers", layers), ("heads", heads), ("encoder_layers", encoder_layers)))
         super().__init__(vocab_size, feature_channels, hidden_size, embed_size, attention_size, dropout)
         self.layer_count, self.heads = layers, heads
         d = hidden_size
