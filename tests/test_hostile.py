@@ -174,3 +174,169 @@ def test_a_complete_mark_without_its_arrays_is_not_trusted_and_is_repaired(run_a
     assert result.returncode == 0, result.stderr[-2000:]
     repaired = ExplanationStore.open(tmp_path / "s.zarr")
     assert repaired.has(image_id, "lrp") and repaired.verify() == []
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def encoder_weights(tmp_path_factory):
+    from captionlens.pipeline import pretrain_shapes_encoder
+    from captionlens.train import TrainConfig
+
+    path = tmp_path_factory.mktemp("encoder") / "encoder.safetensors"
+    pretrain_shapes_encoder(path, TrainConfig(epochs=1, batch_size=16), images=16, progress=False)
+    return path
+
+
+def _train(data, out, weights, **changes):
+    from captionlens.train import TrainConfig
+
+    settings = dict(epochs=1, batch_size=8, learning_rate=1e-2, patience=5, seed=0) | changes.pop("config", {})
+    return cl.train_captioner(data, "gridtd", out, encoder_weights=weights, hidden_size=8, embed_size=8,
+                              train_config=TrainConfig(**settings), progress=False, **changes)
+
+
+def test_resume_refuses_other_data_or_settings_unless_forced(tiny_shapes, encoder_weights, tmp_path):
+    from captionlens.errors import InvalidValue
+
+    _train(tiny_shapes, tmp_path / "run", encoder_weights)
+    with pytest.raises(InvalidValue, match=r"learning_rate: 0.01 then, 0.02 now"):
+        _train(tiny_shapes, tmp_path / "run", encoder_weights, config={"epochs": 2, "learning_rate": 2e-2}, resume=True)
+    with pytest.raises(InvalidValue, match="batch_size"):
+        _train(tiny_shapes, tmp_path / "run", encoder_weights, config={"epochs": 2, "batch_size": 4}, resume=True)
+    other = write_shapes_dataset(tmp_path / "other", ShapesConfig(train=30, val=10, test=2, seed=1), progress=False)
+    with pytest.raises(InvalidValue, match="train_images: 40 then, 30 now"):
+        _train(other, tmp_path / "run", encoder_weights, config={"epochs": 2}, resume=True)
+    _train(tiny_shapes, tmp_path / "run", encoder_weights, config={"epochs": 2}, resume=True)  # more epochs: fine
+    _train(tiny_shapes, tmp_path / "run", encoder_weights, config={"epochs": 3, "learning_rate": 2e-2}, resume=True,
+           force=True)
+    log = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(log) == 3
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_weights(tiny_shapes, encoder_weights, tmp_path,
+                                                                   monkeypatch):
+    from captionlens.errors import TrainingDiverged
+
+    _train(tiny_shapes, tmp_path / "run", encoder_weights)
+    good = (tmp_path / "run" / "model.safetensors").read_bytes()
+    calls = {"n": 0}
+    import captionlens.pipeline as pipeline
+
+    real_loss = pipeline.caption_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(pipeline, "caption_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="epoch 2.*kept.*lower learning rate"):
+        _train(tiny_shapes, tmp_path / "run", encoder_weights, config={"epochs": 3}, resume=True)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == good
+    cl.load(tmp_path / "run")  # still a whole run folder
+
+
+# ----------------------------------------------------------------------------- full and read-only disks
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs where the machine lets us mount one (root on Linux), else None."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.environ.get("CAPTIONLENS_NO_TMPFS") or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        yield None
+        return
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_nothing_half_written(small_disk, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from captionlens.cli import app
+
+    if small_disk is None:  # no tmpfs here: the same failure, injected where PNGs are written
+        small_disk = tmp_path / "disk"
+        original = Image.Image.save
+        count = {"n": 0}
+
+        def filling(self, fp, *args, **kwargs):
+            count["n"] += 1
+            if count["n"] > 50:
+                raise OSError(28, "No space left on device", str(fp))
+            return original(self, fp, *args, **kwargs)
+
+        monkeypatch.setattr(Image.Image, "save", filling)
+    result = CliRunner().invoke(app, ["data", "shapes", "--out", str(small_disk / "d"), "--train", "3000", "--val", "10",
+                                      "--test", "10"])
+    assert result.exit_code == 2 and "No space left on device" in result.output and "Traceback" not in result.output
+    assert not (small_disk / "d").exists() and not list(small_disk.glob(".*"))
+
+
+def test_a_read_only_target_is_a_clear_error(small_disk, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from captionlens.cli import app
+
+    cap = cl.build_captioner("gridtd", encoder="shapes", vocab=["a", "circle"], hidden_size=8, embed_size=8)
+    cap.save(tmp_path / "run")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (64, 64)).save(image)
+    if small_disk is not None and subprocess.run(["mount", "-o", "remount,ro", str(small_disk)],
+                                                 capture_output=True).returncode == 0:
+        target = small_disk / "out"
+    else:  # no read-only mount here: the failure injected where folders are made
+        target = tmp_path / "out"
+
+        def read_only(self, *args, **kwargs):
+            raise OSError(30, "Read-only file system", str(self))
+
+        monkeypatch.setattr(Path, "mkdir", read_only)
+    result = CliRunner().invoke(app, ["explain", "--model", str(tmp_path / "run"), str(image), "--out", str(target),
+                                      "--caption", "a circle", "--methods", "attention"])
+    assert result.exit_code == 2 and "Read-only file system" in result.output and "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------- bounds
+def test_configs_beyond_sane_sizes_are_clear_errors(tmp_path):
+    cap = cl.build_captioner("gridtd", encoder="shapes", vocab=["a", "circle"], hidden_size=8, embed_size=8)
+    cap.save(tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    for field, value, message in (("encoder_options", {"image_size": 100000}, "image_size must be in"),
+                                  ("max_length", 1_000_000_000, "max_length' must be in")):
+        changed = json.loads(json.dumps(config))
+        changed["captioner"][field] = value
+        (tmp_path / "run" / "config.json").write_text(json.dumps(changed))
+        (tmp_path / "run" / "manifest.json").unlink(missing_ok=True)
+        with pytest.warns(UserWarning), pytest.raises(ValueError, match=message):
+            cl.load(tmp_path / "run")
+
+
+def test_long_captions_and_searches_are_bounded_but_can_be_allowed():
+    from captionlens.errors import InvalidValue
+
+    cap = cl.build_captioner("gridtd", encoder="shapes", vocab=["a", "circle"], hidden_size=8, embed_size=8)
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(InvalidValue, match="more than max_words=100"):
+        cl.explain(cap, image, ["circle"] * 150, method="attention")
+    assert len(cl.explain(cap, image, ["circle"] * 150, method="attention", max_words=None).words) == 150
+    with pytest.raises(InvalidValue, match="max_length must be in"):
+        cap.caption([image], max_length=10**9)
+    with pytest.raises(InvalidValue, match="beam_size"):
+        cap.caption([image], beam_size=0)
+    for device in ("foo", "meta", "cuda:7" if not torch.cuda.is_available() else "cuda:999"):
+        with pytest.raises(InvalidValue, match="device"):
+            cl.load.__globals__["Captioner"](cap.model, cap.vocab, cap.config, device)
+
+
+def test_old_resnet_files_without_batch_norm_counters_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from captionlens.models.encoders import build_encoder
+
+    encoder = build_encoder("resnet50")
+    state = {k: v for k, v in encoder.state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_file(state, str(tmp_path / "old.safetensors"))
+    loaded = build_encoder("resnet50", tmp_path / "old.safetensors")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())

@@ -303,6 +303,7 @@ def write_shapes_dataset(out: str | Path, config: ShapesConfig | None = None, pr
     ``out`` must be new, empty or a dataset captionlens made: any other folder, a file or the current
     folder is refused (``OutputRefused``) before anything is written or deleted."""
     config = config or ShapesConfig()
+    made_here = not Path(out).exists()
     out = claim_output_folder(out, "dataset")
     remove_leftovers(out.parent, f".{out.name}.*.partial")
     work = out.parent / f".{out.name}.{os.getpid()}.partial"
@@ -312,6 +313,8 @@ def write_shapes_dataset(out: str | Path, config: ShapesConfig | None = None, pr
         claim_output_folder(work, "dataset")
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        if made_here:  # nothing but the marker claim_output_folder wrote
+            shutil.rmtree(out, ignore_errors=True)
         raise
     if out.exists():
         retired = out.parent / f".{out.name}.{os.getpid()}.retired.partial"
