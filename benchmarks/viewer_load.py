@@ -7,6 +7,10 @@
 3. RSS after 200 distinct uploads, then after ten 12000×12000 PNG uploads (a few hundred KB on the
    wire, 430 MB if decoded) — target: both ≤ 1.5× the baseline; these run before the load, so they
    measure what uploads cost. The load runs in two halves to show its memory stops growing.
+4. attacks (issue 28), each while one well-behaved client captions a test image again and again:
+   a 100 MB JSON body to /api/explain (declared, then chunked without Content-Length), a 300 MB chunked
+   upload to /api/caption, and 1100 connections that send half a request's headers and wait. Printed:
+   RSS against the baseline (target ≤ 1.5×) and the well-behaved client's slowest answer (target ≤ 2 s).
 
 The server runs with --rate-limit 1000 here: the 20 clients share one address, and the default limit
 (20 requests/s per client) would rightly answer most of them 429.
@@ -118,6 +122,91 @@ def load(base: str, seconds: float, clients: int) -> None:
     print(f"  latency: median {statistics.median(ordered):.3f} s, p95 {ordered[int(0.95 * (len(ordered) - 1))]:.3f} s")
 
 
+def _stream(size: int, piece: int = 1 << 20):
+    sent = 0
+    while sent < size:
+        yield b"\0" * piece
+        sent += piece
+
+
+def _oversized_json(base: str) -> str:
+    codes = []
+    with httpx.Client(base_url=base, timeout=60) as session:
+        body = b'{"image_id": "' + b"x" * (100 << 20) + b'"}'
+        codes.append(session.post("/api/explain", content=body, headers={"content-type": "application/json"}).status_code)
+        codes.append(session.post("/api/explain", content=_stream(100 << 20),
+                                  headers={"content-type": "application/json"}).status_code)
+    return f"answered {codes}"
+
+
+def _chunked_upload(base: str) -> str:
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(b"POST /api/caption HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                 b"Content-Type: multipart/form-data; boundary=B\r\n\r\n")
+    head = b'--B\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+    sent = 0
+    try:
+        for chunk in [head, *_stream(300 << 20)]:
+            sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            sent += len(chunk)
+    except OSError:
+        pass
+    try:
+        answer = sock.recv(200).split(b"\r\n")[0].decode()
+    except OSError:
+        answer = "(closed)"
+    sock.close()
+    return f"{sent / 2**20:.0f} MB of 300 sent before the server answered {answer!r}"
+
+
+def _idle_connections(base: str, count: int = 1100, hold: float = 15.0) -> str:
+    host, port = base.removeprefix("http://").split(":")
+    held, refused = [], 0
+    for _ in range(count):
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            sock.sendall(b"GET /api/images HTTP/1.1\r\nHost: x\r\n")  # never finished
+            held.append(sock)
+        except OSError:
+            refused += 1
+    time.sleep(hold)
+    closed = 0
+    for sock in held:
+        sock.settimeout(0.01)
+        try:
+            closed += sock.recv(1) == b""
+        except OSError:
+            pass
+        sock.close()
+    return f"{len(held)} opened ({refused} refused); after {hold:.0f} s the server had closed {closed}"
+
+
+def attacks(base: str, pid: int, baseline: float) -> None:
+    """Each attack in a thread while one well-behaved client captions; RSS and its slowest answer."""
+    first = httpx.get(f"{base}/api/images").json()[0]["id"]
+    for name, attack in (("100 MB JSON bodies", _oversized_json), ("300 MB chunked upload", _chunked_upload),
+                         ("1100 half-sent connections", _idle_connections)):
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: outcome.setdefault("text", attack(base)))
+        thread.start()
+        slowest, answered, failed = 0.0, 0, 0
+        with httpx.Client(base_url=base, timeout=30) as session:
+            while thread.is_alive():
+                began = time.perf_counter()
+                try:
+                    ok = session.post("/api/caption", data={"image_id": first}).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                slowest = max(slowest, time.perf_counter() - began)
+                answered, failed = answered + ok, failed + (not ok)
+                time.sleep(0.05)
+        thread.join()
+        rss = rss_mib(pid)
+        print(f"  {name}: {outcome.get('text')}; RSS {rss:.0f} MiB = {rss / baseline:.2f}x the baseline (target ≤ 1.5); "
+              f"the other client: {answered} answered, {failed} failed, slowest {slowest:.2f} s (target ≤ 2)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60)
@@ -156,6 +245,8 @@ def main() -> None:
                   "the baseline (target ≤ 1.5)")
             print(f"after ten 12000×12000 uploads ({len(huge) / 1024:.0f} KB each, answered {sorted(set(codes))}): "
                   f"RSS {after_huge:.0f} MiB = {after_huge / baseline:.2f}x (target ≤ 1.5)")
+            print("attacks:")
+            attacks(base, server.pid, baseline)
             print("load:")
             load(base, args.seconds / 2, args.clients)
             halfway = rss_mib(server.pid)

@@ -26,7 +26,8 @@ from .engine import Targets, forward_hooks
 from .methods import MethodOutput, register_method, upsample
 
 
-@register_method("attention")
+@register_method("attention", title="attention", citation="the model's own α_t (Xu et al. 2015; Lu et al. 2017)",
+                 order=0, non_negative=lambda parameters: True)
 @torch.no_grad()
 def attention(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets) -> MethodOutput:
     grid = model.encoder(pixels)  # [B, C, h, w]
@@ -44,7 +45,9 @@ def _attention_layers(model: torch.nn.Module) -> list[MultiHeadAttention]:
     return [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
 
 
-@register_method("rollout", applies=lambda model: bool(_attention_layers(model)))
+@register_method("rollout", title="attention rollout", citation="Abnar & Zuidema 2020", order=1,
+                 non_negative=lambda parameters: True, linguistic_rank=5,
+                 applies=lambda model: bool(_attention_layers(model)))
 @torch.no_grad()
 def rollout(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets) -> MethodOutput:
     layers = _attention_layers(model)

@@ -75,8 +75,9 @@ def _image_size(traced: Trace) -> tuple[int, int]:
     return tuple(traced.pixels.shape[2:])
 
 
-@register_method("gradcam")
-def gradcam(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,
+@register_method("gradcam", title="Grad-CAM", citation="Selvaraju et al. 2017 (signed unless relu=True)", order=2,
+                 non_negative=lambda parameters: bool(parameters.get("relu")), linguistic_rank=1)
+def gradcam(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets, *,
             relu: bool = False) -> MethodOutput:
     traced, back, score = gradients(model, pixels, token_ids, targets, to_pixels=False)  # the grid is enough
     cam = grad_cam(traced, back, relu)
@@ -87,7 +88,8 @@ def _grid_gradient_x_input(traced: Trace, back: Backward) -> torch.Tensor:
     return words_first((back.grid * traced.grid.detach().unsqueeze(0)).sum(dim=2))  # [B, K, h, w]
 
 
-@register_method("guided_backprop")
+@register_method("guided_backprop", title="guided backprop", citation="Springenberg et al. 2015", order=4,
+                 linguistic_rank=4)
 def guided_backprop(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
                     targets: Targets) -> MethodOutput:
     traced, back, score = gradients(model, pixels, token_ids, targets, guided=True)
@@ -95,7 +97,8 @@ def guided_backprop(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.
                         _linguistic(back), score)
 
 
-@register_method("guided_gradcam")
+@register_method("guided_gradcam", title="Guided Grad-CAM", citation="Selvaraju et al. 2017", order=3,
+                 linguistic_rank=2)
 def guided_gradcam(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
                    targets: Targets) -> MethodOutput:
     traced, back, score = gradients(model, pixels, token_ids, targets, guided=True)
@@ -104,7 +107,8 @@ def guided_gradcam(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.T
     return MethodOutput(guided * upsample(cam, _image_size(traced)), cam, _linguistic(back), score)
 
 
-@register_method("gradient_x_input")
+@register_method("gradient_x_input", title="gradient×input", citation="Shrikumar et al. 2016", order=5,
+                 linguistic_rank=3)
 def gradient_x_input(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
                      targets: Targets) -> MethodOutput:
     traced, back, score = gradients(model, pixels, token_ids, targets)

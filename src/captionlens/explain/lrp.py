@@ -53,8 +53,9 @@ def rule_hooks(model: CaptionModel, parameters: LRPParameters) -> list[tuple[nn.
     return hooks
 
 
-@register_method("lrp")
-def lrp(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,
+@register_method("lrp", title="LRP", citation="Bach et al. 2015; Sun et al. (the papers' Algorithms 1 and 2); "
+                 "Arras et al. 2017 (LSTMs); Achtibat et al. 2024 (AttnLRP)", order=6, linguistic_rank=0)
+def lrp(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets, *,
         epsilon: float = 0.01, alpha: float = 1.0, beta: float = 0.0, first_layer: str = "alphabeta",
         attention_rule: str = "cp") -> MethodOutput:
     """ε-rule for linear, sum, mean, attention and LSTM layers (gates get nothing), αβ for the

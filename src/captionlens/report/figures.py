@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from ..explain.explanation import Explanation
+from ..explain.methods import METHOD_INFO, in_column_order, linguistic_method
 from .scales import LEGEND, ZERO, display_size, heatmap_image, map_scale
 
-TITLES = {"attention": "attention", "rollout": "attention rollout", "gradcam": "Grad-CAM",
-          "guided_gradcam": "Guided Grad-CAM", "guided_backprop": "guided backprop", "gradient_x_input": "gradient×input",
-          "lrp": "LRP"}
-COLUMN_ORDER = ("attention", "rollout", "gradcam", "guided_gradcam", "guided_backprop", "gradient_x_input", "lrp")
-LINGUISTIC_PREFERENCE = ("lrp", "gradcam", "guided_gradcam", "gradient_x_input", "guided_backprop", "rollout")
+
+def title(method: str) -> str:
+    """How figures and tables name a method ("Guided Grad-CAM"; its id when unregistered)."""
+    return METHOD_INFO[method].title if method in METHOD_INFO else method
 
 
 def symmetric_limit(values: np.ndarray) -> float:
@@ -54,12 +54,12 @@ def explanation_figure(image: Image.Image, explanations: Sequence[Explanation], 
     import matplotlib.pyplot as plt
 
     by_method = {e.method: e for e in explanations}
-    methods = [m for m in COLUMN_ORDER if m in by_method] + [m for m in by_method if m not in COLUMN_ORDER]
+    methods = in_column_order(by_method)
     first = by_method[methods[0]]
     size = display_size(image, longest_side)  # (width, height) in the photo's own aspect ratio
     picture = np.asarray(image.convert("RGB").resize(size, Image.BILINEAR)) / 255.0
     grey = picture.mean(axis=2)
-    linguistic = next((by_method[m] for m in LINGUISTIC_PREFERENCE if m in by_method), None)
+    linguistic = by_method.get(linguistic_method(by_method))
     per_group = len(methods) + 1 + (linguistic is not None)
     groups = max(1, math.ceil(len(first.words) / rows_per_group))
     rows = max(1, min(len(first.words), rows_per_group))
@@ -90,13 +90,13 @@ def explanation_figure(image: Image.Image, explanations: Sequence[Explanation], 
                           bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
             axis.set_xlabel(scale.label, fontsize=7, labelpad=1)
             if row == 0:
-                axis.set_title(TITLES.get(method, method), fontsize=10)
+                axis.set_title(title(method), fontsize=10)
         if row == 0:
             cells[0].set_title("image", fontsize=10)
         if linguistic is not None:
             _words_in_colour(cells[-1], linguistic, index)
             if row == 0:
-                cells[-1].set_title(f"preceding words ({TITLES.get(linguistic.method, linguistic.method)})",
+                cells[-1].set_title(f"preceding words ({title(linguistic.method)})",
                                     fontsize=10)
     figure.tight_layout(rect=(0, 0.03, 1, 1))
     figure.text(0.5, 0.005, LEGEND, ha="center", va="bottom", fontsize=7, color="#444")

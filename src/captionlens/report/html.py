@@ -22,10 +22,11 @@ from ..explain import METHODS, Explanation, explain, methods_for, resolved_param
 from ..explain.store import ExplanationStore
 from ..io import atomic_write_text
 from ..models import Captioner
-from .figures import COLUMN_ORDER, LINGUISTIC_PREFERENCE, TITLES, normalised, word_colour
+from ..explain.methods import METHOD_INFO, in_column_order, linguistic_method
+from .figures import normalised, title, word_colour
 from .scales import LEGEND, ZERO, display_size, heatmap_image, map_scale
 
-DEFAULT_METHODS = COLUMN_ORDER  # every method (those the model has: rollout needs a transformer)
+DEFAULT_METHODS = tuple(in_column_order(METHOD_INFO))  # every method (those the model has: rollout needs a transformer)
 DISPLAY = 160  # pixels per heatmap tile
 
 STYLE = """
@@ -64,15 +65,15 @@ def image_section(name: str, picture: Image.Image, explanations: Sequence[Explan
     """One image's table: rows = words (as explained: a word the model does not know is <unk>),
     columns = image, methods, preceding words; above it the caption as given."""
     by_method = {e.method: e for e in explanations}
-    methods = [m for m in COLUMN_ORDER if m in by_method] + [m for m in by_method if m not in COLUMN_ORDER]
+    methods = in_column_order(by_method)
     first = by_method[methods[0]]
-    linguistic = next((by_method[m] for m in LINGUISTIC_PREFERENCE if m in by_method), None)
+    linguistic = by_method.get(linguistic_method(by_method))
     width, height = display_size(picture, DISPLAY)  # the photo's own aspect ratio
     background = png_data_uri(picture.convert("RGB").resize((width, height), Image.BILINEAR))
     tile = f'<div class="tile" style="width:{width}px;height:{height}px">'
-    header = "".join(f"<th>{html.escape(TITLES.get(m, m))}</th>" for m in methods)
+    header = "".join(f"<th>{html.escape(title(m))}</th>" for m in methods)
     if linguistic is not None:
-        header += f"<th>preceding words ({html.escape(TITLES.get(linguistic.method, linguistic.method))})</th>"
+        header += f"<th>preceding words ({html.escape(title(linguistic.method))})</th>"
     rows = []
     for row, word in enumerate(first.words):
         cells = [f'<td class="word">{html.escape(word)}</td>', f'<td>{tile}<img src="{background}" alt="image"></div></td>']

@@ -48,12 +48,15 @@ class MapScale:
 
 
 def non_negative(method: str | None, parameters: dict | None = None) -> bool | None:
-    """Whether a method's maps are non-negative by construction (attention, rollout, ReLU'd Grad-CAM); None
-    for a map of unknown origin. A signed method keeps the diverging scale even where one map happens
-    to have no negative value, so a column of a figure reads the same way throughout."""
-    if method is None:
+    """Whether a method's maps are non-negative by construction (its registry entry says: attention,
+    rollout, ReLU'd Grad-CAM); None for a map of unknown origin. A signed method keeps the diverging
+    scale even where one map happens to have no negative value, so a column of a figure reads the same
+    way throughout."""
+    from ..explain.methods import METHOD_INFO
+
+    if method is None or method not in METHOD_INFO:
         return None
-    return method in ("attention", "rollout") or (method == "gradcam" and bool((parameters or {}).get("relu")))
+    return METHOD_INFO[method].non_negative(parameters or {})
 
 
 def map_scale(heatmap: np.ndarray, method: str | None = None, parameters: dict | None = None) -> MapScale:

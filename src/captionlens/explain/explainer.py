@@ -1,0 +1,175 @@
+"""``explain``, ``explain_batch`` and ``explain_pixels``: from a captioner, images and captions to one
+``Explanation`` per image — the words selected, the model in the asked precision, one forward and one
+batched backward of the registered method for all of them."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+
+from ..data.images import ImageInput
+from ..data.vocab import UNK
+from ..errors import InvalidValue, OutOfRange, UnknownParameter
+from ..models.captioner import Caption, Captioner
+from .engine import Targets, words_per_pass
+from .explanation import Explanation
+from .methods import method_info
+
+CaptionLike = Caption | Sequence[str] | str
+MAX_WORDS = 100  # words explained per caption unless told otherwise (1500 once ran 10 minutes at 1.7 GB)
+
+
+def _words(caption: CaptionLike, captioner: Captioner) -> list[str]:
+    if isinstance(caption, Caption):
+        return list(caption.words)
+    if isinstance(caption, str):
+        return captioner.tokenize(caption)
+    return [str(w) for w in caption]
+
+
+def _positions(words: Sequence[int] | None, length: int, include_end: bool) -> list[int]:
+    last = length + 1 if include_end else length  # <end> is position `length`
+    if words is None:
+        return list(range(last))
+    positions = [int(p) for p in words]
+    bad = [p for p in positions if not 0 <= p < last]
+    if bad:
+        raise OutOfRange(f"word index {bad[0]} is out of range for a caption of {length} words"
+                         + (" (+ <end>)" if include_end else ""))
+    return positions
+
+
+def method_parameters(method: str) -> list[str]:
+    """The keyword parameters a method takes (e.g. epsilon, alpha, beta for "lrp")."""
+    return list(method_info(method).parameters)
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolved_parameters(method: str, precision: str = "fp32", **given) -> dict:
+    """Every parameter of ``method`` with its value (``given`` over the method's defaults) and the
+    precision: what an explanation's ``parameters`` record."""
+    defaults = method_info(method).parameters
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise UnknownParameter(f"method {method!r} takes {', '.join(defaults) or 'no parameters'}, not {', '.join(unknown)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return defaults | given | {"precision": precision}
+
+
+def _model_in(captioner: Captioner, precision: str) -> torch.nn.Module:
+    """The captioner's network in ``precision``: itself for fp32; a converted copy, kept until the
+    weights change, for bf16 (the reduced-precision fast path for CPUs with bfloat16 units, e.g. AMX)."""
+    model = captioner.model
+    if precision == "fp32":
+        return model
+    key = (precision, tuple((p.data_ptr(), p._version) for p in model.parameters()))
+    cached = getattr(captioner, "_reduced_precision", None)
+    if cached is None or cached[0] != key:
+        cached = (key, copy.deepcopy(model).to(PRECISIONS[precision]).eval())
+        captioner._reduced_precision = cached
+    return cached[1]
+
+
+def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: Sequence[CaptionLike],
+                  method: str = "lrp", words: Sequence[int] | Sequence[Sequence[int]] | None = None,
+                  include_end: bool = False, precision: str = "fp32", max_words_per_pass: int | None = None,
+                  max_words: int | None = MAX_WORDS, **parameters) -> list[Explanation]:
+    """Explain several images at once (one forward, one batched backward): one Explanation each.
+
+    ``words`` selects caption positions (0-based) to explain — all words by default, one list for
+    every image or one list per image; ``include_end`` also explains the <end> token.
+    ``parameters`` go to the method (LRP: epsilon, alpha, beta, first_layer; Grad-CAM: relu).
+    ``precision="bf16"`` runs the model in bfloat16 (about 2× faster on CPUs with bf16 units; maps
+    correlate ≥ 0.99 with float32's, see benchmarks/scale.py; float32 stays the reference);
+    ``max_words_per_pass`` bounds how many words share one backward (memory); more than ``max_words``
+    words of one caption (100) is an error unless raised (None: no bound)."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    resolved_parameters(method, precision, **parameters)  # unknown parameters fail before any image is read
+    pixels = captioner.preprocess(list(images))
+    return explain_pixels(captioner, pixels, captions, method, words, include_end, precision, max_words_per_pass,
+                          max_words, **parameters)
+
+
+def explain_pixels(captioner: Captioner, pixels: torch.Tensor, captions: Sequence[CaptionLike], method: str = "lrp",
+                   words: Sequence[int] | Sequence[Sequence[int]] | None = None, include_end: bool = False,
+                   precision: str = "fp32", max_words_per_pass: int | None = None, max_words: int | None = MAX_WORDS,
+                   **parameters) -> list[Explanation]:
+    """``explain_batch`` on inputs already preprocessed for the model: ``pixels`` [B, 3, H, W]
+    (normalised) — for inputs no image file can hold, such as the shifted inputs of the input
+    invariance test (``experiments/sanity.py``)."""
+    recorded = resolved_parameters(method, precision, **parameters)  # unknown parameters are an error
+    if len(pixels) != len(captions):
+        raise ValueError(f"{len(pixels)} inputs but {len(captions)} captions")
+    vocab = captioner.vocab
+    # a word the vocabulary lacks is read by the model as <unk>, and labelled so: what was explained
+    word_lists = [[w if w in vocab else UNK for w in _words(c, captioner)] for c in captions]
+    per_image = words is not None and len(words) > 0 and not isinstance(words[0], (int, float))
+    if per_image and len(words) != len(captions):
+        raise ValueError(f"{len(words)} lists of word positions for {len(captions)} images")
+    selected = [_positions(words[b] if per_image else words, len(w), include_end) for b, w in enumerate(word_lists)]
+    longest = max((len(s) for s in selected), default=0)
+    if max_words is not None and longest > max_words:
+        raise InvalidValue(f"{longest} words of one caption were asked to be explained, more than max_words="
+                           f"{max_words} (explaining costs time and memory per word): pick positions (words=...), "
+                           "or raise max_words (--max-words) if you mean it")
+    if not any(selected):
+        return [_empty(method, w, recorded) for w in word_lists]
+    device = captioner.device
+    longest = max(len(w) for w in word_lists) + 1  # steps fed: <start>, w_1 .. w_n
+    token_ids = torch.full((len(captions), longest), vocab.pad_id, dtype=torch.long, device=device)
+    k = max(len(s) for s in selected)
+    steps = torch.zeros(len(captions), k, dtype=torch.long, device=device)
+    tokens = torch.zeros_like(steps)
+    valid = torch.zeros(len(captions), k, dtype=torch.bool, device=device)
+    for b, (w, positions) in enumerate(zip(word_lists, selected)):
+        ids = vocab.encode(w)  # <start> w_1 .. w_n <end>
+        token_ids[b, : len(ids) - 1] = torch.tensor(ids[:-1])
+        for j, position in enumerate(positions):
+            steps[b, j], tokens[b, j], valid[b, j] = position, ids[position + 1], True
+    model = _model_in(captioner, precision).eval()
+    pixels = pixels.to(device=device, dtype=next(model.parameters()).dtype)
+    with words_per_pass(max_words_per_pass):
+        output = method_info(method).function(model, pixels, token_ids, Targets(steps, tokens, valid), **parameters)
+    result = (lambda t: t.detach().cpu()) if precision == "fp32" else (lambda t: t.detach().float().cpu())
+    explanations = []
+    for b, (w, positions) in enumerate(zip(word_lists, selected)):
+        n, count = len(w), len(positions)
+        explanations.append(Explanation(
+            method=method,
+            words=[w[p] if p < n else "<end>" for p in positions],
+            positions=positions,
+            tokens=["<start>", *w],
+            image=result(output.image[b, :count]),
+            grid=result(output.grid[b, :count]),
+            preceding=_pad_columns(result(output.preceding[b, :count, : n + 1]), n + 1),
+            score=result(output.score[b, :count]),
+            parameters=recorded,
+            extra={name: result(value[b, :count]) for name, value in output.extra.items()},
+        ))
+    return explanations
+
+
+def _empty(method: str, words: list[str], parameters: dict) -> Explanation:
+    """An explanation of no words (nothing was selected)."""
+    return Explanation(method, [], [], ["<start>", *words], torch.zeros(0, 0, 0), torch.zeros(0, 0, 0),
+                       torch.zeros(0, len(words) + 1), torch.zeros(0), parameters)
+
+
+def _pad_columns(preceding: torch.Tensor, columns: int) -> torch.Tensor:
+    """The relevance of w_n is only defined when <end> is explained; pad the column with 0 otherwise."""
+    if preceding.shape[1] < columns:
+        preceding = torch.cat([preceding, preceding.new_zeros(preceding.shape[0], columns - preceding.shape[1])], 1)
+    return preceding
+
+
+def explain(captioner: Captioner, image: ImageInput, caption: CaptionLike, method: str = "lrp",
+            words: Sequence[int] | None = None, include_end: bool = False, precision: str = "fp32",
+            max_words_per_pass: int | None = None, max_words: int | None = MAX_WORDS, **parameters) -> Explanation:
+    """Explain every word (or the positions in ``words``) of ``caption`` for ``image``."""
+    return explain_batch(captioner, [image], [caption], method, words, include_end, precision, max_words_per_pass,
+                         max_words, **parameters)[0]
