@@ -61,7 +61,7 @@ def test_feature_caching_killed_leaves_no_cache_that_looks_complete(tmp_path):
     script.write_text(f"""
 import torch
 from captionlens.data.bundle import open_data
-from captionlens.data.features import grid_features
+from captionlens.features import grid_features
 from captionlens.models.encoders import ShapesEncoder
 torch.manual_seed(0)
 paths = [r.path for r in open_data({str(data)!r}).split("train")]

@@ -1,17 +1,24 @@
 """The documentation's code runs (issues 23 and 26): every ```python block of README.md and of the pages
 under docs/ is executed, the blocks of one page in order and in one namespace (as a reader pastes them
-into one session), in a folder laid out like the demo's output (``demo_workspace``). A renamed function,
-a wrong keyword or a path the demo does not write fails here, not in a reader's terminal."""
+into one session), in a folder laid out like the demo's output (``demo_workspace``); every
+``captionlens`` command in a ```bash block names a verb and options that exist; and the site builds
+with ``mkdocs build --strict`` (broken links and references fail it). A renamed function, a wrong
+keyword, a dropped flag or a path the demo does not write fails here, not in a reader's terminal."""
 from __future__ import annotations
 
 import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import typer
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+BASH = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 
 
 def pages() -> list[Path]:
@@ -35,3 +42,60 @@ def test_every_python_block_runs(page, demo_workspace, tmp_path, monkeypatch):
         code = compile(match.group(1), f"{page.relative_to(ROOT)}, block at line {line}", "exec")
         exec(code, namespace)  # noqa: S102  (our own documentation)
     assert os.getcwd() == str(tmp_path)
+
+
+def commands_in(text: str) -> list[list[str]]:
+    """Every captionlens command line of the page's bash blocks, as tokens (after the program name)."""
+    found = []
+    for block in BASH.findall(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#", 1)[0]
+            for segment in re.split(r"&&|;", line):
+                tokens = shlex.split(segment.replace("[", " ").replace("]", " ").replace("|", " "))
+                for k, token in enumerate(tokens):
+                    if token.endswith("captionlens") and (k == 0 or tokens[k - 1] == "-m"):
+                        found.append([t for t in tokens[k + 1:] if t != "..." and t != "…"])
+                        break
+    return found
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_documented_command_exists(page):
+    from captionlens.cli import app
+
+    group = typer.main.get_command(app)
+    problems = []
+    for tokens in commands_in(page.read_text()):
+        command, rest = group, list(tokens)
+        while hasattr(command, "commands") and rest and not rest[0].startswith("-"):
+            name = rest.pop(0)
+            if name not in command.commands:
+                problems.append(f"no verb {name!r} in `captionlens {' '.join(tokens)}`")
+                break
+            command = command.commands[name]
+        else:
+            flags = {opt for param in getattr(command, "params", []) for opt in getattr(param, "opts", [])}
+            flags |= {opt for param in getattr(command, "params", []) for opt in getattr(param, "secondary_opts", [])}
+            flags |= {"--help", "-h"}
+            problems += [f"`captionlens {' '.join(tokens)}`: no option {t.split('=')[0]}"
+                         for t in rest if t.startswith("--") and t.split("=")[0] not in flags]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_site_builds_strictly(tmp_path):
+    """mkdocs build --strict: every page in the navigation, every link and anchor resolving, the API
+    reference rendered from the docstrings."""
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                            cwd=ROOT, capture_output=True, text=True, env=os.environ | {"NO_MKDOCS_2_WARNING": "1"},
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    assert "explain_batch" in api and "register_experiment" in api
+
+
+def test_the_readme_is_a_front_page():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 150
+    text = "\n".join(lines)
+    assert "NOTES.md" not in text and not re.search(r"issue \d", text)

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from captionlens.data.bundle import open_data
-from captionlens.data.features import grid_features
+from captionlens.features import grid_features
 from captionlens.data.images import load_image, to_tensor
 from captionlens.models.encoders import ShapesEncoder
 

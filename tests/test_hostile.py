@@ -16,7 +16,7 @@ from PIL import Image
 
 import captionlens as cl
 from captionlens.data.bundle import open_data
-from captionlens.data.features import grid_features
+from captionlens.features import grid_features
 from captionlens.data.shapes import ShapesConfig, write_shapes_dataset
 from captionlens.explain.store import ExplanationStore
 from captionlens.io import OutputRefused, claim_output_folder

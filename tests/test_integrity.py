@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import captionlens as cl
 from captionlens.cli import app
 from captionlens.data.bundle import open_data
-from captionlens.data.features import grid_features
+from captionlens.features import grid_features
 from captionlens.data.images import ImageLoadError, load_image
 from captionlens.models.encoders import ShapesEncoder
 

@@ -144,3 +144,28 @@ def test_a_missing_extra_names_the_extra_to_install():
         require("a_module_nobody_installed", "viewer")
     with pytest.raises(ValueError, match="unknown extra"):
         require("json", "nonsense")
+
+
+# The layers of the package, lowest first: a module may import its own layer and those below it.
+LAYERS = [("errors",), ("extras", "io"), ("distributed", "data"), ("models", "train"), ("explain", "features", "pipeline"),
+          ("experiments",), ("report",), ("viewer",), ("api", "demo"), ("cli", "__init__", "__main__")]
+
+
+def test_data_flows_one_way():
+    """data → models → explain → experiments → report/viewer → api/cli: nothing lower imports anything
+    higher (at any depth, lazily or not)."""
+    level = {name: k for k, names in enumerate(LAYERS) for name in names}
+    upward = []
+    for path in source_files():
+        parts = list(path.relative_to(SOURCE).with_suffix("").parts)
+        here = parts[0]
+        package = parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                target = (base + (node.module.split(".") if node.module else []))[:1] or ["__init__"]
+                if target[0] != here and level[target[0]] > level[here]:
+                    upward.append(f"{path.relative_to(ROOT)} imports {'.' * node.level}{node.module or ''}")
+    assert set(level) >= {p.stem if p.is_file() else p.name for p in SOURCE.iterdir()
+                          if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists())}
+    assert not upward, "\n".join(upward)

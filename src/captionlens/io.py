@@ -129,6 +129,18 @@ def file_hash(path: str | Path, algorithm: str = "sha256") -> str:
         return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
+def weights_digest(state: dict, *context: str) -> str:
+    """A short hash of a state dict's names and values (and of ``context`` strings: a config, a
+    vocabulary): two models with the same digest compute the same function."""
+    digest = hashlib.sha1()
+    for text in context:
+        digest.update(text.encode())
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def sha256(path: str | Path) -> str:
     """The SHA-256 of a file's bytes."""
     return file_hash(path, "sha256")

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from .data.bundle import DataBundle, open_data
-from .data.features import grid_features
+from .features import grid_features
 from .data.shapes import COLOURS, SHAPES, ShapesConfig, generate_image
 from .data.vocab import Vocabulary
 from .distributed import current

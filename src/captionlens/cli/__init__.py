@@ -6,6 +6,6 @@ One module per family of verbs — ``data`` (datasets), ``training`` (train, pre
 registers each verb with one error handler: a user's mistake is one ``error:`` line, never a traceback.
 """
 from .app import app, data_app, import_app
-from . import data, demo, experiments, explaining, training, viewer  # noqa: F401,E402  (registers the verbs)
+from . import data, training, explaining, experiments, viewer, demo  # noqa: F401,E402,I001  (registers the verbs, in the order --help lists them)
 
 __all__ = ["app", "data_app", "import_app"]

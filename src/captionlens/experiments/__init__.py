@@ -1,2 +1,11 @@
-"""Experiments of the papers (Section 4): caption metrics, object hallucination, and (later) ablation,
-correctness, masking and fine-tuning."""
+"""The papers' experiments and the field's checks of explanations, one module each, each registered
+with what it measures, its options, its table's columns, its findings and its part of RESULTS.md
+(``registry.py``); ``workbench.py`` holds what they share (captions and explanations, computed once).
+
+Registered (in this order): metrics (``caption_metrics.py``), ablation, correctness, hallucination and
+map (``hallucination.py``), masking, finetune, faithfulness, sanity.
+"""
+from . import ablation, caption_metrics, correctness, faithfulness, finetune, hallucination, masking, sanity  # noqa: F401
+from .registry import EXPERIMENTS, Experiment, Option, experiment, ordered
+
+__all__ = ["EXPERIMENTS", "Experiment", "Option", "experiment", "ordered"]

@@ -19,6 +19,8 @@ from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 from ..explain import explain_batch
 from ..models import Captioner
 from .context import Predictions, image_batches
+from .intervals import FAILS, HOLDS, INCONCLUSIVE, NOT_MEASURED, all_of, shown
+from .registry import Experiment, Finding, Option, Rows, register_experiment
 
 RANKINGS = ("lrp", "grad", "random")
 
@@ -129,3 +131,87 @@ def drop_statistics(drops: np.ndarray, random_drops: np.ndarray | None = None) -
     else:
         row |= {"p_vs_random": float("nan"), "note": "no targets, or no difference from random"}
     return row
+
+
+# ------------------------------------------------------------------------- the experiment
+PAPER_ABLATION = {  # Table 2: share of targets whose probability drops (MSCOCO), %
+    "adaptive": {("stop", "lrp"): 90.32, ("stop", "grad"): 90.25, ("stop", "random"): 78.32,
+                 ("object", "lrp"): 92.06, ("object", "grad"): 92.97, ("object", "random"): 84.30},
+    "gridtd": {("stop", "lrp"): 71.21, ("stop", "grad"): 73.65, ("stop", "random"): 17.49,
+               ("object", "lrp"): 54.87, ("object", "grad"): 48.04, ("object", "random"): 11.76},
+}
+COLUMNS = ("words", "ranking", "targets", "drop_share", "mean_drop", "std_drop", "drop_low", "drop_high",
+           "p_vs_random", "note?")
+
+
+def ablation_findings(results: dict, arch: str) -> list[Finding]:
+    table = Rows.of(results, "ablation", arch)
+    if not table.rows:
+        return [(CLAIM, NOT_MEASURED, "not measured")]
+
+    def ablated(kind, ranking) -> str:
+        """Does deleting the words ``ranking`` puts first lower the probability more than random
+        deletions of the same targets? From the paired Wilcoxon test (p < 0.05) and the mean drops."""
+        row, random = table.find(words=kind, ranking=ranking), table.find(words=kind, ranking="random")
+        p, mean, baseline = table.value(row, "p_vs_random"), table.value(row, "mean_drop"), table.value(random, "mean_drop")
+        if any(np.isnan(v) for v in (p, mean, baseline)):
+            return NOT_MEASURED
+        return INCONCLUSIVE if p >= 0.05 else HOLDS if mean > baseline else FAILS
+
+    def drop_text(kind) -> str:
+        rows = {r: table.find(words=kind, ranking=r) for r in RANKINGS}
+        return f"{kind} words: mean drop " + ", ".join(
+            f"{name} {table.value(rows[r], 'mean_drop'):.3f} {shown(table.interval(rows[r], 'drop'))}"
+            + (f" (p {table.value(rows[r], 'p_vs_random'):.2g})" if r != "random" else "")
+            for name, r in (("LRP", "lrp"), ("Grad*", "grad"), ("random", "random")))
+
+    return [(CLAIM, all_of(*(ablated(k, r) for k in ("stop", "object") for r in ("lrp", "grad"))),
+             "; ".join(drop_text(k) for k in ("stop", "object")))]
+
+
+CLAIM = ("Deleting the preceding words that LRP and Grad* rank highest lowers the target word's probability more "
+         "than deleting random ones")
+
+
+def ablation_section(results: dict, archs: list[str]) -> list[str]:
+    from .tables import markdown_table
+
+    rows = []
+    for arch in archs:
+        table = Rows.of(results, "ablation", arch)
+        for row in table.rows:
+            paper = PAPER_ABLATION.get(arch, {}).get((row["words"], row["ranking"]), float("nan"))
+            rows.append({"model": arch, "words": row["words"], "ranking": row["ranking"],
+                         "targets": table.value(row, "targets"), "ours %": 100 * table.value(row, "drop_share"),
+                         "mean drop": table.value(row, "mean_drop"), "paper % (COCO)": paper})
+    return ["## Table 2 — word ablation: probability of the target word drops (%)", "",
+            markdown_table(rows) if rows else "not measured\n", ""]
+
+
+def _show_table(rows, bench, options: dict) -> None:
+    from .tables import markdown_table
+
+    print(markdown_table(rows))
+
+
+@register_experiment(Experiment(
+    name="ablation", verb="ablation", title="Word ablation", papers="Table 2, Table IV", order=1,
+    options=(Option("top", 3, "Preceding words deleted per target.", "int", 1, 1000),
+             Option("skip", 5, "Targets start at this caption position (paper: 5).", "int", 0, 1000),
+             Option("seed", 0, "Seed of the random baseline.", "int", 0)),
+    columns=COLUMNS, demo=lambda quick, seed: {"seed": seed}, findings=ablation_findings, section=ablation_section,
+    show=_show_table))
+def ablation(bench, top: int = 3, skip: int = 5, seed: int = 0) -> list[dict]:
+    """Word ablation (Table 2, Table IV): delete the top preceding words by LRP, by |Grad*| or at
+    random and report how often, and how much, the target word's probability drops."""
+    from .tables import plot_bars, write_table
+
+    rows = word_ablation(bench.captioner, bench.predictions, top, skip, seed)
+    reason = ("no object words are known (pass --synonyms)" if bench.predictions.synonyms is None
+              else f"no caption has such a word at position ≥ {skip} (lower --skip)")
+    rows = [row | ({"note": reason} if not row["targets"] else {}) for row in rows]
+    write_table(bench.out, "ablation", rows, f"Word ablation: top-{top} preceding words deleted "
+                f"(targets at position ≥ {skip}): {bench.scope}")
+    plot_bars([r for r in rows if r["targets"]], ("words", "ranking"), "drop_share", bench.out / "ablation.png",
+              "share of targets whose probability drops")
+    return rows

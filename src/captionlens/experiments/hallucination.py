@@ -13,6 +13,8 @@ import numpy as np
 
 from ..data.synonyms import Synonyms
 from ..explain import Explanation
+from .intervals import NOT_MEASURED, above, all_of, shown
+from .registry import Experiment, Finding, Option, register_experiment
 
 # score name -> (method, how a single-word explanation becomes a number)
 SCORES: dict[str, tuple[str, Callable[[Explanation], float]]] = {
@@ -118,3 +120,165 @@ def mean_average_precision(words: Sequence[str], labels: np.ndarray, probabiliti
 def labels_of(mentions: Sequence) -> np.ndarray:
     return np.array([int(m.true_positive) for m in mentions])
 
+
+
+def why_empty(labels: np.ndarray, min_count: int) -> str:
+    """Why a score over true/hallucinated mentions cannot be computed ('' when it can)."""
+    if len(labels) == 0:
+        return f"no object word predicted more than {min_count} times (lower --min-count)"
+    if labels.min() == labels.max():
+        kind = "true positives" if labels[0] else "hallucinated"
+        return f"all {len(labels)} mentions are {kind}: one class only, undefined"
+    return ""
+
+
+# ------------------------------------------------------------------------- the experiments
+PAPER_AUC = {  # Table 3: AUC of true vs hallucinated frequent object words (Flickr30K)
+    "gridtd": {"lrp_max": 0.61, "lrp": 0.64, "guided_gradcam_abs": 0.54, "attention": 0.53, "one_minus_beta": 0.54,
+               "guided_gradcam": 0.45},
+    "adaptive": {"lrp_max": 0.66, "lrp": 0.64, "guided_gradcam_abs": 0.58, "attention": 0.51, "one_minus_beta": 0.53,
+                 "guided_gradcam": 0.42},
+}
+PAPER_MAP = {"adaptive": (51.14, 54.57), "gridtd": (54.66, 55.22)}  # Table 5, Flickr30K: original, LRP-tuned
+RESULT_KEYS = ("auc", "auc_interval", "chair", "true_positives", "false_positives", "words", "ground_truth", "note")
+MIN_COUNT = Option("min_count", 50, "Object words predicted more often than this count (paper: 50).", "int", 0)
+
+
+def _result(results: dict, name: str, arch: str, needed: tuple[str, ...]) -> dict:
+    """One architecture's result of a dict-valued experiment; a key read here that it lacks is an error
+    (an empty result — not run — is not)."""
+    from .registry import MissingColumn
+
+    result = results.get(name, {}).get(arch) or {}
+    missing = [k for k in needed if result and k not in result]
+    if missing:
+        raise MissingColumn(f"the {name} result of {arch} has no {', '.join(missing)}")
+    return result
+
+
+def hallucination_findings(results: dict, arch: str) -> list[Finding]:
+    result = _result(results, "hallucination", arch, ("auc", "auc_interval"))
+    auc, intervals = result.get("auc", {}), result.get("auc_interval", {})
+    nan = float("nan")
+
+    def auc_of(score) -> tuple[float, float]:
+        interval = intervals.get(score)
+        return (nan, nan) if interval is None or interval[0] is None else tuple(interval)
+
+    sentinel = auc.get("one_minus_beta") is not None and not np.isnan(auc.get("one_minus_beta", nan))
+    rivals = ["attention", "one_minus_beta"] if sentinel else ["attention"]
+    findings = [("LRP identifies hallucinated words better than attention and 1−β",
+                 all_of(*(above(max(auc_of("lrp"), auc_of("lrp_max"), key=lambda i: i[0]), auc_of(r))
+                          for r in rivals)),
+                 f"AUC LRP {shown(auc_of('lrp'))}, L-max {shown(auc_of('lrp_max'))}, attention "
+                 f"{shown(auc_of('attention'))}, 1−β " + (shown(auc_of("one_minus_beta")) if sentinel
+                                                           else "not defined (no sentinel)")),
+                ("The absolute value of Guided Grad-CAM detects hallucination better than its signed mean",
+                 above(auc_of("guided_gradcam_abs"), auc_of("guided_gradcam")),
+                 f"AUC Guided Grad-CAM-abs {shown(auc_of('guided_gradcam_abs'))} vs signed "
+                 f"{shown(auc_of('guided_gradcam'))}")]
+    return [(c, v if result else NOT_MEASURED, n if result else "not measured") for c, v, n in findings]
+
+
+def hallucination_section(results: dict, archs: list[str]) -> list[str]:
+    from .tables import format_cell, markdown_table
+
+    rows = []
+    for arch in archs:
+        result = _result(results, "hallucination", arch, ("auc",))
+        auc = result.get("auc", {})
+        rows.append({"model": arch, "TP/FP": f"{result.get('true_positives', 0)}/{result.get('false_positives', 0)}"}
+                    | {k: auc.get(k, float("nan")) for k in auc})
+        if arch in PAPER_AUC:
+            rows.append({"model": f"{arch} (paper)", "TP/FP": "Flickr30K"} | PAPER_AUC[arch])
+    chair_of = lambda arch, key: format_cell((results.get("hallucination", {}).get(arch) or {}).get("chair", {}).get(key))  # noqa: E731
+    return ["## Table 3 — AUC of true vs hallucinated object words", "", markdown_table(rows), "",
+            "CHAIR (Rohrbach et al. 2018): " + "; ".join(
+                f"{arch} CHAIR-i {chair_of(arch, 'chair_i')}, CHAIR-s {chair_of(arch, 'chair_s')}" for arch in archs), ""]
+
+
+def _show_hallucination(result: dict, bench, options: dict) -> None:
+    from ..io import dumps
+
+    average = bench.mean_average_precision(options.get("min_count", 50))
+    print(dumps({"auc": result["auc"], "chair": result["chair"], "map": average["map"],
+                 "true_positives": result["true_positives"], "false_positives": result["false_positives"],
+                 "ground_truth": result["ground_truth"], "note": result["note"] or average["note"]}))
+
+
+@register_experiment(Experiment(
+    name="hallucination", verb="hallucination", title="Hallucination detection", papers="Table 3, Fig. 7", order=3,
+    options=(MIN_COUNT,), columns=RESULT_KEYS, demo=lambda quick, seed: {"min_count": 5 if quick else 50},
+    findings=hallucination_findings, section=hallucination_section, show=_show_hallucination))
+def hallucination(bench, min_count: int = 50) -> dict:
+    """Hallucination detection (Table 3, Fig. 7): ROC AUC of explanation scores for true vs
+    hallucinated frequent object words, CHAIR-i/CHAIR-s, and (printed beside them) the mAP of frequent
+    object words (Table 5). Object words are labelled by boxes or, e.g. on Flickr30K, by the reference
+    captions. Writes hallucination_auc, chair and map tables and hallucination_roc.png."""
+    from .tables import write_table
+
+    p = bench.predictions
+    mentions = p.frequent_mentions(min_count)
+    labels = labels_of(mentions)
+    explanations = {method: bench.explanations(method, mentions) for method in bench.available(SCORES)}
+    scores = detection_scores(mentions, explanations)
+    auc = auc_table(labels, scores)
+    rates = chair([c.words for c in p.captions], p.objects, p.synonyms)
+    note = why_empty(labels, min_count)
+    intervals = {name: auc_interval(labels, values) for name, values in scores.items()}
+    result = {"auc": auc, "auc_interval": intervals, "chair": rates, "true_positives": int(labels.sum()),
+              "false_positives": int(len(labels) - labels.sum()), "words": sorted({m.word for m in mentions}),
+              "ground_truth": p.truth.source, "note": note}
+    write_table(bench.out, "hallucination_auc",
+                bench.labelled([{"score": k, "auc": v, "auc_low": intervals[k][0], "auc_high": intervals[k][1]}
+                                | ({"note": note} if note else {})
+                                | ({} if np.isfinite(scores[k]).all() else {"note": UNDEFINED})
+                                for k, v in auc.items()]),
+                f"AUC of true vs hallucinated object words ({result['true_positives']} TP, "
+                f"{result['false_positives']} FP; words predicted > {min_count} times; 95% bootstrap intervals over "
+                f"mentions): {bench.scope}")
+    chair_note = {} if rates["object_mentions"] else {"note": "no object word in any caption"}
+    write_table(bench.out, "chair", bench.labelled([rates | chair_note]), f"CHAIR hallucination rates: {bench.scope}")
+    plot_roc(labels, scores, bench.out / "hallucination_roc.png")
+    return result
+
+
+def map_section(results: dict, archs: list[str]) -> list[str]:
+    from .tables import markdown_table
+
+    rows = [{"model": arch, "ours": _result(results, "map", arch, ("map",)).get("map", float("nan")),
+             "paper original": PAPER_MAP.get(arch, (float("nan"),) * 2)[0] / 100,
+             "paper LRP-tuned": PAPER_MAP.get(arch, (float("nan"),) * 2)[1] / 100} for arch in archs]
+    return ["## Table 5 — mAP of frequent object words", "", markdown_table(rows), ""]
+
+
+def _show_json(result: dict, bench, options: dict) -> None:
+    from ..io import dumps
+
+    print(dumps(result))
+
+
+@register_experiment(Experiment(
+    name="map", verb="map", title="mAP of frequent object words", papers="Table 5", order=4,
+    options=(MIN_COUNT,), columns=("map", "per_word", "ground_truth", "note"),
+    demo=lambda quick, seed: {"min_count": 5 if quick else 50}, section=map_section, show=_show_json,
+    aliases=("mean_average_precision",)))
+def mean_average_precision_of(bench, min_count: int = 50) -> dict:
+    """Mean average precision of the frequent object words (Table 5): each word's mentions ranked by
+    the model's probability against their true/false-positive labels. Writes map.{csv,json,md,png}."""
+    from .context import word_probabilities
+    from .tables import plot_bars, write_table
+
+    mentions = bench.predictions.frequent_mentions(min_count)
+    probabilities = word_probabilities(bench.captioner, bench.predictions, mentions)
+    labels = labels_of(mentions)
+    result = mean_average_precision([m.word for m in mentions], labels, probabilities)
+    result["ground_truth"] = bench.predictions.truth.source
+    result["note"] = why_empty(labels, min_count) or (
+        "" if result["per_word"] else "no frequent object word has both true and hallucinated mentions")
+    rows = [{"word": w, "ap": ap} for w, ap in result["per_word"].items()]
+    rows.append({"word": "mAP", "ap": result["map"]} | ({"note": result["note"]} if result["note"] else {}))
+    write_table(bench.out, "map", bench.labelled(rows), f"AP of frequent object words (> {min_count}): {bench.scope}")
+    plot_bars([r for r in rows if r["ap"] == r["ap"]], "word", "ap", bench.out / "map.png",
+              "average precision of frequent object words")
+    return result

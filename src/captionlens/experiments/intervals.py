@@ -66,3 +66,20 @@ def all_of(*verdicts: str) -> str:
         return HOLDS
     return INCONCLUSIVE
 
+
+
+def shown(interval: Interval, digits: int = 3) -> str:
+    """``[low, high]`` with ``digits`` decimals."""
+    return f"[{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def scaled(interval: Interval, factor: float) -> Interval:
+    return interval[0] * factor, interval[1] * factor
+
+
+def with_interval(row: dict, key: str) -> str:
+    """``value [low, high]`` of ``key`` in a table row ('' where the row has no value)."""
+    value = row.get(key, float("nan"))
+    if value is None or value != value:
+        return ""
+    return f"{value:.3g} [{row.get(key + '_low', float('nan')):.3g}, {row.get(key + '_high', float('nan')):.3g}]"

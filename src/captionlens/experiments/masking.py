@@ -15,7 +15,9 @@ from PIL import Image
 
 from ..models import Captioner
 from .context import Mention, Predictions
+from .intervals import NOT_MEASURED, above, shown
 from .metrics import wilson_interval
+from .registry import Experiment, Finding, Option, Rows, register_experiment
 
 
 def top_pixels(heatmap: torch.Tensor, fraction: float, sign: str, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -73,4 +75,65 @@ def feature_masking(captioner: Captioner, predictions: Predictions, explanations
         rate = wilson_interval(int(np.sum(values)), len(values))
         rows.append({"method": method, "masked": sign, "words": len(values), "vanished": rate.rate,
                      "vanished_low": rate.low, "vanished_high": rate.high})
+    return rows
+
+
+# ------------------------------------------------------------------------- the experiment
+MASKING_METHODS = ("lrp", "guided_gradcam", "gradcam", "attention")
+COLUMNS = ("method", "masked", "words", "vanished", "vanished_low", "vanished_high", "note?", "ground_truth")
+CLAIM = "Masking the regions LRP finds supporting removes the word more often than a random mask"
+
+
+def masking_findings(results: dict, arch: str) -> list[Finding]:
+    table = Rows.of(results, "masking", arch)
+    if not table.rows:
+        return [(CLAIM, NOT_MEASURED, "not measured")]
+
+    def vanished(method, masked) -> tuple[float, float]:
+        return table.interval(table.find(method=method, masked=masked), "vanished")
+
+    return [(CLAIM, above(vanished("lrp", "positive"), vanished("random", "random")),
+             f"word gone after masking LRP-positive {shown(vanished('lrp', 'positive'), 2)}, "
+             f"LRP-negative {shown(vanished('lrp', 'negative'), 2)}, random {shown(vanished('random', 'random'), 2)}")]
+
+
+def masking_section(results: dict, archs: list[str]) -> list[str]:
+    from .tables import markdown_table
+
+    lines = ["## Feature masking (Fig. 4): share of correctly named objects no longer named", ""]
+    for arch in archs:
+        rows = results.get("masking", {}).get(arch, [])
+        if rows:
+            lines += [f"**{arch}**", "", markdown_table(rows), ""]
+    return lines
+
+
+def _show_table(rows, bench, options: dict) -> None:
+    from .tables import markdown_table
+
+    print(markdown_table(rows))
+
+
+@register_experiment(Experiment(
+    name="masking", verb="masking", title="Feature masking", papers="Fig. 4, IV-B-1", order=5,
+    options=(Option("fraction", 0.1, "Share of the pixels masked.", "float", 0, 1, low_open=True, high_open=True),
+             Option("seed", 0, "Seed of the random mask.", "int", 0),
+             Option("limit", 200, "Most object words to test.", "int", 1, 1_000_000, flag="words")),
+    columns=COLUMNS, demo=lambda quick, seed: {"seed": seed, "limit": 10 if quick else 120},
+    findings=masking_findings, section=masking_section, show=_show_table))
+def masking(bench, fraction: float = 0.1, seed: int = 0, limit: int | None = 200) -> list[dict]:
+    """Feature masking (Fig. 4): mask the most supporting (or opposing) pixels of each correctly
+    named object (at most --words of them) by each method, or random pixels, re-caption, and report
+    how often the word vanishes."""
+    from .tables import plot_bars, write_table
+
+    mentions = [m for m in bench.predictions.mentions() if m.true_positive][:limit]
+    explanations = {method: bench.explanations(method, mentions) for method in MASKING_METHODS}
+    rows = feature_masking(bench.captioner, bench.predictions, explanations, mentions, fraction, seed,
+                           bench.beam_size)
+    if not mentions:
+        rows = [row | {"note": "no correctly named object word to mask"} for row in rows]
+    write_table(bench.out, "masking", bench.labelled(rows), f"Feature masking: {fraction:.0%} of the pixels "
+                f"masked; share of {len(mentions)} correctly named objects that are no longer named: {bench.scope}")
+    plot_bars(rows, ("method", "masked"), "vanished", bench.out / "masking.png", "word no longer named after masking")
     return rows

@@ -1,28 +1,12 @@
-"""Caption and object metrics: BLEU (pycocoevalcap's scorer), object-word precision/recall against
-ground-truth objects, and the hallucination rate of one object word with a Wilson 95% interval."""
+"""Object metrics: object-word precision/recall against ground-truth objects, and the hallucination
+rate of one object word with a Wilson 95% interval. (Caption metrics: ``caption_metrics.py``.)"""
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..data.synonyms import Synonyms
-
-
-def bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]) -> list[float]:
-    """Corpus BLEU-1..4 of tokenised candidates against their tokenised references (pycocoevalcap,
-    'closest' reference length, as in the COCO evaluation server)."""
-    from pycocoevalcap.bleu.bleu import Bleu
-
-    if len(candidates) != len(references) or not candidates:
-        raise ValueError("bleu needs one non-empty list of references per candidate")
-    gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
-    res = {i: [" ".join(c) if c else "<empty>"] for i, c in enumerate(candidates)}
-    with contextlib.redirect_stdout(io.StringIO()):  # the scorer prints its counts
-        scores, _ = Bleu(4).compute_score(gts, res)
-    return [float(s) for s in scores]
 
 
 @dataclass
@@ -74,3 +58,6 @@ def hallucination_rate(captions: Sequence[Sequence[str]], image_objects: Sequenc
             total += 1
             hits += word_category in synonyms.categories_in(words)
     return wilson_interval(hits, total)
+
+
+from .caption_metrics import bleu  # noqa: E402,F401  (its old home; caption metrics live in caption_metrics.py)

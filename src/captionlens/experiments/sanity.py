@@ -28,7 +28,8 @@ from tqdm import tqdm
 from ..explain import Explanation
 from ..models import Captioner
 from .context import Mention, Predictions, explain_mentions
-from .intervals import bootstrap_mean_interval
+from .intervals import NOT_MEASURED, below, bootstrap_mean_interval, shown
+from .registry import Experiment, Finding, Option, Rows, register_experiment
 
 MIN_PRECEDING = 3  # a rank correlation of preceding-word relevance needs a few tokens
 
@@ -258,3 +259,116 @@ def input_invariance(captioner: Captioner, predictions: Predictions, mentions: S
                      "logit_change": logit, "changes": bool(max(image_change, words_change) > tolerance)})
     return rows
 
+
+
+# ------------------------------------------------------------------------- the experiment
+COLUMNS = ("step", "block", "method", "words", *(f"{m}*" for m in MEASURES), "note?")
+
+
+def _two(value) -> str:
+    """Two decimals; "n/a" for a value not defined (NaN, or None once read back from JSON)."""
+    return "n/a" if value is None or value != value else f"{value:.2f}"
+
+
+def sanity_findings(results: dict, arch: str) -> list[Finding]:
+    table = Rows.of(results, "sanity", arch, key="randomisation")
+    claims = ("Sanity (Adebayo et al.): LRP's maps depend on the model — rank correlation with the trained model's "
+              "maps below 0.5 once every block is random",
+              "Sanity: Guided Grad-CAM's maps change once the decoder is random (the journal cites it as failing "
+              "sanity checks: this would not hold)")
+    if not table.rows:
+        return [(claim, NOT_MEASURED, "not measured") for claim in claims]
+
+    def after_all(method, blocks: str) -> tuple[float, float]:
+        """|ρ| interval at the last step that randomised ``blocks`` ("decoder" or "all")."""
+        rows = [r for r in table.rows if r["method"] == method]
+        if blocks == "decoder":
+            rows = [r for r in rows if r["block"].startswith("decoder")]
+        return table.interval(rows[-1] if rows else {}, "spearman_abs")
+
+    return [(claims[0], below(after_all("lrp", "all"), (0.5, 0.5)),
+             "rank correlation of the absolute maps after the last block: " + ", ".join(
+                 f"{m} {shown(after_all(m, 'all'), 2)}" for m in ("lrp", "gradcam", "guided_gradcam", "guided_backprop"))),
+            (claims[1], below(after_all("guided_gradcam", "decoder"), (0.5, 0.5)),
+             "rank correlation of the absolute maps after randomising the decoder: " + ", ".join(
+                 f"{m} {shown(after_all(m, 'decoder'), 2)}" for m in ("guided_gradcam", "guided_backprop", "lrp")))]
+
+
+def sanity_section(results: dict, archs: list[str]) -> list[str]:
+    from .tables import markdown_table
+
+    lines = ["## Sanity checks — cascading randomisation (Adebayo et al. 2018)", "",
+             "Spearman |ρ| between each method's image maps after re-initialising the model down to the named block "
+             "and the trained model's (preceding words: ρ of their relevance). Near 1: the map ignores what the "
+             "model learned. Plot: `results/<arch>/randomisation.png`.", ""]
+    for arch in archs:
+        rows = (results.get("sanity", {}).get(arch) or {}).get("randomisation", [])
+        if rows:
+            methods = list(dict.fromkeys(r["method"] for r in rows))
+            table = []
+            for block in dict.fromkeys(r["block"] for r in rows):
+                mine = {r["method"]: r for r in rows if r["block"] == block}
+                table.append({"randomised down to": block} | {
+                    m: f"{_two(mine[m]['spearman_abs'])} / {_two(mine[m]['preceding_spearman'])}" for m in methods})
+            lines += [f"**{arch}** (image |ρ| / preceding-word ρ)", "", markdown_table(table), ""]
+    lines += ["## Sanity checks — input invariance (Kindermans et al. 2019)", "",
+              "The input shifted by a constant, through a model whose first layer absorbs the shift (same function, "
+              "`logit change` shows float rounding only): a method that changes reacts to something the model ignores.",
+              ""]
+    for arch in archs:
+        rows = (results.get("sanity", {}).get(arch) or {}).get("input_invariance", [])
+        if rows:
+            lines += [f"**{arch}**", "", markdown_table([
+                {"method": r["method"], "changes": "yes" if r["changes"] else "no", "image change": r["image_change"],
+                 "preceding change": r["preceding_change"], "image ρ": r["image_spearman"],
+                 "logit change": r["logit_change"]} for r in rows]), ""]
+    return lines
+
+
+def _show_sanity(result: dict, bench, options: dict) -> None:
+    from .tables import markdown_table
+
+    print(markdown_table([{k: v for k, v in r.items() if not k.endswith(("_low", "_high"))}
+                          for r in result["input_invariance"]]))
+    print(f"randomisation: {len(result['randomisation'])} rows in {bench.out / 'randomisation.md'}")
+
+
+@register_experiment(Experiment(
+    name="sanity", verb="sanity", title="Sanity checks", papers="Adebayo et al. 2018; Kindermans et al. 2019", order=8,
+    options=(Option("words", 50, "Most correctly named object words to explain.", "int", 0, 1_000_000),
+             Option("other", 25, "Other (non-object) words to explain, one per caption.", "int", 0, 1_000_000,
+                    flag="other-words"),
+             Option("seed", 0, "Seed of the re-initialisation and of the other words' sample.", "int", 0),
+             Option("shift", 1.0, "Input invariance: the constant added to the normalised input.", "float", -1e3, 1e3),
+             Option("methods", None, "Comma-separated explanation methods (default: every method the model has).",
+                    "methods")),
+    columns=COLUMNS, findings=sanity_findings, section=sanity_section, show=_show_sanity,
+    demo=lambda quick, seed: {"words": 3 if quick else 10, "other": 2 if quick else 5, "seed": seed}))
+def sanity(bench, words: int = 50, other: int = 25, seed: int = 0, shift: float = 1.0,
+           methods: tuple[str, ...] | None = None) -> dict:
+    """Sanity checks (Adebayo et al. 2018; Kindermans et al. 2019): re-initialise the model block by
+    block from the output layer down and report, per method and step, the Spearman correlation and
+    SSIM of each word's image map — and the correlation of its preceding-word relevance — with the
+    trained model's; then explain a constant-shifted input through a model whose first layer
+    absorbs the shift and report which methods change. Writes randomisation.{csv,json,md,png} and
+    input_invariance.{csv,json,md}."""
+    from ..explain import methods_for
+    from .tables import write_table
+
+    mentions, _ = bench.sample_words(words, other, seed)
+    methods = methods or methods_for(bench.captioner.model)
+    originals = {method: bench.word_explanations(method, mentions) for method in methods}
+    steps = cascading_randomisation(bench.captioner, bench.predictions, mentions, methods, seed,
+                                    originals=originals, progress=bench.progress)
+    invariance = input_invariance(bench.captioner, bench.predictions, mentions, methods, shift, originals=originals)
+    note = [] if mentions else [{"note": "no caption word to explain"}]
+    write_table(bench.out, "randomisation", steps or note,
+                f"Cascading randomisation (output layer first): similarity of each method's maps of "
+                f"{len(mentions)} words to the trained model's, after each block is re-initialised; 95% "
+                f"bootstrap intervals over words: {bench.scope}")
+    write_table(bench.out, "input_invariance", invariance or note,
+                f"Input invariance: inputs shifted by {shift} (normalised units) through a model whose first "
+                f"layer absorbs the shift; relative change of the explanations: {bench.scope}")
+    if steps:
+        plot_randomisation(steps, bench.out / "randomisation.png")
+    return {"randomisation": steps, "input_invariance": invariance}

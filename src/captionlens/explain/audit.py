@@ -25,6 +25,7 @@ from torch import nn
 from torch.autograd import Function
 from torch.utils._pytree import tree_map
 
+from ..errors import real
 from ..models.captioner import Captioner
 from .canonize import canonized
 from .engine import trace
@@ -167,7 +168,10 @@ def audit_lrp(captioner: Captioner, image=None, caption=None, tolerance: float =
               epsilon: float = 1e-9) -> AuditReport:
     """Audit LRP on ``captioner`` (unchanged: a float64, bias-free copy is audited) for one image (a
     random one by default) and caption (the model's own by default). A row is flagged when relevance
-    entering and leaving it differ by more than ``tolerance`` × Σ|score|."""
+    entering and leaving it differ by more than ``tolerance`` × Σ|score| (a finite number in (0, 1]: an
+    infinite tolerance would pass anything, a NaN flag nothing)."""
+    real("tolerance", tolerance, 0, 1, low_open=True)
+    real("epsilon", epsilon, 0, 1, low_open=True)
     model = zero_biases(copy.deepcopy(captioner.model)).double().eval()
     encoder = model.encoder
     if image is None:

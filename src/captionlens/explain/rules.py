@@ -53,9 +53,8 @@ from torch import nn
 from torch.autograd import Function
 from torch.nn import functional as F
 
-from ..models.efficientnet import TFSamePad
 from ..models.layers import (AttentionScores, AttentionWeights, ChannelAffine, Gate, GateProduct, GridMean,
-                             LearnedPositions, Reduce, SignalTanh, Sum, WeightedSum)
+                             LearnedPositions, Reduce, SignalTanh, Sum, TFSamePad, WeightedSum)
 
 ATTENTION_RULES = ("cp", "attnlrp")
 TINY = 1e-12  # keeps αβ denominators away from zero where a unit got no positive (negative) input

@@ -3,7 +3,6 @@ preprocessing and beam search, built from a JSON-able config through the registr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,7 +14,7 @@ from torch import nn
 from ..data.images import ImageInput, load_image, to_tensor
 from ..data.vocab import Vocabulary, tokenize
 from ..errors import InvalidValue, integer
-from ..io import atomic_write, claim_output_folder, read_json, sha256, write_json
+from ..io import atomic_write, claim_output_folder, read_json, sha256, weights_digest, write_json
 from .beam import beam_search
 from .decoder import Decoder, DecoderOutput
 from .encoders import Encoder
@@ -187,12 +186,8 @@ class Captioner:
     def fingerprint(self) -> str:
         """A hash of the configuration, the vocabulary and every weight: two captioners with the same
         fingerprint compute the same explanations (used to keep an explanation store to one model)."""
-        digest = hashlib.sha1(json.dumps(asdict(self.config), sort_keys=True).encode())
-        digest.update("\n".join(self.vocab.words).encode())
-        for name, tensor in sorted(self.model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        return weights_digest(self.model.state_dict(), json.dumps(asdict(self.config), sort_keys=True),
+                              "\n".join(self.vocab.words))
 
     # ------------------------------------------------------------------ checkpoints (data, no pickles)
     def save(self, run_dir: str | Path, weights_name: str = "model.safetensors") -> None:

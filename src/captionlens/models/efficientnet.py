@@ -14,31 +14,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..extras import MissingExtra, require
 from .encoders import IMAGENET_MEAN, IMAGENET_STD, Encoder, load_matching, load_state_dict_file
-from .layers import Sum
+from .layers import Sum, TFSamePad
 from .registry import register_encoder
 
 BATCH_NORM_EPS = 1e-3  # TensorFlow's default, as the weights were trained with
-
-
-class TFSamePad(nn.Module):
-    """Zero padding so that a ``kernel``/``stride`` convolution gives ``ceil(n / stride)`` outputs
-    (TensorFlow's "same"); the extra pixel of an odd total goes at the bottom/right. LRP: none
-    needed — padded zeros receive no relevance and the ordinary backward crops."""
-
-    def __init__(self, kernel: int, stride: int) -> None:
-        super().__init__()
-        self.kernel, self.stride = kernel, stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, C, H + pad, W + pad]
-        pads = []
-        for size in (x.shape[-1], x.shape[-2]):  # F.pad lists the last dimension first
-            total = max((math.ceil(size / self.stride) - 1) * self.stride + self.kernel - size, 0)
-            pads += [total // 2, total - total // 2]
-        return F.pad(x, pads)
 
 
 def conv_bn(in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1, groups: int = 1):

@@ -12,10 +12,12 @@ Arras et al. 2017 (LRP for LSTMs: which paths count as signal and which as gates
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class Sum(nn.Module):
@@ -300,3 +302,20 @@ class AttentionWeights(nn.Softmax):
         out = super().forward(x)
         setattr(out, ROLE, self.role)
         return out
+
+
+class TFSamePad(nn.Module):
+    """Zero padding so that a ``kernel``/``stride`` convolution gives ``ceil(n / stride)`` outputs
+    (TensorFlow's "same"); the extra pixel of an odd total goes at the bottom/right. LRP: none
+    needed — padded zeros receive no relevance and the ordinary backward crops."""
+
+    def __init__(self, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, C, H + pad, W + pad]
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):  # F.pad lists the last dimension first
+            total = max((math.ceil(size / self.stride) - 1) * self.stride + self.kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads)

@@ -31,6 +31,7 @@ from ..data.bundle import DataBundle, open_data
 from ..data.images import MAX_PIXELS, ImageLoadError, load_image, resized_pixels
 from ..explain import explain, method_parameters, methods_for, resolved_parameters
 from ..explain.store import ExplanationStore
+from ..errors import integer, real
 from ..extras import require
 from .server import JSON_BODY_LIMIT, MULTIPART_OVERHEAD, BodyLimit
 from ..models import Captioner
@@ -55,6 +56,13 @@ class ViewerLimits:
     explanations_cached: int = 256
     requests_per_second: float = 20.0  # per client, with bursts of twice that
     dataset_images: int = 50
+
+    def __post_init__(self) -> None:  # a NaN rate once answered every call 429
+        for name in ("max_upload_bytes", "max_upload_pixels", "max_uploads", "max_upload_store_bytes", "decoded_images",
+                     "display_side", "max_caption_words", "explanations_cached"):
+            integer(name, getattr(self, name), 1)
+        integer("dataset_images", self.dataset_images, 0)
+        real("requests_per_second", self.requests_per_second, 0, low_open=True)
 
 
 def _require_web_stack():

@@ -19,18 +19,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..io import file_hash, remove_leftovers
-from ..models.encoders import Encoder
-from .images import decoded_batches, normalise
+from .data.images import decoded_batches, normalise
+from .io import file_hash, remove_leftovers, weights_digest
+from .models.encoders import Encoder
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
-    digest = hashlib.sha1(type(encoder).__name__.encode())
-    digest.update(json.dumps(encoder.options(), sort_keys=True).encode())  # image and grid size
-    for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """A hash of the encoder's class, options (image and grid size) and weights."""
+    return weights_digest(encoder.state_dict(), type(encoder).__name__, json.dumps(encoder.options(), sort_keys=True))
 
 
 def content_hash(path: str | Path) -> str:
