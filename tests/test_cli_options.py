@@ -133,6 +133,7 @@ def test_empty_lists_and_alpha_beta_are_refused_after_parsing(tmp_path):
 def test_the_error_handler_keeps_brackets_and_names_the_extra(monkeypatch, tmp_path):
     """A message with [brackets] (the extra to install) is printed as written, not eaten as markup."""
     import captionlens as cl
+    import captionlens.viewer.app  # noqa: F401  (bound to the real require before the patch below)
     from captionlens.extras import MissingExtra
 
     def missing(*args, **kwargs):

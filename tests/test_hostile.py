@@ -303,7 +303,7 @@ def test_configs_beyond_sane_sizes_are_clear_errors(tmp_path):
     cap = cl.build_captioner("gridtd", encoder="shapes", vocab=["a", "circle"], hidden_size=8, embed_size=8)
     cap.save(tmp_path / "run")
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    for field, value, message in (("encoder_options", {"image_size": 100000}, "image_size must be in"),
+    for field, value, message in (("encoder_options", {"image_size": 100000}, "image_size must satisfy"),
                                   ("max_length", 1_000_000_000, "max_length' must be in")):
         changed = json.loads(json.dumps(config))
         changed["captioner"][field] = value
@@ -321,7 +321,7 @@ def test_long_captions_and_searches_are_bounded_but_can_be_allowed():
     with pytest.raises(InvalidValue, match="more than max_words=100"):
         cl.explain(cap, image, ["circle"] * 150, method="attention")
     assert len(cl.explain(cap, image, ["circle"] * 150, method="attention", max_words=None).words) == 150
-    with pytest.raises(InvalidValue, match="max_length must be in"):
+    with pytest.raises(InvalidValue, match="max_length must satisfy 1 ≤ max_length ≤ 1000"):
         cap.caption([image], max_length=10**9)
     with pytest.raises(InvalidValue, match="beam_size"):
         cap.caption([image], beam_size=0)

@@ -52,7 +52,7 @@ def integer(name: str, value: object, low: int | None = 1, high: int | None = No
         raise InvalidValue(f"{name} must be a whole number, not {value!r}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise InvalidValue(f"{name} must be {range_text(low, high)}, not {value}")
+        raise InvalidValue(f"{name} must {range_text(low, high, name=name)}, not {value}")
     return value
 
 
@@ -66,15 +66,16 @@ def real(name: str, value: object, low: float | None = None, high: float | None 
         raise InvalidValue(f"{name} must be a finite number, not {value}")
     if (low is not None and (value < low or (low_open and value == low))) or \
             (high is not None and (value > high or (high_open and value == high))):
-        raise InvalidValue(f"{name} must be {range_text(low, high, low_open, high_open)}, not {value:g}")
+        raise InvalidValue(f"{name} must {range_text(low, high, low_open, high_open, name)}, not {value:g}")
     return value
 
 
-def range_text(low, high, low_open: bool = False, high_open: bool = False) -> str:
+def range_text(low, high, low_open: bool = False, high_open: bool = False, name: str = "it") -> str:
+    """What a number must do, as a message says it: "be ≥ 1", "satisfy 1 ≤ layers ≤ 256"."""
     if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"satisfy {low:g} {'<' if low_open else '≤'} {name} {'<' if high_open else '≤'} {high:g}"
     if low is not None:
-        return f"{'>' if low_open else '≥'} {low:g}"
+        return f"be {'>' if low_open else '≥'} {low:g}"
     if high is not None:
-        return f"{'<' if high_open else '≤'} {high:g}"
-    return "a number"
+        return f"be {'<' if high_open else '≤'} {high:g}"
+    return "be a number"

@@ -100,11 +100,9 @@ def data_coco2017(
     Example: captionlens data coco2017 --annotations annotations/ --images coco/ --out data/coco2017
     """
     from ..data.karpathy import coco2017_split, write_karpathy
-    from ..io import claim_output_folder
 
     dataset = coco2017_split(annotations / "captions_train2017.json", annotations / "captions_val2017.json",
                              images, val_size, seed)
-    claim_output_folder(out, "dataset")
     write_karpathy(dataset, out / "dataset_coco2017.json", images)
     instances = annotations / "instances_val2017.json"
     _describe(out, "coco2017", out / "dataset_coco2017.json", images, instances if instances.is_file() else None,

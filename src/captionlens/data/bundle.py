@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from ..io import claim_output_folder, read_json, write_json
+from ..io import read_json, write_json
 from .coco import ObjectAnnotations
 from .ground_truth import SOURCES, BoxGroundTruth, GroundTruth, ObjectsUnavailable, ReferenceGroundTruth
 from .karpathy import CaptionDataset, ImageRecord, load_karpathy
@@ -99,7 +99,8 @@ def _stored(path: Path, folder: Path) -> str:
 def write_descriptor(folder: str | Path, name: str, captions: Path, images: Path,
                      instances: list[Path] | None = None, synonyms: str | None = None) -> Path:
     """Write ``folder/captionlens_dataset.json`` and return its path."""
-    folder = claim_output_folder(folder, "dataset")
+    folder = Path(folder)  # a descriptor only adds its own small file: it may sit beside the data it describes
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / DESCRIPTOR
     write_json(path, {
         "format": DESCRIPTOR_FORMAT, "format_version": DESCRIPTOR_VERSION, "name": name,
