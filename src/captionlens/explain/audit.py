@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import real
 from ..models.captioner import Captioner
+from ..models.layers import ROLE
 from .canonize import canonized
 from .engine import trace
 from .lrp import rule_hooks
@@ -96,6 +97,13 @@ class _Probe(Function):
         return relevance, None, None
 
 
+def _marked(probed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """The probe's output keeps the original's mark (attention weights stay attention weights)."""
+    if hasattr(original, ROLE):
+        setattr(probed, ROLE, getattr(original, ROLE))
+    return probed
+
+
 def _flows(x) -> bool:
     return isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point()
 
@@ -121,11 +129,11 @@ class _Probes:
             if not _flows(x):
                 return x
             row.sink = False
-            return _Probe.apply(x, self.leaving, name)
+            return _marked(_Probe.apply(x, self.leaving, name), x)
         return tree_map(probe, values)
 
     def wrap_outputs(self, name: str, values):
-        return tree_map(lambda x: _Probe.apply(x, self.entering, name) if _flows(x) else x, values)
+        return tree_map(lambda x: _marked(_Probe.apply(x, self.entering, name), x) if _flows(x) else x, values)
 
     def module_hooks(self, model: nn.Module) -> tuple[list, list]:
         """(pre-hooks, post-hooks) for every leaf module."""
@@ -181,13 +189,14 @@ def audit_lrp(captioner: Captioner, image=None, caption=None, tolerance: float =
         pixels = captioner.preprocess([image]).cpu()
     pixels = pixels.double().to(captioner.device)
     if caption is None:
-        with torch.no_grad():
-            caption = captioner.caption_features(encoder(pixels).float(), beam_size=1)[0].words or ["<unk>"]
-    words = captioner.tokenize(caption) if isinstance(caption, str) else list(caption)
-    token_ids = torch.tensor([captioner.vocab.encode(words)], device=captioner.device)  # <start> .. <end>
+        caption = captioner.caption_pixels(pixels.float(), beam_size=1)[0]
+        if not caption.words:
+            caption = ["<unk>"] if "<unk>" in captioner.vocab else [captioner.vocab.words[captioner.vocab.unk_id]]
+    words, ids = captioner.caption_ids(caption)
+    token_ids = torch.tensor([ids], device=captioner.device)  # <start> .. <end>
     probes = _Probes()
     parameters = LRPParameters(epsilon=epsilon, alpha=1.0, beta=0.0)
-    with canonized(model, around=probes.around):
+    with canonized(model, around=probes.around, parameters=parameters):
         pre, post = probes.module_hooks(model)
         handles = [m.register_forward_pre_hook(h) for m, h in pre]
         try:

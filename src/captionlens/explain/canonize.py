@@ -272,10 +272,18 @@ def _wrap_forward(module: nn.Module, mode_factory: Callable[[], TorchFunctionMod
 
 
 @contextlib.contextmanager
-def canonized(model: nn.Module, around: Callable | None = None) -> Iterator[nn.Module]:
+def canonized(model: nn.Module, around: Callable | None = None, parameters=None) -> Iterator[nn.Module]:
     """Within the block ``model`` is canonised (see the module docstring); afterwards it is exactly
     as before. ``around(func, args, kwargs, where)``, if given, runs every operation between modules
-    that is not routed (the audit uses it to probe relevance)."""
+    that is not routed (the audit uses it to probe relevance). A model explained operation by
+    operation (``relevance_by_operation``: a Hugging Face captioner) gets ``operations.py``'s rules
+    instead, with ``parameters`` (LRP's settings)."""
+    if getattr(model, "relevance_by_operation", False):
+        from .operations import by_operation
+
+        with by_operation(model, parameters, around) as ready:
+            yield ready
+        return
     encoder = getattr(model, "encoder", None)
     pairs = conv_batch_norm_pairs(encoder) if encoder is not None and any(
         isinstance(m, BATCH_NORMS) for m in encoder.modules()) else []
@@ -303,7 +311,9 @@ def canonized(model: nn.Module, around: Callable | None = None) -> Iterator[nn.M
             if route or around is not None:
                 stack = ModuleStack(model)
                 ops = model.canonical_ops if route else None
-                for part in [m for m in (getattr(model, "encoder", None), getattr(model, "decoder", None)) if m is not None] or [model]:
+                parts = model.explained_parts() if hasattr(model, "explained_parts") else [
+                    m for m in (getattr(model, "encoder", None), getattr(model, "decoder", None)) if m is not None]
+                for part in parts or [model]:
                     _wrap_forward(part, lambda: _BetweenModules(stack, ops, around))
                     wrapped.append(part)
             yield model

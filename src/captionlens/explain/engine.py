@@ -17,7 +17,7 @@ from torch import nn
 
 from ..models.captioner import CaptionModel
 from ..models.decoder import DecoderOutput
-from ..models.layers import ROLE, LearnedPositions
+from ..models.layers import ROLE
 
 ForwardHook = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]
 
@@ -54,10 +54,12 @@ class Trace:
     # (a recurrent decoder) or [B, S, E] at once (a transformer)
     output: DecoderOutput  # logits [B, S, V], alpha [B, S, L], beta [B, S]
     positions: list[torch.Tensor]  # outputs of LearnedPositions modules, [B, n, D] each (none for the LSTMs)
+    fed: int = 0  # the fed tokens S: embeddings before them are a prompt's (a Hugging Face captioner's)
 
     def embedding_values(self) -> torch.Tensor:
         """The embeddings of the fed tokens [B, S, E], whichever way the decoder looked them up."""
-        return torch.cat([_as_sequence(e.detach()) for e in self.embeddings], dim=1)
+        values = torch.cat([_as_sequence(e.detach()) for e in self.embeddings], dim=1)
+        return values[:, values.shape[1] - self.fed:] if self.fed else values
 
 
 def _as_sequence(tensor: torch.Tensor, axis: int = 1) -> torch.Tensor:
@@ -77,19 +79,42 @@ def trace(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
             captured[name].append(output)
         return hook
 
-    readers = [(model.decoder.embedding, keep("embeddings"))] + [
-        (module, keep("positions")) for module in model.decoder.modules() if isinstance(module, LearnedPositions)]
-    if to_pixels:
-        pixels = pixels.detach().requires_grad_(True)
-        with forward_hooks([*extra_hooks, (model.encoder, keep("grid")), *readers]), torch.enable_grad():
-            output = model.run(pixels, token_ids)
-        return Trace(pixels, captured["grid"][0], captured["embeddings"], output, captured["positions"])
-    with torch.no_grad():
-        grid = model.encoder(pixels)
-    grid = grid.requires_grad_(True)
+    readers = [(model.embedding_module, keep("embeddings"))] + [
+        (module, keep("positions")) for module in model.position_modules()]
+
+    def on_grid(grid: torch.Tensor) -> torch.Tensor:
+        if not to_pixels:  # the encoder ran without a graph: gradients stop here
+            grid = grid.detach().requires_grad_(True)
+        captured["grid"].append(grid)
+        return grid
+
+    pixels = pixels.detach().requires_grad_(to_pixels)
     with forward_hooks([*extra_hooks, *readers]), torch.enable_grad():
-        output = model.decoder(grid, token_ids)
-    return Trace(pixels.detach(), grid, captured["embeddings"], output, captured["positions"])
+        if to_pixels:
+            output = model.run_with_grid(pixels, token_ids, on_grid)
+        else:
+            with _no_grad_in(model.vision_module()):
+                output = model.run_with_grid(pixels, token_ids, on_grid)
+    positions = captured["positions"] + getattr(model, "captured_constants", lambda: [])()
+    return Trace(pixels, captured["grid"][0], captured["embeddings"], output, positions, token_ids.shape[1])
+
+
+@contextlib.contextmanager
+def _no_grad_in(module: nn.Module) -> Iterator[None]:
+    """Within the block, ``module``'s forward builds no graph (Grad-CAM needs none below the grid)."""
+    def pre(m, inputs):
+        m._grad_was = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+
+    def post(m, inputs, output):
+        torch.set_grad_enabled(m.__dict__.pop("_grad_was", True))
+
+    handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass
@@ -126,6 +151,7 @@ class Backward:
     grid: torch.Tensor  # [K, B, C, h, w]
     embeddings: torch.Tensor  # [K, B, S, E]
     positions: torch.Tensor  # [K, B]: summed over every learned position (0 for a model without them)
+    prompt: torch.Tensor | None = None  # [K, B]: summed over a prompt's tokens before the fed ones (or None)
 
 
 _WORDS_PER_PASS: contextvars.ContextVar[int | None] = contextvars.ContextVar("words_per_pass", default=None)
@@ -164,4 +190,8 @@ def batched_backward(traced: Trace, seeds: torch.Tensor) -> Backward:
     count = len(traced.positions)
     positions = sum((g.flatten(2).sum(dim=2) for g in grads[2: 2 + count]), seeds.new_zeros(seeds.shape[:2]))
     embeddings = torch.cat([_as_sequence(g, axis=2) for g in grads[2 + count:]], dim=2)
-    return Backward(grads[0], grads[1], embeddings, positions)
+    prompt = None
+    if traced.fed and embeddings.shape[2] > traced.fed:  # a prompt before the fed tokens
+        prompt = embeddings[:, :, : embeddings.shape[2] - traced.fed].sum(dim=(2, 3))
+        embeddings = embeddings[:, :, embeddings.shape[2] - traced.fed:]
+    return Backward(grads[0], grads[1], embeddings, positions, prompt)

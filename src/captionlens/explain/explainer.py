@@ -9,7 +9,6 @@ from collections.abc import Sequence
 import torch
 
 from ..data.images import ImageInput
-from ..data.vocab import UNK
 from ..errors import InvalidValue, OutOfRange, UnknownParameter
 from ..models.captioner import Caption, Captioner
 from .engine import Targets, words_per_pass
@@ -18,14 +17,6 @@ from .methods import method_info
 
 CaptionLike = Caption | Sequence[str] | str
 MAX_WORDS = 100  # words explained per caption unless told otherwise (1500 once ran 10 minutes at 1.7 GB)
-
-
-def _words(caption: CaptionLike, captioner: Captioner) -> list[str]:
-    if isinstance(caption, Caption):
-        return list(caption.words)
-    if isinstance(caption, str):
-        return captioner.tokenize(caption)
-    return [str(w) for w in caption]
 
 
 def _positions(words: Sequence[int] | None, length: int, include_end: bool) -> list[int]:
@@ -107,7 +98,8 @@ def explain_pixels(captioner: Captioner, pixels: torch.Tensor, captions: Sequenc
         raise ValueError(f"{len(pixels)} inputs but {len(captions)} captions")
     vocab = captioner.vocab
     # a word the vocabulary lacks is read by the model as <unk>, and labelled so: what was explained
-    word_lists = [[w if w in vocab else UNK for w in _words(c, captioner)] for c in captions]
+    encoded = [captioner.caption_ids(c) for c in captions]  # (words, [<start>, w_1 .. w_n, <end>])
+    word_lists = [words for words, _ in encoded]
     per_image = words is not None and len(words) > 0 and not isinstance(words[0], (int, float))
     if per_image and len(words) != len(captions):
         raise ValueError(f"{len(words)} lists of word positions for {len(captions)} images")
@@ -127,7 +119,7 @@ def explain_pixels(captioner: Captioner, pixels: torch.Tensor, captions: Sequenc
     tokens = torch.zeros_like(steps)
     valid = torch.zeros(len(captions), k, dtype=torch.bool, device=device)
     for b, (w, positions) in enumerate(zip(word_lists, selected)):
-        ids = vocab.encode(w)  # <start> w_1 .. w_n <end>
+        ids = encoded[b][1]  # <start> w_1 .. w_n <end>
         token_ids[b, : len(ids) - 1] = torch.tensor(ids[:-1])
         for j, position in enumerate(positions):
             steps[b, j], tokens[b, j], valid[b, j] = position, ids[position + 1], True

@@ -16,14 +16,14 @@ from ..models.layers import AttentionScores
 from .canonize import CANONIZERS, canonized
 from .engine import ForwardHook, Targets, batched_backward, trace
 from .methods import MethodOutput, register_method, words_first
-from .rules import NEUTRAL, RULES, LRPParameters
+from .rules import NEUTRAL, RULES, LRPParameters, rule_by_name
 
 
 def _rule_for(module: nn.Module):
     for kind in type(module).__mro__:  # the most specific registered type wins (SignalTanh before Tanh)
         if kind in RULES:
             return RULES[kind]
-    return None
+    return rule_by_name(module)
 
 
 def rule_hooks(model: CaptionModel, parameters: LRPParameters) -> list[tuple[nn.Module, ForwardHook]]:
@@ -42,6 +42,9 @@ def rule_hooks(model: CaptionModel, parameters: LRPParameters) -> list[tuple[nn.
         if rule is None:
             if isinstance(module, NEUTRAL):
                 continue
+            if getattr(model, "relevance_by_operation", False):  # refused if relevance could pass it
+                hooks.append((module, lambda m, i, o, name=name: _unsupported(m, o, name)))
+                continue
             raise UnsupportedModel(
                 f"LRP has no rule for module {name!r} of type {type(module).__name__}. captionlens explains the layers "
                 "of captionlens.models.layers, nn.Linear/Conv2d/ReLU/ReLU6/pooling/dropout/embedding, and canonises "
@@ -51,6 +54,14 @@ def rule_hooks(model: CaptionModel, parameters: LRPParameters) -> list[tuple[nn.
         hooks.append((module, lambda m, i, o, rule=rule, first=first: rule(
             m, i, o, parameters, first=first, bounds=tuple(b.to(o.device, o.dtype) for b in bounds))))
     return hooks
+
+
+def _unsupported(module: nn.Module, output, name: str) -> None:
+    """A module without a rule whose output depends on the input: refused (relevance would pass it
+    by its gradient, which is no LRP rule)."""
+    if isinstance(output, torch.Tensor) and output.requires_grad:
+        raise UnsupportedModel(f"LRP has no rule for module {name!r} of type {type(module).__name__}, and relevance "
+                               "would pass through it; run `captionlens audit` to see where")
 
 
 @register_method("lrp", title="LRP", citation="Bach et al. 2015; Sun et al. (the papers' Algorithms 1 and 2); "
@@ -63,10 +74,11 @@ def lrp(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targ
     (the transformer): weights held constant (``attention_rule="cp"``) or AttnLRP's rules
     (``"attnlrp"``). Relevance of learned positional embeddings: ``extra["positions"]`` [B, K]."""
     parameters = LRPParameters(epsilon, alpha, beta, first_layer, attention_rule)
-    if attention_rule != "cp" and not any(isinstance(m, AttentionScores) for m in model.modules()):
+    by_operation = getattr(model, "relevance_by_operation", False)
+    if attention_rule != "cp" and not by_operation and not any(isinstance(m, AttentionScores) for m in model.modules()):
         raise ValueError(f"attention_rule={attention_rule!r} is for dot-product softmax attention (the transformer); "
                          "this model's attention is additive, whose weights LRP holds constant (eq. 8)")
-    with canonized(model):  # the backward too: the rules read the (folded) weights then
+    with canonized(model, parameters=parameters):  # the backward too: the rules read the (folded) weights then
         traced = trace(model, pixels, token_ids, rule_hooks(model, parameters))
         logits = traced.output.logits
         score = targets.scores(logits).detach()
@@ -77,5 +89,6 @@ def lrp(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targ
         preceding=words_first(back.embeddings.sum(dim=-1)),  # [B, K, S]
         score=score,
         parameters=asdict(parameters),
-        extra={"positions": words_first(back.positions)} if traced.positions else {},
+        extra=({"positions": words_first(back.positions)} if traced.positions else {})
+        | ({"prompt": words_first(back.prompt)} if back.prompt is not None else {}),
     )

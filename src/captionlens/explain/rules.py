@@ -27,7 +27,13 @@ Relevance of a rule's inputs, with ``z`` the module's output and ``stab(z) = z +
 * LayerNorm ``y = w ⊙ (x − μ)/σ + b`` with σ held constant (AttnLRP, Prop. 3.4; the ε-rule of the
   linear map that remains):                                ``R_i = x_i/σ · (w_i S_i − mean_j w_j S_j)``,
   ``S = R / stab(y)`` — with b = 0 the scale cancels: identity on σ, ε-rule on the centring
-* GELU (the feed-forward block's activation):             ``R_in = R`` (identity rule, AttnLRP eq. 9)
+* GELU (the feed-forward block's activation):             ``R_in = R`` (identity rule, AttnLRP eq. 9); so
+  for every element-wise activation (SiLU, quick GELU) and for RMSNorm ``y = w ⊙ x / rms(x)`` with the
+  rms held constant (AttnLRP, Prop. 3.4: with no bias, all of ``R`` stays with ``x``)
+* product of two tensors that both depend on the input ``z = a ⊙ b`` (a gated MLP's ``act(g) ⊙ u``):
+  the uniform rule, ``R_a = R_b = a b / stab(2 z) · R`` ≈ ``R / 2`` (AttnLRP, Prop. 3.3)
+* scaling by a constant ``z = c·x`` (an attention's 1/√d, a rotary embedding's cos and sin), negation:
+  ``R_x = R`` (the ε-rule of a one-input linear map)
 
 Softmax attention (``AttentionScores`` → ``AttentionWeights`` → ``WeightedSum``), by ``attention_rule``:
 
@@ -124,6 +130,35 @@ class _UniformProduct(_RelevanceFunction):
         epsilon, scale = ctx.settings
         share = relevance / stabilize(2 * scale * (a @ b), epsilon)  # [..., Q, D]
         return scale * a * (share @ b.transpose(-1, -2)), scale * b * (a.transpose(-1, -2) @ share)
+
+
+class _EpsilonMatmul(_RelevanceFunction):
+    @classmethod
+    def relevance(cls, ctx, relevance):
+        a, b, out = ctx.saved_tensors  # z = a @ b, one factor constant (a weight matrix)
+        epsilon, first_flows = ctx.settings
+        share = relevance / stabilize(out, epsilon)
+        if first_flows:  # R_a = a ⊙ (S bᵀ)
+            return a * (share @ b.transpose(-1, -2)), None, None
+        return None, b * (a.transpose(-1, -2) @ share), None  # R_b = b ⊙ (aᵀ S)
+
+
+class _UniformElementwise(_RelevanceFunction):
+    @classmethod
+    def relevance(cls, ctx, relevance):
+        a, b = ctx.saved_tensors  # z = a ⊙ b, both depending on the input: half the relevance each
+        share = relevance / stabilize(2 * a * b, ctx.settings)
+        return _unbroadcast(a * b * share, a.shape), _unbroadcast(a * b * share, b.shape)
+
+
+def _unbroadcast(relevance: torch.Tensor, shape) -> torch.Tensor:
+    """Relevance of a broadcast operand: summed over the dimensions it was broadcast along."""
+    while relevance.dim() > len(shape):
+        relevance = relevance.sum(dim=0)
+    for d, n in enumerate(shape):
+        if n == 1 and relevance.shape[d] != 1:
+            relevance = relevance.sum(dim=d, keepdim=True)
+    return relevance
 
 
 class _SoftmaxTaylor(_RelevanceFunction):
@@ -294,6 +329,16 @@ def epsilon_linear(module: nn.Linear, inputs, output, p: LRPParameters, **_) -> 
     return _EpsilonLinear.apply(output, p.epsilon, inputs[0], module.weight, output.detach())
 
 
+def epsilon_linear_transposed(module: nn.Module, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
+    """A linear layer that stores its weight as [in, out] (GPT-2's ``Conv1D``): the ε-rule of ``x W + b``."""
+    return _EpsilonLinear.apply(output, p.epsilon, inputs[0], module.weight.T, output.detach())
+
+
+def uniform_product(a: torch.Tensor, b: torch.Tensor, output: torch.Tensor, p: LRPParameters) -> torch.Tensor:
+    """``a ⊙ b`` with both factors depending on the input: the uniform rule."""
+    return _UniformElementwise.apply(output, p.epsilon, a, b)
+
+
 def epsilon_sum(module: Sum, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
     return _EpsilonSum.apply(output, p.epsilon, output.detach(), *inputs)
 
@@ -376,6 +421,7 @@ RULES = {
     AttentionScores: attention_scores,
     nn.LayerNorm: epsilon_layer_norm,
     nn.GELU: pass_through,
+    nn.SiLU: pass_through,
     GateProduct: gate_product,
     SignalTanh: pass_through,
     # ReLU passes relevance unchanged: every rule that receives a ReLU's output multiplies by its
@@ -398,3 +444,23 @@ RULES = {
 # Learned positions are read where they enter the model, like the word embeddings.
 NEUTRAL = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Embedding, nn.Tanh, nn.Sequential, nn.ModuleDict,
            nn.ModuleList, nn.ZeroPad2d, nn.ConstantPad2d, TFSamePad, LearnedPositions)
+
+
+# Rules of layers from libraries that are optional here (transformers), by class name: a linear layer
+# that stores its weight as [in, out], element-wise activations, RMS normalisations.
+RULES_BY_NAME = {
+    "Conv1D": epsilon_linear_transposed,
+    "GELUActivation": pass_through, "NewGELUActivation": pass_through, "FastGELUActivation": pass_through,
+    "QuickGELUActivation": pass_through, "SiLUActivation": pass_through, "PytorchGELUTanh": pass_through,
+    "GELUTanh": pass_through, "AccurateGELUActivation": pass_through, "MishActivation": pass_through,
+}
+
+
+def rule_by_name(module: nn.Module):
+    """The rule of a layer known by its class name (``RULES_BY_NAME``; any ``*RMSNorm``: identity), or None."""
+    name = type(module).__name__
+    if name in RULES_BY_NAME:
+        return RULES_BY_NAME[name]
+    if name.endswith("RMSNorm") and not list(module.children()):
+        return pass_through
+    return None

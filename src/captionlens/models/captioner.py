@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..data.images import ImageInput, load_image, to_tensor
-from ..data.vocab import Vocabulary, tokenize
+from ..data.vocab import UNK, Vocabulary, tokenize
 from ..errors import InvalidValue, integer
 from ..io import atomic_write, claim_output_folder, read_json, sha256, weights_digest, write_json
 from .beam import beam_search
@@ -52,6 +52,32 @@ class CaptionModel(nn.Module):
 
     def forward(self, pixels: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         return self.run(pixels, token_ids).logits
+
+    # What the explanation engine asks of a model (``explain/engine.py``); a model that is not an
+    # encoder and a decoder side by side (a Hugging Face captioner, ``models/hf.py``) answers in its own way.
+    def run_with_grid(self, pixels: torch.Tensor, token_ids: torch.Tensor, on_grid) -> DecoderOutput:
+        """``run``, with ``on_grid(grid)`` put in place of the encoder's grid [B, C, h, w] before the
+        decoder reads it (the engine keeps it there, or cuts the graph at it)."""
+        return self.decoder(on_grid(self.encoder(pixels)), token_ids)
+
+    @property
+    def embedding_module(self) -> nn.Module:
+        """The module whose output is the embedding of each fed token (the linguistic explanation's input)."""
+        return self.decoder.embedding
+
+    def position_modules(self) -> list[nn.Module]:
+        """Modules whose outputs are learned positions (their relevance is reported apart)."""
+        from .layers import LearnedPositions
+
+        return [m for m in self.decoder.modules() if isinstance(m, LearnedPositions)]
+
+    def vision_module(self) -> nn.Module:
+        """The module that turns pixels into the grid (Grad-CAM runs it without a graph)."""
+        return self.encoder
+
+    def explained_parts(self) -> list[nn.Module]:
+        """The modules whose forwards run when the model runs (canonizers watch the operations in them)."""
+        return [self.encoder, self.decoder]
 
 
 def architecture_settings(architecture: str, dropout: float | None = None, options: dict | None = None
@@ -183,6 +209,24 @@ class Captioner:
         if max_length is not None:
             integer("max_length", max_length, 1, MAX_CAPTION_WORDS)
 
+    def caption_pixels(self, pixels: torch.Tensor, beam_size: int = 3, max_length: int | None = None) -> list[Caption]:
+        """Captions of images already preprocessed for the model (normalised [B, 3, H, W])."""
+        with torch.no_grad():
+            grids = self.model.encoder(pixels.to(self.device, next(self.model.parameters()).dtype))
+        return self.caption_features(grids, beam_size, max_length)
+
+    def caption_ids(self, caption) -> tuple[list[str], list[int]]:
+        """(words as the model reads them — unknown ones as <unk> —, fed ids [<start>, w_1 .. w_n, <end>])
+        of a Caption, a text or a list of words."""
+        if isinstance(caption, Caption):
+            words = list(caption.words)
+        elif isinstance(caption, str):
+            words = self.tokenize(caption)
+        else:
+            words = [str(w) for w in caption]
+        words = [w if w in self.vocab else UNK for w in words]
+        return words, self.vocab.encode(words)
+
     def fingerprint(self) -> str:
         """A hash of the configuration, the vocabulary and every weight: two captioners with the same
         fingerprint compute the same explanations (used to keep an explanation store to one model)."""
@@ -213,6 +257,10 @@ class Captioner:
         config_path = run_dir / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{run_dir} is not a captionlens run folder (no config.json)")
+        if (run_dir / "hf" / "config.json").is_file():  # a Hugging Face captioner (captionlens import hf)
+            from .hf import HFCaptioner
+
+            return HFCaptioner.load(run_dir, device, weights_name)
         verify_manifest(run_dir, weights_name)
         config = read_config(config_path)
         vocab = Vocabulary.from_json(run_dir / "vocab.json")
