@@ -20,8 +20,21 @@ from .pipeline import train_captioner
 
 
 def load(run_dir: str | Path, device: str | None = None) -> Captioner:
-    """A trained captioner from a run folder (config.json, vocab.json, model.safetensors)."""
+    """A trained captioner from a run folder (config.json, vocab.json, model.safetensors; or a Hugging
+    Face captioner imported with ``captionlens import hf``)."""
     return Captioner.load(run_dir, device)
+
+
+def from_hf(model, processor=None, prompt: str | None = None, max_length: int = 20,
+            device: str | None = None) -> Captioner:
+    """A Hugging Face captioner (VisionEncoderDecoder, BLIP, GIT, LLaVA) as a captionlens Captioner:
+    ``from_hf("folder")`` for a local ``save_pretrained`` folder (model, tokenizer and image processor
+    files; offline, never remote code), or ``from_hf(model, processor)`` for objects in memory. It
+    captions with the model's own ``generate`` and every method explains each generated token. Needs
+    the ``hf`` extra (transformers)."""
+    from .models.hf import from_hf as load_hf
+
+    return load_hf(model, processor, prompt, max_length, device)
 
 
 def build_captioner(
@@ -86,5 +99,5 @@ def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, meth
     return out
 
 
-__all__ = ["METHODS", "AuditReport", "Captioner", "audit_lrp", "Explanation", "ExplanationStore", "build_captioner", "build_encoder", "explain", "explain_batch",
+__all__ = ["METHODS", "AuditReport", "Captioner", "audit_lrp", "Explanation", "ExplanationStore", "build_captioner", "build_encoder", "explain", "explain_batch", "from_hf",
            "explain_image", "load", "train_captioner"]

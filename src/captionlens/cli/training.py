@@ -116,3 +116,27 @@ def import_sat_tutorial(
     c = captioner.config
     console.print(f"imported {c.architecture} on {c.encoder} ({len(captioner.vocab)} words, hidden {c.hidden_size}) -> {out}")
     console.print(f"next: captionlens explain --model {out} photo.jpg --out explained/   ·   captionlens audit --model {out}")
+
+
+@command(import_app, "hf")
+def import_hf(
+    model: Annotated[Path, typer.Option(help="A local save_pretrained folder of a Hugging Face captioner (model, tokenizer and image processor files).")],
+    out: Annotated[Path, typer.Option(help="Run folder to write (every verb takes it as --model).")],
+    prompt: Annotated[Optional[str], typer.Option(help="LLaVA: the conversation around the image, with <image> where it goes (default: 'USER: <image>\\nDescribe the image. ASSISTANT:').")] = None,
+    max_length: Annotated[int, typer.Option(help="Longest caption generated, in tokens.", parser=whole(1, 1000))] = 20,
+) -> None:
+    """Import a Hugging Face captioner — VisionEncoderDecoder (e.g. ViT + GPT-2), BLIP, GIT or LLaVA —
+    from a local save_pretrained folder as a run folder that every verb takes (caption, explain,
+    explain-split, the experiments, report, serve, audit). Offline only (nothing is downloaded) and never
+    remote code. Needs the hf extra of captionlens (transformers).
+
+    Example: captionlens import hf --model vit-gpt2/ --out runs/vit-gpt2
+    """
+    from ..api import from_hf
+
+    captioner = from_hf(model, prompt=prompt, max_length=max_length)
+    captioner.save(out)
+    settings = captioner.settings
+    console.print(f"imported {settings.model_class} ({settings.family}, {settings.vocab_size} tokens, images "
+                  f"{settings.image_size}px) -> {out}")
+    console.print(f"next: captionlens explain --model {out} photo.jpg --out explained/   ·   captionlens audit --model {out}")

@@ -93,9 +93,8 @@ def explain_split(captioner: Captioner, data: DataBundle, store_path: str | Path
 
     def explain_batch_into_store(batch: list[ImageRecord], pixels: torch.Tensor) -> None:
         encoder = captioner.model.encoder
-        with torch.no_grad():
-            grids = encoder(normalise(pixels.to(captioner.device), encoder.mean, encoder.std))
-        captions = captioner.caption_features(grids, beam_size)
+        captions = captioner.caption_pixels(normalise(pixels.to(captioner.device), encoder.mean, encoder.std),
+                                            beam_size)
         for record, caption in zip(batch, captions):
             store.write_caption(record.image_id, record.path.name, caption.words, caption.token_ids,
                                 explained_positions(caption.words, words, data.synonyms), caption.score)

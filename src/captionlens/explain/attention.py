@@ -48,9 +48,11 @@ def _attention_layers(model: torch.nn.Module) -> list[MultiHeadAttention]:
 
 @register_method("rollout", title="attention rollout", citation="Abnar & Zuidema 2020", order=1,
                  non_negative=lambda parameters: True, linguistic_rank=5,
-                 applies=lambda model: bool(_attention_layers(model)))
+                 applies=lambda model: bool(_attention_layers(model)) or hasattr(model, "run_with_records"))
 @torch.no_grad()
 def rollout(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets) -> MethodOutput:
+    if hasattr(model, "run_with_records"):  # a Hugging Face captioner: its recorded attention weights
+        return _hf_rollout(model, pixels, token_ids, targets)
     layers = _attention_layers(model)
     if not layers:
         raise ValueError("attention rollout needs a decoder of multi-head attention layers (--arch transformer); "
@@ -77,5 +79,46 @@ def rollout(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, 
     valid = targets.valid.unsqueeze(2).to(pixels.dtype)
     grid_maps = (looked[rows, targets.steps] * valid).reshape(batch, -1, *grid.shape[2:])  # [B, K, h, w]
     preceding = words[rows, targets.steps] * valid  # [B, K, S]
+    return MethodOutput(upsample(grid_maps, tuple(pixels.shape[2:])), grid_maps, preceding,
+                        targets.scores(out.logits))
+
+
+def _hf_rollout(model, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets) -> MethodOutput:
+    """Rollout through a Hugging Face captioner's recorded attention: the vision tower's self-attention
+    over the image tokens (E), then the language model's — self-attention over its sequence, and
+    cross-attention to the image tokens where it has them — as for captionlens's transformer. Where
+    the image tokens sit in the language model's own sequence (GIT, LLaVA), the rollout runs over the
+    whole sequence and the image tokens' columns carry E."""
+    out, records = model.run_with_records(pixels, token_ids)
+    batch, steps = pixels.shape[0], token_ids.shape[1]
+    image_tokens, extra = model.image_tokens(), model.family.extra_tokens(model.hf)
+    eye = lambda n: torch.eye(n, dtype=torch.float64, device=pixels.device).expand(batch, n, n)  # noqa: E731
+    from_image = eye(image_tokens)  # E [B, T, T]
+    text = [(name, weights.double().mean(dim=1)) for name, weights in records if name.startswith("text.")]
+    for name, weights in records:
+        if name.startswith("vision.") and weights.shape[-1] == image_tokens:
+            from_image = (weights.double().mean(dim=1) + eye(image_tokens)) / 2 @ from_image
+    if model.family.image_in_sequence:  # one sequence: [prompt or image tokens ..., the fed tokens]
+        length = text[0][1].shape[-1]
+        mixed = eye(length)
+        for _, alpha in text:
+            mixed = (alpha + eye(length)) / 2 @ mixed
+        start = model._image_position()
+        rows = mixed[:, length - steps:]  # the fed tokens' rows [B, S, N]
+        looked = rows[:, :, start: start + image_tokens] @ from_image  # [B, S, T]
+        words = rows[:, :, length - steps:]  # [B, S, S]
+    else:
+        words, looked = eye(steps), pixels.new_zeros(batch, steps, image_tokens, dtype=torch.float64)
+        for name, alpha in text:
+            if "cross" in name.lower():
+                words, looked = words / 2, (looked + alpha @ from_image) / 2
+            else:
+                mixing = (alpha + eye(steps)) / 2
+                words, looked = mixing @ words, mixing @ looked
+    side = model.encoder.image_size // model.encoder.downsampling
+    rows = torch.arange(batch, device=pixels.device).unsqueeze(1)
+    valid = targets.valid.unsqueeze(2).to(pixels.dtype)
+    grid_maps = (looked[rows, targets.steps][:, :, extra:].to(pixels.dtype) * valid).reshape(batch, -1, side, side)
+    preceding = words[rows, targets.steps].to(pixels.dtype) * valid  # [B, K, S]
     return MethodOutput(upsample(grid_maps, tuple(pixels.shape[2:])), grid_maps, preceding,
                         targets.scores(out.logits))

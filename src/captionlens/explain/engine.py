@@ -77,6 +77,9 @@ def trace(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
     def keep(name: str) -> ForwardHook:
         def hook(module, inputs, output):
             captured[name].append(output)
+            # the model goes on with a copy: a forward that adds to it in place (GIT's ``embeddings +=
+            # positions``) must not change what is read here
+            return output.clone() if name == "embeddings" else None
         return hook
 
     readers = [(model.embedding_module, keep("embeddings"))] + [
@@ -177,12 +180,14 @@ def batched_backward(traced: Trace, seeds: torch.Tensor) -> Backward:
     inputs = [traced.pixels, traced.grid] if to_pixels else [traced.grid]
     inputs += [*traced.positions, *traced.embeddings]
     step = _WORDS_PER_PASS.get() or seeds.shape[0]
+    reached = [x for x in inputs if x.requires_grad]  # a position computed without a graph gets nothing
     chunks = []
     for start in range(0, seeds.shape[0], step):
         last = start + step >= seeds.shape[0]
-        chunks.append(torch.autograd.grad(traced.output.logits, inputs, seeds[start: start + step],
+        chunks.append(torch.autograd.grad(traced.output.logits, reached, seeds[start: start + step],
                                           is_grads_batched=True, allow_unused=True, retain_graph=not last))
-    grads = [None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks)]
+    found = iter([None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks)])
+    grads = [next(found) if x.requires_grad else None for x in inputs]
     grads = [torch.zeros((seeds.shape[0], *x.shape), device=x.device, dtype=x.dtype) if g is None else g
              for g, x in zip(grads, inputs)]
     if not to_pixels:

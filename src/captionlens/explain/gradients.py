@@ -88,8 +88,13 @@ def _grid_gradient_x_input(traced: Trace, back: Backward) -> torch.Tensor:
     return words_first((back.grid * traced.grid.detach().unsqueeze(0)).sum(dim=2))  # [B, K, h, w]
 
 
+def _has_relus(model) -> bool:
+    """Guided backprop is defined by the ReLUs of the encoder (a ViT's GELUs have none to guide)."""
+    return any(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in model.encoder.modules())
+
+
 @register_method("guided_backprop", title="guided backprop", citation="Springenberg et al. 2015", order=4,
-                 linguistic_rank=4)
+                 linguistic_rank=4, applies=_has_relus)
 def guided_backprop(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
                     targets: Targets) -> MethodOutput:
     traced, back, score = gradients(model, pixels, token_ids, targets, guided=True)
@@ -98,7 +103,7 @@ def guided_backprop(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.
 
 
 @register_method("guided_gradcam", title="Guided Grad-CAM", citation="Selvaraju et al. 2017", order=3,
-                 linguistic_rank=2)
+                 linguistic_rank=2, applies=_has_relus)
 def guided_gradcam(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
                    targets: Targets) -> MethodOutput:
     traced, back, score = gradients(model, pixels, token_ids, targets, guided=True)

@@ -209,6 +209,8 @@ class Captioner:
         if max_length is not None:
             integer("max_length", max_length, 1, MAX_CAPTION_WORDS)
 
+    caches_features = True  # captions come from encoder grids, which a feature cache can hold
+
     def caption_pixels(self, pixels: torch.Tensor, beam_size: int = 3, max_length: int | None = None) -> list[Caption]:
         """Captions of images already preprocessed for the model (normalised [B, 3, H, W])."""
         with torch.no_grad():
@@ -278,9 +280,10 @@ class Captioner:
 MANIFEST = "manifest.json"
 
 
-def verify_manifest(run_dir: Path, weights_name: str) -> None:
-    """Every file the manifest lists must have its recorded SHA-256 (a run folder saved before
-    manifests existed loads with a warning)."""
+def verify_manifest(run_dir: Path, weights_name: str, required: Sequence[str] | None = None) -> None:
+    """Every file the manifest lists must have its recorded SHA-256, and it must list the ``required``
+    ones (by default config.json, vocab.json and the weights; a run folder saved before manifests
+    existed loads with a warning)."""
     import warnings
 
     path = run_dir / MANIFEST
@@ -291,7 +294,8 @@ def verify_manifest(run_dir: Path, weights_name: str) -> None:
     manifest = read_json(path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise ValueError(f"{path} is not a run-folder manifest (needs 'files': {{name: sha256}})")
-    for name in ("config.json", "vocab.json", weights_name):
+    required = ("config.json", "vocab.json", weights_name) if required is None else tuple(required)
+    for name in dict.fromkeys([*required, *manifest["files"]]):
         if name not in manifest["files"]:
             raise ValueError(f"{path} does not list {name}")
         file = run_dir / name

@@ -150,13 +150,7 @@ class HFCaptionModel(nn.Module):
     def __init__(self, hf: nn.Module, image_size: int, mean, std, start_id: int, end_id: int, pad_id: int,
                  prompt_ids: Sequence[int] = ()) -> None:
         super().__init__()
-        if hasattr(hf, "_orig_mod") or type(hf).__name__ == "OptimizedModule":
-            raise UnsupportedModel("a torch.compile'd model cannot be explained: pass the model itself "
-                                   "(model._orig_mod), not its compiled wrapper")
-        if getattr(hf.config, "quantization_config", None) is not None or getattr(hf, "is_quantized", False):
-            raise UnsupportedModel("a quantised model cannot be explained (its layers are not plain Linear "
-                                   "layers with weights): load it without quantisation")
-        self.hf = hf
+        self.hf = explainable(hf)
         self.family = family_of(hf)
         self.start_id, self.end_id, self.pad_id = start_id, end_id, pad_id
         self.prompt_ids = list(prompt_ids)
@@ -236,12 +230,19 @@ class HFCaptionModel(nn.Module):
             hook.remove()
 
     def run_with_grid(self, pixels: torch.Tensor, token_ids: torch.Tensor, on_grid) -> DecoderOutput:
+        return self._run(pixels, token_ids, on_grid)[0]
+
+    def run_with_records(self, pixels: torch.Tensor, token_ids: torch.Tensor) -> tuple[DecoderOutput, list]:
+        """``run``, and every attention's weights as it ran: (module name, [B, H, Q, K]) in order."""
+        return self._run(pixels, token_ids, lambda grid: grid)
+
+    def _run(self, pixels: torch.Tensor, token_ids: torch.Tensor, on_grid) -> tuple[DecoderOutput, list]:
         records: list[tuple[str, torch.Tensor]] = []
         with self._tapped(on_grid), record_attention(self, records), eager_attention(self.hf):
             output = self.hf(**self._inputs(pixels, token_ids), use_cache=False)
         steps = token_ids.shape[1]
         logits = output.logits[:, -steps:]  # the fed tokens' positions (the image and prompt precede in GIT, LLaVA)
-        return DecoderOutput(logits, self._image_attention(records, steps), None)
+        return DecoderOutput(logits, self._image_attention(records, steps), None), records
 
     def run(self, pixels: torch.Tensor, token_ids: torch.Tensor) -> DecoderOutput:
         return self.run_with_grid(pixels, token_ids, lambda grid: grid)
@@ -418,6 +419,8 @@ class HFCaptioner(Captioner):
     """A Hugging Face captioner with captionlens's interface: ``caption`` (the model's own
     ``generate``), ``preprocess``, ``model(pixels, token_ids)``, ``vocab`` (its tokens), ``save``."""
 
+    caches_features = False  # it captions from pixels
+
     def __init__(self, hf: nn.Module, tokenizer, settings: HFSettings, device=None) -> None:
         self.device = resolve_device(device)
         self.settings = self.config = settings
@@ -451,6 +454,8 @@ class HFCaptioner(Captioner):
                                         do_sample=False)
             else:
                 ids = self.model._full_ids(start)
+                if family.name == "llava":  # an image placeholder generated would ask for another image
+                    kwargs["suppress_tokens"] = [hf.config.image_token_id]
                 sequences = hf.generate(pixel_values=pixels, input_ids=ids, **kwargs)
                 sequences = sequences[:, ids.shape[1] - 1:]  # from the start token on
         captions = []
@@ -534,7 +539,7 @@ class HFCaptioner(Captioner):
         from .captioner import verify_manifest
 
         run_dir = Path(run_dir)
-        verify_manifest(run_dir, weights_name)
+        verify_manifest(run_dir, weights_name, required=("config.json",))
         stored = read_json(run_dir / "config.json")
         try:
             settings = HFSettings(**stored["hf"])
@@ -545,6 +550,21 @@ class HFCaptioner(Captioner):
 
 
 # ------------------------------------------------------------------------------- loading
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def explainable(hf: nn.Module) -> nn.Module:
+    """``hf`` if captionlens can explain it: a compiled wrapper or a quantised model is refused."""
+    if hasattr(hf, "_orig_mod") or type(hf).__name__ == "OptimizedModule":
+        raise UnsupportedModel("a torch.compile'd model cannot be explained: pass the model itself "
+                               "(model._orig_mod), not its compiled wrapper")
+    if getattr(hf.config, "quantization_config", None) is not None or getattr(hf, "is_quantized", False):
+        raise UnsupportedModel("a quantised model cannot be explained (its layers are not plain Linear "
+                               "layers with weights): load it without quantisation")
+    family_of(hf)
+    return hf
+
+
 def load_pretrained(folder: str | Path):
     """(model, tokenizer, image processor or None) from a local ``save_pretrained`` folder: offline
     only, never ``trust_remote_code``; anything missing or unreadable is an ``HFLoadError`` naming it."""
@@ -572,6 +592,9 @@ def load_pretrained(folder: str | Path):
         hf = getattr(transformers, name).from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001
         raise HFLoadError(f"the weights in {folder} cannot be loaded as {name}: {error}") from None
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise HFLoadError(f"{folder} has no tokenizer (one of {', '.join(TOKENIZER_FILES)}): save it with "
+                          "tokenizer.save_pretrained(folder)")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001
@@ -644,7 +667,7 @@ def from_hf(model, processor=None, prompt: str | None = None, max_length: int = 
         require("transformers", "hf")
         if processor is None:
             raise HFLoadError("from_hf(model, processor): a model in memory needs its processor or tokenizer")
-        hf = model.eval()
+        hf = explainable(model).eval()
         tokenizer = getattr(processor, "tokenizer", processor)
         image_processor = getattr(processor, "image_processor", None)
     return HFCaptioner(hf, tokenizer, settings_for(hf, tokenizer, image_processor, prompt, max_length), device)
