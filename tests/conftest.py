@@ -45,4 +45,27 @@ def demo_workspace(tmp_path_factory):
                                                                   patience=12), progress=False)
     explain_split(cl.load(demo / "gridtd"), data, demo / "results" / "gridtd" / "explanations.zarr",
                   methods=("lrp", "gradcam", "attention"), limit=4, progress=False)
+    _save_hf_stand_in(root / "models" / "vit-gpt2")
     return root
+
+
+def _save_hf_stand_in(folder):
+    """A tiny ViT + GPT-2 VisionEncoderDecoder saved as a user's save_pretrained folder would be (random
+    weights; the documentation's Hugging Face examples read it)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=64),
+        transformers.GPT2Config(vocab_size=12, n_positions=32, n_embd=32, n_layer=1, n_head=4, add_cross_attention=True,
+                                is_decoder=True, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 1, 0, 2
+    transformers.VisionEncoderDecoderModel(config).save_pretrained(folder)
+    words = ["<pad>", "<s>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "star", "and", "small"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                         eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)

@@ -33,6 +33,7 @@ def test_the_readme_has_python_examples():
 def test_every_python_block_runs(page, demo_workspace, tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "demo").symlink_to(demo_workspace / "runs" / "demo")
+    (tmp_path / "models").symlink_to(demo_workspace / "models")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     namespace: dict = {"__name__": "__docs__"}

@@ -368,3 +368,44 @@ def test_compiled_and_quantised_models_are_refused():
     quantised.config.quantization_config = {"load_in_8bit": True}
     with pytest.raises(UnsupportedModel, match="quantised"):
         cl.from_hf(quantised, word_tokenizer())
+
+
+# ------------------------------------------------------------------------------------ what each part gets
+@pytest.mark.parametrize("family", FAMILIES)
+def test_relevance_is_split_into_image_words_prompt_and_the_rest(folders, family):
+    """With biases zeroed and ε → 0, each token's logit is the sum of what reaches the pixels, the fed
+    tokens, the prompt (LLaVA), the learned positions and the learned special tokens (CLS), each
+    reported on its own."""
+    from captionlens.explain.audit import zero_biases
+
+    cap = captioner(folders, family)
+    cap.model = zero_biases(cap.model).double()
+    exp = cl.explain(cap, picture(4), CAPTION, method="lrp", epsilon=1e-12)
+    parts = {"positions", "special"} | ({"prompt"} if family == "llava" else set())
+    assert parts <= set(exp.extra)
+    total = exp.image.sum(dim=(1, 2)) + exp.preceding.sum(dim=1) + sum(exp.extra[p] for p in parts)
+    assert torch.allclose(total, exp.score, rtol=1e-6, atol=1e-9)
+    assert all(exp.extra[p].abs().sum() > 0 for p in parts)
+
+
+def test_tokens_of_a_word_merge_by_summing(folders):
+    """A WordPiece tokenizer cuts "circle" into "circ" + "##le": merged, the word's row is the sum of its
+    tokens' rows and its column the sum of their columns, so nothing is lost."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "a", "red", "circ", "##le", "and", "star"]
+    wordpiece = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    cap = cl.from_hf(build("vision-encoder-decoder"), tokenizer)
+    exp = cl.explain(cap, picture(), "a red circle and a star", method="lrp")
+    assert exp.words == ["a", "red", "circ", "##le", "and", "a", "star"]
+    merged = cap.merge_words(exp)
+    assert merged.words == ["a", "red", "circle", "and", "a", "star"] and merged.tokens[3] == "circle"
+    assert torch.allclose(merged.image[2], exp.image[2] + exp.image[3])
+    assert torch.allclose(merged.score[2], exp.score[2] + exp.score[3])
+    assert torch.allclose(merged.preceding.sum(dim=1), torch.stack(
+        [exp.preceding[0].sum(), exp.preceding[1].sum(), exp.preceding[2:4].sum(), *exp.preceding[4:].sum(dim=1)]))
+    assert torch.allclose(merged.preceding[5, 3], exp.preceding[6, 3] + exp.preceding[6, 4])

@@ -205,8 +205,8 @@ def audit_lrp(captioner: Captioner, image=None, caption=None, tolerance: float =
             for handle in handles:
                 handle.remove()
         logits = traced.output.logits  # [1, S, V]
-        inputs = [traced.pixels, *traced.positions, *traced.embeddings]
-        count = len(traced.positions)
+        inputs = [traced.pixels, *traced.positions, *traced.special, *traced.embeddings]
+        count = len(traced.positions) + len(traced.special)  # learned positions and tokens (CLS)
         score = pixel_total = embedding_total = position_total = magnitude = 0.0
         for step in range(logits.shape[1]):  # every word and <end>, one backward each
             token = int(token_ids[0, step + 1])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -55,6 +55,7 @@ class Trace:
     output: DecoderOutput  # logits [B, S, V], alpha [B, S, L], beta [B, S]
     positions: list[torch.Tensor]  # outputs of LearnedPositions modules, [B, n, D] each (none for the LSTMs)
     fed: int = 0  # the fed tokens S: embeddings before them are a prompt's (a Hugging Face captioner's)
+    special: list[torch.Tensor] = field(default_factory=list)  # learned tokens joined to the input (CLS)
 
     def embedding_values(self) -> torch.Tensor:
         """The embeddings of the fed tokens [B, S, E], whichever way the decoder looked them up."""
@@ -99,7 +100,8 @@ def trace(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
             with _no_grad_in(model.vision_module()):
                 output = model.run_with_grid(pixels, token_ids, on_grid)
     positions = captured["positions"] + getattr(model, "captured_constants", lambda: [])()
-    return Trace(pixels, captured["grid"][0], captured["embeddings"], output, positions, token_ids.shape[1])
+    return Trace(pixels, captured["grid"][0], captured["embeddings"], output, positions, token_ids.shape[1],
+                 getattr(model, "captured_special", lambda: [])())
 
 
 @contextlib.contextmanager
@@ -155,6 +157,7 @@ class Backward:
     embeddings: torch.Tensor  # [K, B, S, E]
     positions: torch.Tensor  # [K, B]: summed over every learned position (0 for a model without them)
     prompt: torch.Tensor | None = None  # [K, B]: summed over a prompt's tokens before the fed ones (or None)
+    special: torch.Tensor | None = None  # [K, B]: summed over learned tokens joined to the input (CLS), or None
 
 
 _WORDS_PER_PASS: contextvars.ContextVar[int | None] = contextvars.ContextVar("words_per_pass", default=None)
@@ -178,7 +181,7 @@ def batched_backward(traced: Trace, seeds: torch.Tensor) -> Backward:
     seeds (all K at once by default), to the pixels only when the trace kept their graph."""
     to_pixels = traced.pixels.requires_grad
     inputs = [traced.pixels, traced.grid] if to_pixels else [traced.grid]
-    inputs += [*traced.positions, *traced.embeddings]
+    inputs += [*traced.positions, *traced.embeddings, *traced.special]
     step = _WORDS_PER_PASS.get() or seeds.shape[0]
     reached = [x for x in inputs if x.requires_grad]  # a position computed without a graph gets nothing
     chunks = []
@@ -192,11 +195,14 @@ def batched_backward(traced: Trace, seeds: torch.Tensor) -> Backward:
              for g, x in zip(grads, inputs)]
     if not to_pixels:
         grads = [None, *grads]
-    count = len(traced.positions)
+    count, special = len(traced.positions), len(traced.special)
     positions = sum((g.flatten(2).sum(dim=2) for g in grads[2: 2 + count]), seeds.new_zeros(seeds.shape[:2]))
-    embeddings = torch.cat([_as_sequence(g, axis=2) for g in grads[2 + count:]], dim=2)
+    embedded = grads[2 + count: len(grads) - special]
+    embeddings = torch.cat([_as_sequence(g, axis=2) for g in embedded], dim=2)
     prompt = None
     if traced.fed and embeddings.shape[2] > traced.fed:  # a prompt before the fed tokens
         prompt = embeddings[:, :, : embeddings.shape[2] - traced.fed].sum(dim=(2, 3))
         embeddings = embeddings[:, :, embeddings.shape[2] - traced.fed:]
-    return Backward(grads[0], grads[1], embeddings, positions, prompt)
+    special_relevance = sum((g.flatten(2).sum(dim=2) for g in grads[len(grads) - special:]),
+                            seeds.new_zeros(seeds.shape[:2])) if special else None
+    return Backward(grads[0], grads[1], embeddings, positions, prompt, special_relevance)

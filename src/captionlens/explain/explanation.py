@@ -34,6 +34,39 @@ class Explanation:
             if getattr(self, name).shape[0] != k:
                 raise ValueError(f"{name} has {getattr(self, name).shape[0]} rows for {k} words")
 
+    def merged(self, groups: list[list[int]], names: list[str]) -> "Explanation":
+        """Tokens merged into words: ``groups[j]`` are the caption positions of word j (in order) and
+        ``names[j]`` its text. A word's rows are the sums of its explained tokens' rows (relevance adds
+        up); the preceding columns of a word's tokens are summed into one column; the <start> column
+        and <end> (position n) stay as they are. Only words with at least one explained token are kept."""
+        if len(groups) != len(names):
+            raise ValueError(f"{len(groups)} groups for {len(names)} names")
+        n = len(self.tokens) - 1
+        column = {0: 0, **{p + 1: j + 1 for j, group in enumerate(groups) for p in group}}
+        if sorted(column) != list(range(n + 1)):
+            raise ValueError(f"the groups must cover the caption's {n} positions exactly once")
+        matrix = self.preceding.new_zeros(n + 1, len(groups) + 1)
+        for source, target in column.items():
+            matrix[source, target] = 1
+        rows, words, positions = [], [], []
+        for j, group in enumerate(groups):
+            picked = [k for k, p in enumerate(self.positions) if p in group]
+            if picked:
+                rows.append(picked)
+                words.append(names[j])
+                positions.append(j)
+        if n in self.positions:  # <end>
+            rows.append([self.positions.index(n)])
+            words.append("<end>")
+            positions.append(len(groups))
+
+        def summed(values: torch.Tensor) -> torch.Tensor:
+            return torch.stack([values[r].sum(dim=0) for r in rows]) if rows else values[:0]
+
+        return Explanation(self.method, words, positions, [self.tokens[0], *names], summed(self.image),
+                           summed(self.grid), summed(self.preceding) @ matrix, summed(self.score),
+                           dict(self.parameters), {k: summed(v) for k, v in self.extra.items()})
+
     # --------------------------------------------------------------------------------- saving
     def to_dict(self) -> dict:
         return {

@@ -90,5 +90,6 @@ def lrp(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targ
         score=score,
         parameters=asdict(parameters),
         extra=({"positions": words_first(back.positions)} if traced.positions else {})
-        | ({"prompt": words_first(back.prompt)} if back.prompt is not None else {}),
+        | ({"prompt": words_first(back.prompt)} if back.prompt is not None else {})
+        | ({"special": words_first(back.special)} if back.special is not None else {}),
     )

@@ -91,7 +91,7 @@ def _weights(x) -> bool:
 class RelevanceByOperation(TorchFunctionMode):
     """The mode active while the model runs (see the module docstring)."""
 
-    def __init__(self, stack, parameters: LRPParameters, captured: list[torch.Tensor]) -> None:
+    def __init__(self, stack, parameters: LRPParameters, captured: list[tuple[str, torch.Tensor]]) -> None:
         super().__init__()
         self.stack, self.p, self.captured = stack, parameters, captured
 
@@ -138,20 +138,22 @@ class RelevanceByOperation(TorchFunctionMode):
         """``args`` with every learned constant that joins a flowing tensor (a CLS token concatenated,
         a position table added) turned into an input of its own."""
         if func in JOIN and args and isinstance(args[0], (list, tuple)) and any(_learned(t) for t in args[0]):
-            return ([self._leaf(t, t) if _learned(t) else t for t in args[0]], *args[1:])
+            return ([self._leaf(t, t, "special") if _learned(t) else t for t in args[0]], *args[1:])
         if func in ADD and len(args) == 2 and not kwargs:
             a, b = args
             if _learned(a) and _flows(b):
-                return self._leaf(a, b), b
+                return self._leaf(a, b, "positions"), b
             if _learned(b) and _flows(a):
-                return a, self._leaf(b, a)
+                return a, self._leaf(b, a, "positions")
         return args
 
-    def _leaf(self, constant: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A learned constant as an input of its own (one copy per image), its relevance reported apart."""
+    def _leaf(self, constant: torch.Tensor, like: torch.Tensor, kind: str) -> torch.Tensor:
+        """A learned constant as an input of its own (one copy per image), its relevance reported apart:
+        one added to the tokens is a position table ("positions"), one joined to them a token of its
+        own, such as CLS ("special")."""
         shape = torch.broadcast_shapes(constant.shape, like.shape)
         leaf = constant.detach().expand(shape).clone().requires_grad_(True)
-        self.captured.append(leaf)
+        self.captured.append((kind, leaf))
         return leaf
 
     def _add(self, a, b):
@@ -226,7 +228,7 @@ def by_operation(model: nn.Module, parameters: LRPParameters | None, around=None
     from .engine import forward_hooks
 
     parameters = parameters or LRPParameters()
-    captured: list[torch.Tensor] = []
+    captured: list[tuple[str, torch.Tensor]] = []
     stack = ModuleStack(model)
     wrapped = []
     try:
@@ -234,13 +236,15 @@ def by_operation(model: nn.Module, parameters: LRPParameters | None, around=None
             for part in model.explained_parts():
                 _wrap_forward(part, lambda: _Probed(stack, parameters, captured, around))
                 wrapped.append(part)
-            model.captured_constants = lambda: list(captured)
+            model.captured_constants = lambda: [leaf for kind, leaf in captured if kind == "positions"]
+            model.captured_special = lambda: [leaf for kind, leaf in captured if kind == "special"]
             yield model
     finally:
         for part in wrapped:
             del part.forward
         stack.remove()
         model.__dict__.pop("captured_constants", None)
+        model.__dict__.pop("captured_special", None)
 
 
 class _Probed(RelevanceByOperation):

@@ -374,7 +374,8 @@ class TokenVocabulary(Vocabulary):
 
     def text(self, tokens: Sequence[str]) -> str:
         """The tokens as the tokenizer writes them out ("a red circle", not "Ġa Ġred Ġcircle")."""
-        return self.tokenizer.convert_tokens_to_string(list(tokens)).strip()
+        text = self.tokenizer.convert_tokens_to_string(list(tokens)).strip()
+        return text.replace(" ##", "")  # a WordPiece tokenizer without a decoder joins its pieces with spaces
 
     def word_starts(self, tokens: Sequence[str]) -> list[bool]:
         """Which tokens begin a word: a space marker (GPT-2's "Ġ", SentencePiece's "▁"), or no
@@ -509,6 +510,18 @@ class HFCaptioner(Captioner):
                 tokens = self.tokenize(" ".join(tokens))
         ids = [self.settings.start_id, *self.tokenizer.convert_tokens_to_ids(tokens), self.settings.end_id]
         return tokens, ids
+
+    def merge_words(self, explanation):
+        """``explanation`` with each word's tokens merged (``Explanation.merged``): a word is a token
+        that starts one (a space marker, or no WordPiece "##") and the tokens after it."""
+        tokens = explanation.tokens[1:]
+        groups: list[list[int]] = []
+        for position, starts in enumerate(self.vocab.word_starts(tokens)):
+            if starts or not groups:
+                groups.append([])
+            groups[-1].append(position)
+        names = [self.vocab.text([tokens[p] for p in group]) for group in groups]
+        return explanation.merged(groups, names)
 
     def fingerprint(self) -> str:
         from dataclasses import asdict
