@@ -3,7 +3,8 @@ built here from a tiny config with random weights, saved with ``save_pretrained`
 the user's path (``cl.from_hf(folder)``, ``captionlens import hf``). What is checked: every method on
 every family, conservation (the audit), the explained forward equal to the model's own, all tokens in
 one backward equal to each alone, SDPA equal to eager, gradients equal to autograd, a planted patch
-that must get the relevance, AttnLRP against lxt's on GPT-2's weights, and clear errors."""
+that must get the relevance, AttnLRP against lxt's end to end (ViT + GPT-2, CLIP + LLaMA), and clear
+errors."""
 from __future__ import annotations
 
 import copy
@@ -224,64 +225,202 @@ def test_a_decoder_that_can_only_see_one_patch_gets_its_relevance_there():
 
 
 # ------------------------------------------------------------------------------------ against lxt
-def test_attnlrp_equals_lxt_on_the_gpt2_decoder(folders):
-    """lxt 2.1's explicit AttnLRP functions, written over the same GPT-2 decoder's weights (its
-    self-attention, cross-attention to the image tokens, GELU MLP, LayerNorms): the relevance of each
-    image token and of each word's embedding, for each word's logit, equals captionlens's."""
-    import lxt.explicit.functional as lf
+# lxt 2.1's explicit AttnLRP functions (each a torch.autograd.Function whose backward is the rule, the
+# gradient being the relevance), written here over the same weights, end to end from the patch
+# embedding to the word's logit. lxt has no convolution rule: the patch embedding (the pixel layer,
+# α = 1, β = 0) is written below from its equation.
+EPSILON = 1e-10
+
+
+def alpha_one_beta_zero_patches(pixels: torch.Tensor, conv: torch.nn.Conv2d, relevance: torch.Tensor) -> torch.Tensor:
+    """R_i = Σ_j (x_i w_ij)⁺ / Σ_i' (x_i' w_i'j)⁺ · R_j for a patch embedding (kernel = stride), biases
+    left out: pixels [1, 3, H, W], relevance [1, C, h, w] at the convolution's output -> [H, W]."""
+    p = conv.kernel_size[0]
+    patches = torch.nn.functional.unfold(pixels, p, stride=p)[0].T  # [h·w, 3·p·p]
+    products = (patches[:, None, :] * conv.weight.flatten(1)[None]).clamp(min=0)  # [h·w, C, 3·p·p]
+    shares = products / (products.sum(-1, keepdim=True) + 1e-12) * relevance[0].flatten(1).T[:, :, None]
+    per_pixel = torch.nn.functional.fold(shares.sum(1).T[None], pixels.shape[-2:], p, stride=p)
+    return per_pixel[0].sum(0)
+
+
+def lxt_linear(x, layer):
+    return lf().linear_epsilon(x, layer.weight, layer.bias, EPSILON)
+
+
+def lxt_layer_norm(x, layer):
+    return lf().layer_norm_grad_fn.apply(x, layer.weight, layer.bias, layer.eps, EPSILON)
+
+
+def lxt_heads(t, width):
+    return t.unflatten(-1, (-1, width)).transpose(1, 2)  # [B, S, H·d] -> [B, H, S, d]
+
+
+def lxt_attention(q, k, v, scaling, causal):
+    """softmax(q kᵀ · scaling) v with AttnLRP's rules: q, k, v [B, H, S, d] -> [B, S, H·d]."""
+    f = lf()
+    scores = f.mul2(f.matmul(q, k.transpose(-1, -2), epsilon=EPSILON), torch.tensor(scaling, dtype=q.dtype))
+    if causal:
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1 + scores.shape[-1] - scores.shape[-2])
+        scores = scores.masked_fill(future, float("-inf"))
+    return f.matmul(f.softmax(scores, -1), v, epsilon=EPSILON).transpose(1, 2).flatten(2)
+
+
+def lf():
+    import lxt.explicit.functional
+
+    return lxt.explicit.functional
+
+
+def lxt_identity(function, x):
     from lxt.explicit.rules import identity
 
-    cap, epsilon = captioner(folders, "vision-encoder-decoder"), 1e-10
+    return identity(function, x)
+
+
+def assert_equal_relevance(ours: torch.Tensor, reference: torch.Tensor, scale: float) -> None:
+    assert (ours.double() - reference).abs().max() <= 1e-4 * scale, (ours, reference)
+
+
+def test_attnlrp_equals_lxt_on_vit_gpt2_end_to_end(folders):
+    """ViT blocks (CLS, learned positions, LayerNorms, attention, GELU MLP) and GPT-2 blocks (Conv1D,
+    causal self-attention, cross-attention to the image tokens): for each word's logit, the relevance
+    of every pixel, every patch token, the CLS token, the positions and each earlier word equals lxt's."""
+    cap = captioner(folders, "vision-encoder-decoder")
     cap.model.hf.double()
-    hf = cap.model.hf
+    hf, f = cap.model.hf, lf()
     pixels = cap.preprocess([picture(2)]).double()
     _, ids = cap.caption_ids(CAPTION)
     fed = torch.tensor([ids[:-1]])
-    exp = cl.explain(cap, picture(2), CAPTION, method="lrp", epsilon=epsilon, attention_rule="attnlrp")
+    exp = cl.explain(cap, picture(2), CAPTION, method="lrp", epsilon=EPSILON, attention_rule="attnlrp")
+    vit, gpt = hf.encoder, hf.decoder.transformer
+    d = WIDTH // 4
+
     with torch.no_grad():
-        tokens = hf.encoder(pixel_values=pixels).last_hidden_state  # [1, 1 + 16, C]
-    gpt = hf.decoder.transformer
+        conv = vit.embeddings.patch_embeddings.projection
+        patch_out = conv(pixels)  # [1, C, h, w]
 
-    def conv1d(x, layer):  # GPT-2's Conv1D: x W + b with W [in, out]
-        return lf.linear_epsilon(x, layer.weight.T, layer.bias, epsilon)
+    def reference(word: int):
+        """The graph anew for each word (lxt's backward functions free what they saved)."""
+        patch_leaf = patch_out.clone().requires_grad_(True)
+        cls = vit.embeddings.cls_token.detach().clone().requires_grad_(True)
+        vit_positions = vit.embeddings.position_embeddings.detach().clone().requires_grad_(True)
+        x = f.add2(torch.cat([cls, patch_leaf.flatten(2).transpose(1, 2)], 1), vit_positions, epsilon=EPSILON)
+        for layer in vit.layers:
+            a, h = layer.attention, lxt_layer_norm(x, layer.layernorm_before)
+            context = lxt_attention(*(lxt_heads(lxt_linear(h, m), d) for m in (a.q_proj, a.k_proj, a.v_proj)), a.scaling, False)
+            x = f.add2(x, lxt_linear(context, a.o_proj), epsilon=EPSILON)
+            hidden = lxt_identity(layer.mlp.activation_fn, lxt_linear(lxt_layer_norm(x, layer.layernorm_after), layer.mlp.fc1))
+            x = f.add2(x, lxt_linear(hidden, layer.mlp.fc2), epsilon=EPSILON)
+        image = lxt_layer_norm(x, vit.layernorm)  # [1, 1 + h·w, C]: the tokens at the tap
 
-    def norm(x, layer):
-        return lf.layer_norm_grad_fn.apply(x, layer.weight, layer.bias, layer.eps, epsilon)
+        def conv1d(x, layer):  # GPT-2's Conv1D: x W + b with W [in, out]
+            return f.linear_epsilon(x, layer.weight.T, layer.bias, EPSILON)
 
-    def heads(t, n=4):
-        return t.unflatten(-1, (n, -1)).transpose(1, 2)
+        def gpt_attention(module, x, source):
+            if source is None:
+                q, k, v = conv1d(x, module.c_attn).split(WIDTH, dim=2)
+            else:
+                q, (k, v) = conv1d(x, module.q_attn), conv1d(source, module.c_attn).split(WIDTH, dim=2)
+            return conv1d(lxt_attention(lxt_heads(q, d), lxt_heads(k, d), lxt_heads(v, d), module.scaling, source is None),
+                          module.c_proj)
 
-    def attention(module, x, source, causal):
-        if source is None:
-            q, k, v = conv1d(x, module.c_attn).split(WIDTH, dim=2)
-        else:
-            q = conv1d(x, module.q_attn)
-            k, v = conv1d(source, module.c_attn).split(WIDTH, dim=2)
-        q = lf.mul2(heads(q), torch.tensor(module.scaling, dtype=x.dtype))
-        scores = lf.matmul(q, heads(k).transpose(-1, -2), epsilon=epsilon)
-        if causal:
-            scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
-        context = lf.matmul(lf.softmax(scores, -1), heads(v), epsilon=epsilon)
-        return conv1d(context.transpose(1, 2).flatten(2), module.c_proj)
-
-    image = tokens.clone().requires_grad_(True)
-    embeddings = gpt.wte(fed).detach().requires_grad_(True)
-    positions = gpt.wpe(torch.arange(fed.shape[1])).unsqueeze(0).detach().requires_grad_(True)
-    for k in range(len(CAPTION)):
-        x = lf.add2(embeddings, positions, epsilon=epsilon)
+        embeddings = gpt.wte(fed).detach().requires_grad_(True)
+        positions = gpt.wpe(torch.arange(fed.shape[1])).unsqueeze(0).detach().requires_grad_(True)
+        x = f.add2(embeddings, positions, epsilon=EPSILON)
         for block in gpt.h:
-            x = lf.add2(x, attention(block.attn, norm(x, block.ln_1), None, True), epsilon=epsilon)
-            x = lf.add2(x, attention(block.crossattention, norm(x, block.ln_cross_attn), image, False), epsilon=epsilon)
-            mlp = block.mlp
-            hidden = identity(mlp.act, conv1d(norm(x, block.ln_2), mlp.c_fc))
-            x = lf.add2(x, conv1d(hidden, mlp.c_proj), epsilon=epsilon)
-        logit = lf.linear_epsilon(norm(x, gpt.ln_f), hf.decoder.lm_head.weight, None, epsilon)[0, k, ids[k + 1]]
-        image_r, words_r, positions_r = torch.autograd.grad(logit, [image, embeddings, positions], logit.detach())
-        scale = float(image_r.abs().sum() + words_r.abs().sum())
-        assert float(exp.score[k]) == pytest.approx(float(logit), rel=1e-6)
-        patches = image_r[0, 1:].sum(-1).reshape(SIZE // PATCH, SIZE // PATCH)
-        assert (exp.grid[k].double() - patches).abs().max() <= 1e-4 * scale
-        assert (exp.preceding[k, : k + 1].double() - words_r[0, : k + 1].sum(-1)).abs().max() <= 1e-4 * scale
+            x = f.add2(x, gpt_attention(block.attn, lxt_layer_norm(x, block.ln_1), None), epsilon=EPSILON)
+            x = f.add2(x, gpt_attention(block.crossattention, lxt_layer_norm(x, block.ln_cross_attn), image), epsilon=EPSILON)
+            hidden = lxt_identity(block.mlp.act, conv1d(lxt_layer_norm(x, block.ln_2), block.mlp.c_fc))
+            x = f.add2(x, conv1d(hidden, block.mlp.c_proj), epsilon=EPSILON)
+        logits = f.linear_epsilon(lxt_layer_norm(x, gpt.ln_f), hf.decoder.lm_head.weight, None, EPSILON)
+        logit = logits[0, word, ids[word + 1]]
+        return (logit, *torch.autograd.grad(logit, [patch_leaf, cls, vit_positions, image, embeddings, positions], logit.detach()))
+
+    for k in range(len(CAPTION)):
+        logit, r_patch, r_cls, r_vit_positions, r_image, r_words, r_positions = reference(k)
+        scale = float(r_patch.abs().sum() + r_cls.abs().sum() + r_vit_positions.abs().sum() + r_words.abs().sum())
+        assert float(exp.score[k]) == pytest.approx(float(logit.detach()), rel=1e-6)
+        assert_equal_relevance(exp.image[k], alpha_one_beta_zero_patches(pixels, conv, r_patch), scale)
+        assert_equal_relevance(exp.grid[k], r_image[0, 1:].sum(-1).reshape(SIZE // PATCH, SIZE // PATCH), scale)
+        assert_equal_relevance(exp.preceding[k, : k + 1], r_words[0, : k + 1].sum(-1), scale)
+        assert_equal_relevance(exp.extra["special"][k], r_cls.sum(), scale)
+        assert_equal_relevance(exp.extra["positions"][k], r_vit_positions.sum() + r_positions.sum(), scale)
+
+
+def test_attnlrp_equals_lxt_on_llava_end_to_end(folders):
+    """CLIP blocks (pre-LayerNorm, QuickGELU, the second-to-last layer's patch tokens), the projector
+    and LLaMA decoder layers (RMSNorm, rotary positions, grouped-query attention, the gated SiLU MLP) in
+    LLaVA's conversation: for each word's logit, the relevance of every pixel, every image token, CLS,
+    the positions, the prompt and each earlier word equals lxt's."""
+    cap = captioner(folders, "llava")
+    cap.model.hf.double()
+    hf, f = cap.model.hf, lf()
+    pixels = cap.preprocess([picture(3)]).double()
+    _, ids = cap.caption_ids(CAPTION)
+    full = cap.model._full_ids(torch.tensor([ids[:-1]]))
+    exp = cl.explain(cap, picture(3), CAPTION, method="lrp", epsilon=EPSILON, attention_rule="attnlrp")
+    clip, llama = hf.model.vision_tower, hf.model.language_model
+    d = WIDTH // 4
+
+    with torch.no_grad():
+        conv = clip.embeddings.patch_embedding
+        patch_out = conv(pixels)
+    start = full.shape[1] - (len(ids) - 1)  # the fed tokens: the prompt's last token, then the caption's
+    prompt = [i for i in range(start) if int(full[0, i]) != hf.config.image_token_id]
+    def reference(word: int):
+        """The graph anew for each word (lxt's backward functions free what they saved)."""
+        patch_leaf = patch_out.clone().requires_grad_(True)
+        cls = clip.embeddings.class_embedding.detach().expand(1, 1, -1).clone().requires_grad_(True)
+        clip_positions = clip.embeddings.position_embedding.weight.detach()[None].clone().requires_grad_(True)
+        x = f.add2(torch.cat([cls, patch_leaf.flatten(2).transpose(1, 2)], 1), clip_positions, epsilon=EPSILON)
+        x = lxt_layer_norm(x, clip.pre_layrnorm)
+        for layer in clip.encoder.layers[:-1]:  # vision_feature_layer = -2: the output of all but the last
+            a, h = layer.self_attn, lxt_layer_norm(x, layer.layer_norm1)
+            context = lxt_attention(*(lxt_heads(lxt_linear(h, m), d) for m in (a.q_proj, a.k_proj, a.v_proj)), a.scale, False)
+            x = f.add2(x, lxt_linear(context, a.out_proj), epsilon=EPSILON)
+            hidden = lxt_identity(layer.mlp.activation_fn, lxt_linear(lxt_layer_norm(x, layer.layer_norm2), layer.mlp.fc1))
+            x = f.add2(x, lxt_linear(hidden, layer.mlp.fc2), epsilon=EPSILON)
+        image = x[:, 1:]  # [1, h·w, C]: the tokens at the tap (the projector's input)
+        projector = hf.model.multi_modal_projector
+        projected = lxt_linear(lxt_identity(projector.act, lxt_linear(image, projector.linear_1)), projector.linear_2)
+
+        embeddings = llama.embed_tokens(full).detach().requires_grad_(True)
+        x = embeddings.masked_scatter((full == hf.config.image_token_id)[..., None], projected)
+        cos, sin = llama.rotary_emb(x, torch.arange(full.shape[1])[None])
+        half = d // 2
+        sign = torch.cat([-torch.ones(half), torch.ones(half)]).double()
+
+        def rotary(t):  # t·cos + rotate_half(t)·sin, rotate_half's sign folded into the constant
+            swapped = torch.cat([t[..., half:], t[..., :half]], -1)
+            return f.add2(f.mul2(t, cos[:, None]), f.mul2(swapped, sign * sin[:, None]), epsilon=EPSILON)
+
+        def rms(t, norm):
+            return f.rms_norm_identity(t, norm.weight, norm.variance_epsilon)
+
+        for layer in llama.layers:
+            a, h = layer.self_attn, rms(x, layer.input_layernorm)
+            q, k, v = (lxt_heads(lxt_linear(h, m), d) for m in (a.q_proj, a.k_proj, a.v_proj))
+            groups = q.shape[1] // k.shape[1]
+            k, v = rotary(k).repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+            x = f.add2(x, lxt_linear(lxt_attention(rotary(q), k, v, a.scaling, True), a.o_proj), epsilon=EPSILON)
+            m, h = layer.mlp, rms(x, layer.post_attention_layernorm)
+            gated = f.mul2(lxt_identity(m.act_fn, lxt_linear(h, m.gate_proj)), lxt_linear(h, m.up_proj))
+            x = f.add2(x, lxt_linear(gated, m.down_proj), epsilon=EPSILON)
+        logits = lxt_linear(rms(x, llama.norm), hf.lm_head)
+        logit = logits[0, start + word, ids[word + 1]]
+        return (logit, *torch.autograd.grad(logit, [patch_leaf, cls, clip_positions, image, embeddings], logit.detach()))
+
+    for k in range(len(CAPTION)):
+        logit, r_patch, r_cls, r_clip_positions, r_image, r_words = reference(k)
+        scale = float(r_patch.abs().sum() + r_cls.abs().sum() + r_clip_positions.abs().sum() + r_words.abs().sum())
+        # LLaMA's RMSNorm and softmax compute in float32 even in a float64 model
+        assert float(exp.score[k]) == pytest.approx(float(logit.detach()), rel=1e-4, abs=1e-5)
+        assert_equal_relevance(exp.image[k], alpha_one_beta_zero_patches(pixels, conv, r_patch), scale)
+        assert_equal_relevance(exp.grid[k], r_image[0].sum(-1).reshape(SIZE // PATCH, SIZE // PATCH), scale)
+        assert_equal_relevance(exp.preceding[k, : k + 1], r_words[0, start: start + k + 1].sum(-1), scale)
+        assert_equal_relevance(exp.extra["prompt"][k], r_words[0, prompt].sum(), scale)
+        assert_equal_relevance(exp.extra["special"][k], r_cls.sum(), scale)
+        assert_equal_relevance(exp.extra["positions"][k], r_clip_positions.sum(), scale)
 
 
 # ------------------------------------------------------------------------------------ run folders and the CLI

@@ -8,7 +8,8 @@ from torch import nn
 
 from captionlens.explain.rules import (_AlphaBetaConv, _EpsilonChannelAffine, _EpsilonLayerNorm, _EpsilonLinear,
                                        _EpsilonPool, _EpsilonReduce, _EpsilonSum, _EpsilonWeightedSum, _GateProduct,
-                                       _SoftmaxTaylor, _UniformProduct, _ZBoxConv, epsilon_mean, pooling_matrix)
+                                       _EpsilonMatmul, _SoftmaxTaylor, _UniformElementwise, _UniformProduct, _ZBoxConv,
+                                       epsilon_mean, pooling_matrix)
 from captionlens.explain.lrp import rule_hooks
 from captionlens.explain.rules import LRPParameters
 from captionlens.models.layers import GridMean, LSTMCell, LSTMState
@@ -324,6 +325,35 @@ def test_uniform_rule_splits_a_bilinear_product_evenly(scale):
     # ε → 0: the two factors share exactly what arrived
     assert torch.allclose((relevance_in(_UniformProduct, z, (0.0, scale), (a, b), r_out, 0).sum()
                            + relevance_in(_UniformProduct, z, (0.0, scale), (a, b), r_out, 1).sum()), r_out.sum())
+
+
+@pytest.mark.parametrize("flowing", [0, 1])
+def test_epsilon_rule_of_a_product_with_a_constant_matrix(flowing):
+    """``x @ W`` or ``W @ x`` between modules (the operation-by-operation LRP of Hugging Face models):
+    z_qd = Σ_n a_qn b_nd with one factor a weight; the flowing one gets R[q,n] = Σ_d a_qn b_nd / stab(z_qd) R_qd."""
+    a, b, eps = torch.randn(2, 3, 4), torch.randn(2, 4, 5), 1e-3
+    z, r_out = a @ b, torch.randn(2, 3, 5)
+    got = relevance_in(_EpsilonMatmul, z, (eps, flowing == 0), (a, b, z), r_out, index=flowing)
+    expected = torch.zeros_like(a if flowing == 0 else b)
+    for h, q, n, d in itertools.product(range(2), range(3), range(4), range(5)):
+        term = a[h, q, n] * b[h, n, d] / (z[h, q, d] + eps * sign(z[h, q, d])) * r_out[h, q, d]
+        expected[(h, q, n) if flowing == 0 else (h, n, d)] += term
+    assert torch.allclose(got, expected, atol=1e-12)
+
+
+def test_uniform_rule_of_an_elementwise_product_with_broadcasting():
+    """``a ⊙ b`` of two flowing tensors (a gated MLP, AttnLRP Prop. 3.2): each gets half, R = z/stab(2z) R_out;
+    a broadcast factor sums over the elements it was copied to."""
+    a, b, eps = torch.randn(2, 3, 4), torch.randn(1, 3, 1), 1e-3
+    z, r_out = a * b, torch.randn(2, 3, 4)
+    got_a = relevance_in(_UniformElementwise, z, eps, (a, b), r_out, index=0)
+    got_b = relevance_in(_UniformElementwise, z, eps, (a, b), r_out, index=1)
+    expected_a, expected_b = torch.zeros_like(a), torch.zeros_like(b)
+    for i, j, k in itertools.product(range(2), range(3), range(4)):
+        term = z[i, j, k] / (2 * z[i, j, k] + eps * sign(z[i, j, k])) * r_out[i, j, k]
+        expected_a[i, j, k] += term
+        expected_b[0, j, 0] += term
+    assert torch.allclose(got_a, expected_a, atol=1e-12) and torch.allclose(got_b, expected_b, atol=1e-12)
 
 
 def test_cp_rule_for_many_queries_holds_the_weights_constant():
