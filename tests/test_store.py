@@ -126,6 +126,26 @@ def test_a_store_never_mixes_models_or_parameters(tiny, tmp_path):
     assert (tmp_path / "results" / "table.csv").read_text() == "precious"
 
 
+def _create_at_once(path: str, barrier) -> str:
+    barrier.wait()
+    store = ExplanationStore.create(path, "model", "test", "all", {"lrp": {"epsilon": 0.1}})
+    return store.attributes["model"]
+
+
+def test_processes_creating_one_store_at_once_all_open_it(tmp_path):
+    """Creation is a rename into place: no process deletes what another has just made."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    barrier = context.Manager().Barrier(6)
+    with context.Pool(6) as pool:
+        models = pool.starmap(_create_at_once, [(str(tmp_path / "s.zarr"), barrier)] * 6)
+    assert models == ["model"] * 6
+    store = ExplanationStore.open(tmp_path / "s.zarr")
+    assert store.image_ids() == [] and store.verify() == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # no staging folders left behind
+
+
 def tiny_data_folder(data) -> Path:
     return data.root
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
+import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -146,12 +148,27 @@ class ExplanationStore:
             store.repaired = store.verify(repair=True)
             return store
         if path.is_file() or (path.is_dir() and any(path.iterdir())):  # never overwrite what is not ours
+            if (path / "zarr.json").is_file():  # another process created it since the check above
+                return cls.create(path, model, split, words, parameters, any_words)
             raise ValueError(f"{path} exists and is not an explanation store: choose another --store path")
-        root = zarr.open_group(str(path), mode="w", attributes={
-            "format": STORE_FORMAT, "format_version": STORE_VERSION, "model": model, "split": split,
-            "words": words, "parameters": parameters})
-        root.create_group("images")
-        return cls(root, path)
+        # Built in a staging folder and renamed into place: rename is atomic, so of two processes
+        # creating the same store one wins and the other opens what the winner made (never
+        # ``mode="w"`` on the path itself, which deletes whatever another process just wrote there).
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".creating", dir=path.parent))
+        try:
+            root = zarr.open_group(str(staging), mode="w", attributes={
+                "format": STORE_FORMAT, "format_version": STORE_VERSION, "model": model, "split": split,
+                "words": words, "parameters": parameters})
+            root.create_group("images")
+            os.rename(staging, path)
+        except OSError:
+            if not (path / "zarr.json").is_file():
+                raise
+            return cls.create(path, model, split, words, parameters, any_words)  # another process won
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return cls(zarr.open_group(str(path), mode="r+"), path)
 
     @property
     def attributes(self) -> dict:
