@@ -53,6 +53,23 @@ def test_the_map_free_baselines_on_planted_boxes():
     assert correctness(centre_map(16, 16), corner)[0] < float(corner.float().mean())  # and loses on a corner one
 
 
+def test_the_bootstrap_auc_equals_sklearn_draw_by_draw():
+    """All draws scored at once by ranks equal roc_auc_score on each draw, ties included."""
+    from sklearn.metrics import roc_auc_score
+
+    from captionlens.experiments.hallucination import bootstrap_rows, rank_auc
+
+    rng = np.random.default_rng(1)
+    labels, values = rng.integers(0, 2, 30), rng.integers(0, 6, 30).astype(float)  # many ties
+    rows = bootstrap_rows(30, 200, seed=0)
+    ours = rank_auc(labels[rows], values[rows])
+    for row, auc in zip(rows, ours):
+        if labels[row].min() == labels[row].max():
+            assert np.isnan(auc)
+        else:
+            assert auc == pytest.approx(roc_auc_score(labels[row], values[row]), abs=1e-12)
+
+
 def test_auc_intervals_and_ablation_statistics_on_planted_cases():
     from captionlens.experiments.ablation import drop_statistics
     from captionlens.experiments.hallucination import auc_interval

@@ -148,7 +148,7 @@ def explain_into_store(captioner: Captioner, predictions: Predictions, store: Ex
     parameters = resolved_parameters(method)
     store.add_methods({method: parameters})
     records = predictions.records
-    missing = sorted({m.image for m in mentions if not store.has(records[m.image].image_id, method)})
+    missing = sorted(i for i in {m.image for m in mentions} if not store.has(records[i].image_id, method))
     batches = [missing[i: i + batch_size] for i in range(0, len(missing), batch_size)]
     for batch, pixels in tqdm(zip(batches, predictions.images(batches)), total=len(batches),
                               desc=f"explain ({method})", disable=not progress):

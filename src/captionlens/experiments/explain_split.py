@@ -50,8 +50,7 @@ def fill(captioner: Captioner, store: ExplanationStore, records: Sequence[ImageR
         explanations = explain_batch(captioner, list(pixels), list(captions), method, words=positions,
                                      max_words_per_pass=max_words_per_pass, **parameters)
         for image_id, explanation in zip(ids, explanations):
-            if not store.has(image_id, method):
-                store.write_explanation(image_id, explanation)
+            store.write_explanation(image_id, explanation)  # kept if another writer completed it meanwhile
 
 
 def stored_caption(store: ExplanationStore, image_id: int) -> Caption:

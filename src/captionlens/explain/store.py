@@ -50,6 +50,7 @@ from .explanation import Explanation
 STORE_FORMAT, STORE_VERSION = "captionlens-explanations", 1
 WORD_MODES = ("all", "objects")
 _ARRAYS = ("image", "grid", "preceding", "score")
+CACHE_BYTES = 256 * 2**20  # explanations kept in memory, as stored, after they are written or read
 EXTRAS = ("beta", "positions")  # per-word numbers some methods add: attention's β, LRP's positional share
 
 
@@ -100,6 +101,26 @@ def _zarr():
     return zarr
 
 
+def _why_unreadable(caption: dict | None, arrays: dict | None, complete: bool) -> str | None:
+    """Why an explanation group with these arrays cannot be read (None: it can)."""
+    if caption is None or arrays is None:
+        return "not written"
+    if not complete:
+        return "not complete"
+    rows = len(caption["positions"])
+    for name in (*_ARRAYS, "image_scale"):
+        if name not in arrays:
+            return f"marked complete but its {name!r} array is missing"
+        if arrays[name].shape[:1] != (rows,):
+            return f"marked complete but its {name!r} array has {arrays[name].shape[0]} rows, not {rows}"
+    return None
+
+
+def _nbytes(explanation: Explanation) -> int:
+    tensors = (explanation.image, explanation.grid, explanation.preceding, explanation.score, *explanation.extra.values())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class ExplanationStore:
     """``store = ExplanationStore.open(path)``; ``store.image_ids()``, ``store.words(image_id)``,
     ``store.image_map(image_id, position, "lrp")``, ``store.preceding(...)``, ``store.score(...)``,
@@ -109,7 +130,7 @@ class ExplanationStore:
         self._root = root
         self.path = path
         self.repaired: list[str] = []  # what opening for writing found broken and removed (see verify)
-        self._cache: OrderedDict[tuple[int, str], Explanation] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, str], Explanation] = OrderedDict()  # recent ones, as stored
 
     # ----------------------------------------------------------------------------- opening
     @classmethod
@@ -237,27 +258,30 @@ class ExplanationStore:
 
     def _problem(self, image_id: int, method: str) -> str | None:
         """Why ``method``'s explanation of the image cannot be read (None: it can)."""
-        name = f"images/{int(image_id)}/{method}"
+        if (int(image_id), method) in self._cache:  # complete when this process wrote or read it
+            return None
         try:
-            if name not in self._root:
-                return "not written"
-            group = self._root[name]
-            if not group.attrs.get("complete", False):
-                return "not complete"
-            rows = len(self._image(image_id).attrs["positions"])
-            for array in (*_ARRAYS, "image_scale"):
-                if array not in group:
-                    return f"marked complete but its {array!r} array is missing"
-                if group[array].shape[:1] != (rows,):
-                    return f"marked complete but its {array!r} array has {group[array].shape[0]} rows, not {rows}"
+            return _why_unreadable(*self._arrays(image_id, method))
         except Exception as error:  # noqa: BLE001  an unreadable group is an unfinished one
             return f"unreadable ({type(error).__name__})"
-        return None
+
+    def _arrays(self, image_id: int, method: str) -> tuple[dict | None, dict | None, bool]:
+        """(the image's caption record, ``method``'s arrays by name, whether it is marked complete),
+        read with one listing of the group; None for what is not written."""
+        images = self._root["images"]
+        if str(int(image_id)) not in images:
+            return None, None, False
+        image_group = images[str(int(image_id))]
+        if method not in image_group:
+            return dict(image_group.attrs), None, False
+        group = image_group[method]
+        return dict(image_group.attrs), dict(group.arrays()), bool(group.attrs.get("complete", False))
 
     def verify(self, repair: bool = False) -> list[str]:
         """Every explanation marked complete that is not (a missing or short array): one line each; with
         ``repair`` (a store opened for writing) those groups are removed, so they are written again."""
         found = []
+        self._cache.clear()  # what is on disk now, not what this process remembers
         for image_id in self.image_ids():
             with self.claim([image_id]) if repair else contextlib.nullcontext(True) as ours:
                 if not ours:  # another process is writing it now: not broken, unfinished
@@ -288,29 +312,38 @@ class ExplanationStore:
         return sorted(m for m in self._image(image_id).group_keys() if self.has(image_id, m))
 
     def explanation(self, image_id: int, method: str) -> Explanation:
-        """All explained words of one image by ``method`` (a few recent ones are kept in memory)."""
+        """All explained words of one image by ``method`` (recent ones, up to ``CACHE_BYTES``, are kept
+        in memory)."""
         key = (int(image_id), method)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        if not self.has(image_id, method):
+        try:
+            caption, arrays, complete = self._arrays(image_id, method)
+            problem = _why_unreadable(caption, arrays, complete)
+        except Exception as error:  # noqa: BLE001  an unreadable group is an unfinished one
+            problem = f"unreadable ({type(error).__name__})"
+        if problem:
             raise NotInStore(f"the store {self.path} has no complete {method} explanation of image {image_id}")
-        group = self._root[f"images/{int(image_id)}/{method}"]
-        caption = self.caption(image_id)
-        tensors = {name: torch.from_numpy(np.asarray(group[name][...], dtype=np.float32)) for name in _ARRAYS}
-        scale = np.asarray(group["image_scale"][...], dtype=np.float32)
-        tensors["image"] *= torch.from_numpy(scale).view(-1, 1, 1)
-        extra = {name: torch.from_numpy(np.asarray(group[name][...], dtype=np.float32)) for name in EXTRAS
-                 if name in group}
-        words = caption["words"]
-        positions = caption["positions"]
-        result = Explanation(method, [words[p] if p < len(words) else "<end>" for p in positions], positions,
-                             ["<start>", *words], tensors["image"], tensors["grid"], tensors["preceding"],
-                             tensors["score"], self.parameters(method), extra)
-        self._cache[key] = result
-        while len(self._cache) > 64:
-            self._cache.popitem(last=False)
-        return result
+        return self._remember(key, self._explanation(method, caption, {n: a[...] for n, a in arrays.items()}))
+
+    def _explanation(self, method: str, caption: dict, arrays: dict[str, np.ndarray]) -> Explanation:
+        """The Explanation that the stored ``arrays`` hold (the image map back at its scale)."""
+        tensors = {name: torch.from_numpy(np.asarray(values, dtype=np.float32)) for name, values in arrays.items()}
+        image = tensors.pop("image") * tensors.pop("image_scale").view(-1, 1, 1)
+        extra = {name: tensors[name] for name in EXTRAS if name in tensors}
+        words, positions = caption["words"], caption["positions"]
+        return Explanation(method, [words[p] if p < len(words) else "<end>" for p in positions], positions,
+                           ["<start>", *words], image, tensors["grid"], tensors["preceding"], tensors["score"],
+                           self.parameters(method), extra)
+
+    def _remember(self, key: tuple[int, str], explanation: Explanation) -> Explanation:
+        self._cache[key] = explanation
+        self._cache.move_to_end(key)
+        held = sum(_nbytes(e) for e in self._cache.values())
+        while held > CACHE_BYTES and len(self._cache) > 1:
+            held -= _nbytes(self._cache.popitem(last=False)[1])
+        return explanation
 
     def _row(self, image_id: int, position: int) -> int:
         positions = self.positions(image_id)
@@ -390,11 +423,13 @@ class ExplanationStore:
         arrays = {"image": image / scale[:, None, None], "image_scale": scale, "grid": explanation.grid.numpy(),
                   "preceding": explanation.preceding.numpy(), "score": explanation.score.numpy()}
         arrays |= {name: explanation.extra[name].numpy() for name in EXTRAS if name in explanation.extra}
+        stored = {}
         for name, values in arrays.items():
-            values = np.ascontiguousarray(values, dtype=np.float16 if name == "image" else np.float32)
-            array = group.create_array(name, shape=values.shape, dtype=values.dtype,
-                                       chunks=tuple(max(1, n) for n in values.shape))
-            if values.size:
-                array[...] = values
+            stored[name] = np.ascontiguousarray(values, dtype=np.float16 if name == "image" else np.float32)
+            array = group.create_array(name, shape=stored[name].shape, dtype=stored[name].dtype,
+                                       chunks=tuple(max(1, n) for n in stored[name].shape))
+            if stored[name].size:
+                array[...] = stored[name]
         group.attrs["complete"] = True
-        self._cache.pop((int(image_id), method), None)
+        # What a read would return, kept: the experiments read what they have just written.
+        self._remember((int(image_id), method), self._explanation(method, dict(image_group.attrs), stored))
