@@ -108,17 +108,19 @@ def test_bad_input_exits_nonzero_with_a_message(tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
-    result = runner.invoke(app, ["demo", "--quick", "--archs", "adaptive,gridtd,sat", "--out", str(tmp_path / "demo")])
+    # gridtd and Show-Attend-Tell (no sentinel); the default pair, adaptive included, runs in .ci/run's
+    # core-install step
+    result = runner.invoke(app, ["demo", "--quick", "--archs", "gridtd,sat", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    for arch in ("adaptive", "gridtd", "sat"):
+    for arch in ("gridtd", "sat"):
         assert {"bleu4", "object_precision", "object_recall", "hallucination_rate"} <= summary[arch].keys()
         assert 0.0 <= summary[arch]["bleu4"] <= 1.0
     assert summary["seconds"] > 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     for name in ("metrics", "ablation", "correctness", "hallucination", "map", "masking", "finetune", "faithfulness",
                  "sanity"):
-        assert set(results[name]) == {"adaptive", "gridtd", "sat"}, name
+        assert set(results[name]) == {"gridtd", "sat"}, name
     assert set(results["hallucination"]["gridtd"]["auc"]) == {"lrp", "lrp_max", "guided_gradcam", "guided_gradcam_abs",
                                                              "gradcam", "attention", "one_minus_beta"}
     assert results["hallucination"]["sat"]["auc"]["one_minus_beta"] is None  # no sentinel: not defined
