@@ -1,6 +1,7 @@
 """The explanation store and explain-split: the round trip equals cl.explain for every method; a store
 never mixes models or parameters; killed with SIGKILL mid-image and run again it ends exactly as an
 uninterrupted run; two torchrun processes (gloo) write the same store as one process."""
+import importlib
 import os
 import subprocess
 import sys
@@ -99,6 +100,33 @@ def test_round_trip_equals_explain_for_every_method(tiny, tmp_path):
     assert (first, 0) in store.query(word=word) and all(store.words(i)[p] == word for i, p in store.query(word=word))
     with pytest.raises(KeyError, match="not in the store"):
         store.words(123456789)
+
+
+def test_what_a_writer_remembers_equals_what_a_reader_reads(tiny, tmp_path, monkeypatch):
+    """The explanations a store keeps after writing them are those read back from disk, bit for bit,
+    and the memory it keeps them in stays within its bound."""
+    store_module = importlib.import_module("captionlens.explain.store")  # cl.explain is the function
+
+    cap, data, _ = tiny
+    methods = ["lrp", "gradcam", "attention"]
+    writer = explain_split(cap, data, tmp_path / "s.zarr", "test", methods, "all", batch_size=3, limit=5,
+                           progress=False)
+    reader = ExplanationStore.open(tmp_path / "s.zarr")
+    for image_id in reader.image_ids():
+        for method in methods:
+            kept, read = writer.explanation(image_id, method), reader.explanation(image_id, method)
+            assert kept.words == read.words and kept.positions == read.positions and kept.extra.keys() == read.extra.keys()
+            for a, b in [(kept.image, read.image), (kept.grid, read.grid), (kept.preceding, read.preceding),
+                         (kept.score, read.score), *zip(kept.extra.values(), read.extra.values())]:
+                assert torch.equal(a, b), method
+    one = store_module._nbytes(reader.explanation(reader.image_ids()[0], "lrp"))
+    monkeypatch.setattr(store_module, "CACHE_BYTES", 3 * one)
+    small = ExplanationStore.open(tmp_path / "s.zarr")
+    for image_id in small.image_ids():
+        for method in methods:
+            small.explanation(image_id, method)
+            assert small._cached_bytes == sum(store_module._nbytes(e) for e in small._cache.values())
+            assert small._cached_bytes <= 3 * one or len(small._cache) == 1
 
 
 def test_a_store_never_mixes_models_or_parameters(tiny, tmp_path):

@@ -131,6 +131,7 @@ class ExplanationStore:
         self.path = path
         self.repaired: list[str] = []  # what opening for writing found broken and removed (see verify)
         self._cache: OrderedDict[tuple[int, str], Explanation] = OrderedDict()  # recent ones, as stored
+        self._cached_bytes = 0
 
     # ----------------------------------------------------------------------------- opening
     @classmethod
@@ -281,7 +282,7 @@ class ExplanationStore:
         """Every explanation marked complete that is not (a missing or short array): one line each; with
         ``repair`` (a store opened for writing) those groups are removed, so they are written again."""
         found = []
-        self._cache.clear()  # what is on disk now, not what this process remembers
+        self._forget()  # what is on disk now, not what this process remembers
         for image_id in self.image_ids():
             with self.claim([image_id]) if repair else contextlib.nullcontext(True) as ours:
                 if not ours:  # another process is writing it now: not broken, unfinished
@@ -292,7 +293,7 @@ class ExplanationStore:
                         found.append(f"image {image_id}, {method}: {problem}")
                         if repair:
                             del self._image(image_id)[method]
-        self._cache.clear()
+        self._forget()
         return found
 
     @contextlib.contextmanager
@@ -338,12 +339,20 @@ class ExplanationStore:
                            self.parameters(method), extra)
 
     def _remember(self, key: tuple[int, str], explanation: Explanation) -> Explanation:
+        self._forget(key)
         self._cache[key] = explanation
-        self._cache.move_to_end(key)
-        held = sum(_nbytes(e) for e in self._cache.values())
-        while held > CACHE_BYTES and len(self._cache) > 1:
-            held -= _nbytes(self._cache.popitem(last=False)[1])
+        self._cached_bytes += _nbytes(explanation)
+        while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
+            self._forget(next(iter(self._cache)))
         return explanation
+
+    def _forget(self, key: tuple[int, str] | None = None) -> None:
+        """Drop one cached explanation (every one without ``key``)."""
+        if key is None:
+            self._cache.clear()
+            self._cached_bytes = 0
+        elif key in self._cache:
+            self._cached_bytes -= _nbytes(self._cache.pop(key))
 
     def _row(self, image_id: int, position: int) -> int:
         positions = self.positions(image_id)
