@@ -21,6 +21,26 @@ def test_box_mask_scales_from_image_to_heatmap():
     assert torch.equal(mask, expected)
 
 
+def test_pointing_game_and_energy_pointing_game_on_planted_maps():
+    """A map equal to the box mask scores pointing game 1 and EBPG (correctness at threshold 0) 1; a
+    maximum outside scores 0; a uniform map scores the share of the image the box covers."""
+    from captionlens.experiments.correctness import pointing_game, uniform_map
+
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    mask[2:5, 2:6] = True
+    as_mask = mask.float()
+    assert pointing_game(as_mask, mask) == 1.0 and correctness(as_mask, mask)[0] == 1.0
+    peak_outside = as_mask.clone()
+    peak_outside[9, 9] = 5.0
+    assert pointing_game(peak_outside, mask) == 0.0
+    assert correctness(peak_outside, mask)[0] == pytest.approx(12 / 17)  # EBPG: energy inside / all energy
+    assert pointing_game(uniform_map(10, 10), mask) == pytest.approx(12 / 100)
+    assert pointing_game(-peak_outside, mask, negative=True) == 0.0 and np.isnan(pointing_game(-as_mask, mask))
+    energy = torch.rand(10, 10, generator=torch.Generator().manual_seed(0)) - 0.3  # EBPG from its definition
+    positive = energy.clamp(min=0)
+    assert correctness(energy, mask)[0] == pytest.approx(float(positive[mask].sum() / positive.sum()))
+
+
 def test_correctness_of_planted_heatmaps():
     mask = torch.zeros(10, 10, dtype=torch.bool)
     mask[2:5, 2:5] = True

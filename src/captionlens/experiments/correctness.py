@@ -6,7 +6,12 @@ negative part: N-LRP, N-Guided-Grad-CAM); keeping the scores above a threshold,
 
     correctness = Σ_{ij ∈ boxes} E_p[i, j] / Σ_{ij} E_p[i, j]  ∈ [0, 1]
 
-where ``boxes`` is the union of the ground-truth boxes of the word's category.
+where ``boxes`` is the union of the ground-truth boxes of the word's category. At threshold 0 this is
+the energy-based pointing game (EBPG) of Score-CAM (Wang et al. 2020, eq. 9), the localisation measure
+vision-language explanation papers report; beside it each row has the pointing game (Zhang et al.
+2018, "Top-down neural attention by excitation backprop"): whether the map's maximum lies inside the
+boxes (no tolerance margin; a maximum shared by several pixels counts the share of them inside, so a
+uniform map scores the share of the image the boxes cover).
 """
 from __future__ import annotations
 
@@ -59,6 +64,18 @@ def correctness(heatmap: torch.Tensor, mask: torch.Tensor, thresholds: Sequence[
     return np.array(result)
 
 
+def pointing_game(heatmap: torch.Tensor, mask: torch.Tensor, negative: bool = False) -> float:
+    """1 if the maximum of the map [H, W] (of its negative part with ``negative``) lies inside ``mask``,
+    0 if outside; a maximum shared by several pixels scores the share of them inside. NaN for a map
+    without positive scores."""
+    scores = (-heatmap if negative else heatmap).clamp(min=0).double()
+    peak = scores.max()
+    if peak <= 0:
+        return float("nan")
+    at_peak = scores == peak
+    return float((at_peak & mask).sum() / at_peak.sum())
+
+
 # The curves of the papers' Fig. 3 / Fig. 5: (method whose explanation is used, negative part?).
 CURVES = {
     "attention": ("attention", False),
@@ -108,19 +125,24 @@ def correctness_curves(predictions, objects, explanations: dict[str, dict], thre
     rows = []
 
     def row(curve: str, heatmap_of, negative: bool = False) -> dict:
-        values = []
+        values, hits = [], []
         for mention in mentions:
             record = predictions.records[mention.image]
             heatmap = heatmap_of(mention)
             boxes = [b for b in objects.boxes[record.image_id] if b.category == mention.category]
             mask = box_mask(boxes, objects.image_sizes[record.image_id], tuple(heatmap.shape))
             values.append(correctness(heatmap, mask, thresholds, negative))
+            hits.append(pointing_game(heatmap, mask, negative))
         with warnings.catch_warnings():  # a threshold that no map passes has no mean: NaN, said in the table
             warnings.simplefilter("ignore", RuntimeWarning)
             means = np.nanmean(np.array(values), axis=0) if values else np.full(len(thresholds), np.nan)
         low, high = bootstrap_mean_interval(np.array(values)[:, 0]) if values else (float("nan"),) * 2
+        hits = np.array(hits)
+        hits = hits[np.isfinite(hits)]
+        pointing = (float(hits.mean()), *bootstrap_mean_interval(hits)) if len(hits) else (float("nan"),) * 3
         return ({"curve": curve, "mentions": len(mentions)} | {column(t): float(v) for t, v in zip(thresholds, means)}
-                | {f"{column(thresholds[0])}_low": low, f"{column(thresholds[0])}_high": high})
+                | {f"{column(thresholds[0])}_low": low, f"{column(thresholds[0])}_high": high}
+                | dict(zip(POINTING_COLUMNS, pointing)))
 
     for curve, (method, negative) in CURVES.items():
         if method in explanations:
@@ -153,8 +175,9 @@ def plot_correctness(rows: list[dict], out) -> None:
 
 
 # ------------------------------------------------------------------------- the experiment
-COLUMNS = ("curve", "mentions", *(column(t) for t in THRESHOLDS), f"{column(0.0)}_low", f"{column(0.0)}_high", "note?",
-           "ground_truth?")
+POINTING_COLUMNS = ("pointing_game", "pointing_game_low", "pointing_game_high")
+COLUMNS = ("curve", "mentions", *(column(t) for t in THRESHOLDS), f"{column(0.0)}_low", f"{column(0.0)}_high",
+           *POINTING_COLUMNS, "note?", "ground_truth?")
 
 
 def correctness_findings(results: dict, arch: str) -> list[Finding]:
