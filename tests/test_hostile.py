@@ -54,6 +54,39 @@ def test_a_dataset_captionlens_made_is_replaced_whole(tmp_path):
     assert (empty / "shapes_config.json").is_file()
 
 
+def _claim_at_once(path: str, barrier) -> str:
+    import time
+
+    import captionlens.io as io_module
+
+    written_now = io_module.atomic_write
+
+    def slowly(target, write):  # a slow disk: the marker's temporary file lingers before its rename
+        written_now(target, lambda tmp: (write(tmp), time.sleep(0.3)))
+
+    io_module.atomic_write = slowly  # this forked process only
+    barrier.wait()
+    return str(claim_output_folder(path, "run"))
+
+
+def test_processes_claiming_one_new_folder_at_once_all_get_it(tmp_path):
+    """Each rank of a torchrun claims the run folder: one's marker, half written, is no stranger's file."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for attempt in range(5):
+        barrier = context.Manager().Barrier(6)
+        folder = tmp_path / f"run{attempt}"
+        with context.Pool(6) as pool:
+            claimed = pool.starmap(_claim_at_once, [(str(folder), barrier)] * 6)
+        assert claimed == [str(folder)] * 6
+        assert [p.name for p in folder.iterdir()] == [".captionlens"]
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / ".captionlens.notes.txt").write_text("someone's")  # only our own temporary name
+    with pytest.raises(OutputRefused):
+        claim_output_folder(tmp_path / "theirs", "run")
+
+
 def test_every_out_follows_the_same_rule(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()

@@ -96,7 +96,7 @@ def claim_output_folder(path: str | Path, kind: str) -> Path:
         raise OutputRefused(f"{path} is the current folder or holds it: choose a new folder for the {kind}")
     if path.exists() and not path.is_dir():
         raise OutputRefused(f"{path} is a file, not a folder: choose a folder for the {kind}")
-    if path.is_dir() and any(path.iterdir()) and output_kind(path) != kind:
+    if path.is_dir() and any(not _pending_marker(p) for p in path.iterdir()) and output_kind(path) != kind:
         found = output_kind(path)
         what = f"a captionlens {found} folder" if found else "not a folder captionlens made"
         raise OutputRefused(f"{path} is not empty and is {what}: nothing was written; choose another folder "
@@ -106,6 +106,11 @@ def claim_output_folder(path: str | Path, kind: str) -> Path:
     if not nested and not (path / OUTPUT_MARKER).is_file():
         write_json(path / OUTPUT_MARKER, {"kind": kind})
     return path
+
+
+def _pending_marker(entry: Path) -> bool:
+    """The temporary file of a marker another process is writing now (claiming the same new folder)."""
+    return entry.name.startswith(f".{OUTPUT_MARKER}.") and entry.name.endswith(".tmp")
 
 
 def output_kind(path: Path) -> str | None:
