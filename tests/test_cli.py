@@ -122,8 +122,11 @@ def test_quick_demo_end_to_end(tmp_path):
                  "sanity"):
         assert set(results[name]) == {"gridtd", "sat"}, name
     assert set(results["hallucination"]["gridtd"]["auc"]) == {"lrp", "lrp_max", "guided_gradcam", "guided_gradcam_abs",
-                                                             "gradcam", "attention", "one_minus_beta"}
+                                                             "gradcam", "attention", "one_minus_beta", "probability",
+                                                             "entropy"}
     assert results["hallucination"]["sat"]["auc"]["one_minus_beta"] is None  # no sentinel: not defined
+    assert results["hallucination"]["sat"]["added_value"]["one_minus_beta"] is None
+    assert {"ebpg", "pointing_game", "f1_iou"} <= results["correctness"]["gridtd"][0].keys()
     assert "not defined: this decoder has no visual sentinel" in (tmp_path / "demo" / "results" / "sat" /
                                                                   "hallucination_auc.csv").read_text()
     text = (tmp_path / "demo" / "RESULTS.md").read_text()

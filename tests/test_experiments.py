@@ -41,6 +41,28 @@ def test_pointing_game_and_energy_pointing_game_on_planted_maps():
     assert correctness(energy, mask)[0] == pytest.approx(float(positive[mask].sum() / positive.sum()))
 
 
+def test_f1_iou_on_planted_maps_and_against_sklearn():
+    """A map equal to the box mask scores F1-IoU 1, a map covering a quarter of the box 2·¼/(1+¼) = 0.4,
+    a uniform map 2|B|/(N+|B|); on random maps it equals sklearn's F1 of the binarised pixels."""
+    from sklearn.metrics import f1_score
+
+    from captionlens.experiments.correctness import f1_iou, uniform_map
+
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    mask[2:6, 2:6] = True  # 16 pixels
+    assert f1_iou(mask.float(), mask) == 1.0
+    corner = torch.zeros(10, 10)
+    corner[2:4, 2:4] = 1.0  # 4 of the 16, nothing outside: precision 1, recall 1/4
+    assert f1_iou(corner, mask) == pytest.approx(2 * 0.25 / 1.25)
+    assert f1_iou(uniform_map(10, 10), mask) == pytest.approx(2 * 16 / (100 + 16))
+    assert np.isnan(f1_iou(-corner, mask)) and f1_iou(-corner, mask, negative=True) == pytest.approx(0.4)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        heatmap = torch.randn(10, 10, generator=generator)
+        pointed = (heatmap >= 0.5 * heatmap.max()).flatten().numpy()
+        assert f1_iou(heatmap, mask) == pytest.approx(f1_score(mask.flatten().numpy(), pointed))
+
+
 def test_correctness_of_planted_heatmaps():
     mask = torch.zeros(10, 10, dtype=torch.bool)
     mask[2:5, 2:5] = True
@@ -186,15 +208,19 @@ def bench(tiny_shapes, tmp_path_factory):
 def test_workbench_hallucination_correctness_and_map(bench):
     result = bench.hallucination(min_count=0)
     assert result["true_positives"] + result["false_positives"] > 0
-    assert set(result["auc"]) == {"lrp", "lrp_max", "guided_gradcam", "guided_gradcam_abs", "gradcam", "attention",
-                                  "one_minus_beta"}
+    explained = {"lrp", "lrp_max", "guided_gradcam", "guided_gradcam_abs", "gradcam", "attention", "one_minus_beta"}
+    assert set(result["auc"]) == set(result["stratified_auc"]) == explained | {"probability", "entropy"}
+    assert set(result["added_value"]) == set(result["added_value_interval"]) == explained  # beyond confidence
     assert 0 <= result["chair"]["chair_i"] <= 1
     rows = bench.correctness()
     assert [r["curve"] for r in rows] == ["attention", "gradcam", "guided_gradcam", "gradient_x_input", "lrp", "n_lrp",
                                           "n_guided_gradcam", "uniform", "centre"]
-    for row in rows:  # the 95% bootstrap interval of the mean at threshold 0 brackets the mean
-        if row["0.0"] == row["0.0"]:
-            assert row["0.0_low"] - 1e-12 <= row["0.0"] <= row["0.0_high"] + 1e-12
+    for row in rows:  # the 95% bootstrap intervals of the means bracket the means
+        for key in ("0.0", "ebpg", "pointing_game", "f1_iou"):
+            if row[key] == row[key]:
+                assert row[f"{key}_low"] - 1e-12 <= row[key] <= row[f"{key}_high"] + 1e-12
+                assert 0 <= row[key] <= 1
+        assert row["ebpg"] == row["0.0"] or row["ebpg"] != row["ebpg"]  # EBPG is correctness at threshold 0
     average = bench.mean_average_precision(min_count=0)
     for name in ("hallucination_auc.csv", "chair.md", "correctness.json", "correctness.png", "hallucination_roc.png",
                  "map.csv"):
@@ -496,3 +522,133 @@ def test_masking_without_words_gives_the_same_table_with_no_rates(bench):
                                                          ("attention", "positive"), ("attention", "negative"),
                                                          ("random", "random")}
     assert all(r["words"] == 0 and r["vanished"] != r["vanished"] for r in rows)
+
+
+def _confounded_mentions(n: int = 400, seed: int = 0):
+    """Planted mentions whose chance of being hallucinated grows with the word position, and a model
+    confidence that knows the truth only noisily."""
+    rng = np.random.default_rng(seed)
+    positions = rng.integers(0, 12, n)
+    labels = (rng.random(n) > positions / 14).astype(int)  # 1: true mention
+    probability = 1 / (1 + np.exp(-((2 * labels - 1) + rng.normal(0, 1.5, n))))
+    return rng, positions, labels, probability
+
+
+def test_a_position_only_score_has_stratified_auroc_one_half():
+    """A score that only tracks the word position separates true from hallucinated mentions (late words
+    are hallucinated more often) but says nothing within a position: stratified AUROC exactly ½."""
+    from sklearn.metrics import roc_auc_score
+
+    from captionlens.experiments.confounders import stratified_auc, stratified_auc_interval
+
+    _, positions, labels, _ = _confounded_mentions()
+    assert roc_auc_score(labels, -positions) > 0.75
+    assert stratified_auc(labels, -positions, positions) == 0.5
+    assert stratified_auc_interval(labels, -positions, positions) == (0.5, 0.5)
+
+
+def test_the_stratified_auroc_counts_pairs_within_strata_like_a_loop():
+    """One stratum: sklearn's AUROC; several: the pairs of each stratum counted by a plain loop; a
+    bootstrap draw given as multiplicities equals the AUROC of the resampled mentions."""
+    from sklearn.metrics import roc_auc_score
+
+    from captionlens.experiments.confounders import draw_weights, stratified_auc
+    from captionlens.experiments.hallucination import bootstrap_rows
+
+    rng, positions, labels, _ = _confounded_mentions(120, seed=3)
+    values = np.round(rng.normal(size=120), 1)  # ties included
+    assert stratified_auc(labels, values, np.zeros(120)) == pytest.approx(roc_auc_score(labels, values))
+    wins = pairs = 0.0
+    for i in range(120):
+        for j in range(120):
+            if labels[i] == 1 and labels[j] == 0 and positions[i] == positions[j]:
+                pairs += 1
+                wins += 1.0 if values[i] > values[j] else 0.5 if values[i] == values[j] else 0.0
+    assert stratified_auc(labels, values, positions) == pytest.approx(wins / pairs)
+    draw = bootstrap_rows(120, 3, 0)[1]
+    assert stratified_auc(labels, values, positions, draw_weights(120, 3, 0))[1] == pytest.approx(
+        float(stratified_auc(labels[draw], values[draw], positions[draw])))
+
+
+def test_a_score_equal_to_confidence_adds_nothing_and_an_informative_one_does():
+    """The regression's added value: the model's own probability as the score adds nothing (interval
+    around 0); a score that knows the truth beyond the confidence adds AUROC (interval above 0)."""
+    from captionlens.experiments.confounders import added_value
+
+    rng, positions, labels, probability = _confounded_mentions()
+    confounders = np.column_stack([probability, positions])
+    value, low, high = added_value(labels, probability, confounders)
+    assert abs(value) < 0.005 and low <= 0 <= high
+    informative = (2 * labels - 1) + rng.normal(0, 1.5, len(labels))
+    value, low, high = added_value(labels, informative, confounders)
+    assert value > 0.01 and low > 0
+    assert np.isnan(added_value(np.ones(10), np.arange(10.0), np.zeros((10, 1)))[0])  # one class: undefined
+
+
+def test_repetitions_count_earlier_names_of_the_category_in_the_caption():
+    from captionlens.experiments.confounders import repetitions
+    from captionlens.experiments.context import Mention
+
+    mentions = [Mention(0, 5, "circles", "circle", True), Mention(0, 1, "circle", "circle", True),
+                Mention(1, 2, "circle", "circle", False), Mention(0, 3, "square", "square", True)]
+    assert repetitions(mentions).tolist() == [1, 0, 0, 0]
+
+
+def test_word_confidence_is_the_probability_and_entropy_of_the_next_word_distribution(bench):
+    """Against scipy: each mention's probability and entropy from one image's teacher-forced logits."""
+    from scipy.stats import entropy
+
+    from captionlens.experiments.context import word_confidence
+
+    p = bench.predictions
+    mentions = p.mentions()[:4]
+    probabilities, entropies = word_confidence(bench.captioner, p, mentions, batch_size=2)
+    for k, mention in enumerate(mentions):
+        caption = p.captions[mention.image]
+        pixels = bench.captioner.preprocess(list(next(iter(p.images([[mention.image]])))))
+        with torch.no_grad():
+            logits = bench.captioner.model(pixels, torch.tensor([caption.token_ids[:-1]]))[0, mention.position]
+        distribution = torch.softmax(logits.double(), dim=-1).numpy()
+        assert probabilities[k] == pytest.approx(distribution[caption.token_ids[mention.position + 1]], rel=1e-5)
+        assert entropies[k] == pytest.approx(entropy(distribution), rel=1e-5)
+
+
+def test_visual_share_of_planted_explanations_and_word_classes():
+    """A word explained by the image alone has share 1, by the preceding words alone 0; |relevance| of
+    both signs counts; later columns (words after it) do not."""
+    from captionlens.explain import Explanation
+    from captionlens.experiments.visual_words import share_table, visual_share, word_class
+
+    def planted(image: float, words: list[float]) -> Explanation:
+        pixels = torch.zeros(1, 4, 4)
+        pixels[0, 0, 0], pixels[0, 1, 1] = image, -image / 2
+        return Explanation("lrp", ["circle"], [2], ["<start>", "a", "red", "circle"], pixels, torch.zeros(1, 2, 2),
+                           torch.tensor([words]), torch.ones(1))
+
+    assert visual_share(planted(2.0, [0.0, 0.0, 0.0, 0.0])) == 1.0
+    assert visual_share(planted(0.0, [0.5, -0.5, 1.0, 0.0])) == 0.0
+    assert visual_share(planted(2.0, [0.0, -1.0, 2.0, 99.0])) == pytest.approx(3 / 6)  # column 3 is after the word
+    assert np.isnan(visual_share(planted(0.0, [0.0, 0.0, 0.0, 0.0])))
+    assert [word_class(w, o) for w, o in (("circle", True), ("red", False), ("left", False), ("the", False),
+                                          ("small", False))] == ["object", "colour", "relation", "function", "other"]
+    table = share_table({"object": [0.9, 0.8, 0.7, float("nan")], "function": []})
+    assert table["object"]["median"] == pytest.approx(0.8) and table["object"]["words"] == 3
+    assert table["object"]["low"] <= 0.8 <= table["object"]["high"] and np.isnan(table["function"]["median"])
+
+
+def test_workbench_visual_share_per_word_class(bench):
+    """On the workbench: every class that occurs in the captions has words, shares within [0, 1], and the
+    object words' shares equal visual_share of their stored LRP explanations."""
+    from captionlens.experiments.visual_words import CLASSES, sample_by_class, visual_share
+
+    result = bench.visual_share(per_class=6)
+    assert set(result) == set(CLASSES)
+    sample = sample_by_class(bench.predictions, 6)
+    for name in CLASSES:
+        assert result[name]["words"] == len(sample[name]) <= 6
+        if result[name]["words"]:
+            assert 0 <= result[name]["low"] <= result[name]["median"] <= result[name]["high"] <= 1
+    stored = bench.word_explanations("lrp", sample["object"])
+    shares = [visual_share(stored[m]) for m in sample["object"]]
+    assert result["object"]["median"] == pytest.approx(float(np.median(shares)))
+    assert (bench.out / "visual_share.md").is_file()

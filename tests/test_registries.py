@@ -17,7 +17,7 @@ def test_every_experiment_declares_what_the_rest_reads():
         assert experiment.run and experiment.description and experiment.papers, experiment.name
         assert experiment.section, f"{experiment.name} has no RESULTS.md section"
     assert [e.name for e in ordered()] == ["metrics", "ablation", "correctness", "hallucination", "map", "masking",
-                                           "finetune", "faithfulness", "sanity"]
+                                           "finetune", "faithfulness", "sanity", "visual_share"]
 
 
 def test_a_renamed_column_is_an_error_not_not_measured():

@@ -182,12 +182,20 @@ def row_of(explanation: Explanation, row: int) -> Explanation:
                        {k: v[row: row + 1] for k, v in explanation.extra.items()})
 
 
-@torch.no_grad()
 def word_probabilities(captioner: Captioner, predictions: Predictions, mentions: Sequence[Mention],
                        batch_size: int = 64) -> np.ndarray:
     """The model's softmax probability of each mentioned word at its position (teacher forcing on
     the predicted caption)."""
-    probabilities = np.zeros(len(mentions))
+    return word_confidence(captioner, predictions, mentions, batch_size)[0]
+
+
+@torch.no_grad()
+def word_confidence(captioner: Captioner, predictions: Predictions, mentions: Sequence[Mention],
+                    batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The model's own confidence in each mentioned word (teacher forcing on the predicted caption):
+    its softmax probability and the entropy H = −Σ_v p_v log p_v (nats) of the next-word distribution
+    at its position; two arrays [len(mentions)]."""
+    probabilities, entropies = np.zeros(len(mentions)), np.zeros(len(mentions))
     index = {m: k for k, m in enumerate(mentions)}
     batches = list(image_batches(mentions, batch_size))
     for batch, images in zip(batches, predictions.images([[i for i, _ in batch] for batch in batches])):
@@ -198,9 +206,10 @@ def word_probabilities(captioner: Captioner, predictions: Predictions, mentions:
         log_probs = torch.log_softmax(captioner.model(pixels, tokens[:, :-1]), dim=-1)  # [B, T, V]
         for row, (_, group) in enumerate(batch):
             for mention in group:
-                token = tokens[row, mention.position + 1]
-                probabilities[index[mention]] = float(log_probs[row, mention.position, token].exp())
-    return probabilities
+                distribution = log_probs[row, mention.position]  # [V]
+                probabilities[index[mention]] = float(distribution[tokens[row, mention.position + 1]].exp())
+                entropies[index[mention]] = float(torch.special.entr(distribution.exp()).sum())  # 0·log 0 = 0
+    return probabilities, entropies
 
 
 def explain_mentions(captioner: Captioner, predictions: Predictions, mentions: Sequence[Mention], method: str,

@@ -11,7 +11,10 @@ the energy-based pointing game (EBPG) of Score-CAM (Wang et al. 2020, eq. 9), th
 vision-language explanation papers report; beside it each row has the pointing game (Zhang et al.
 2018, "Top-down neural attention by excitation backprop"): whether the map's maximum lies inside the
 boxes (no tolerance margin; a maximum shared by several pixels counts the share of them inside, so a
-uniform map scores the share of the image the boxes cover).
+uniform map scores the share of the image the boxes cover), and F1-IoU: the F1 score (Dice) of the map
+binarised at half its maximum against the box mask, 2·|M ∩ B| / (|M| + |B|) — a monotone function of
+their IoU, F1 = 2·IoU / (1 + IoU) — which, unlike EBPG, also punishes a map that covers only a corner
+of the object.
 """
 from __future__ import annotations
 
@@ -76,6 +79,28 @@ def pointing_game(heatmap: torch.Tensor, mask: torch.Tensor, negative: bool = Fa
     return float((at_peak & mask).sum() / at_peak.sum())
 
 
+F1_IOU_THRESHOLD = 0.5  # share of the map's maximum a pixel must reach to count as "pointed at"
+
+
+def f1_iou(heatmap: torch.Tensor, mask: torch.Tensor, negative: bool = False,
+           threshold: float = F1_IOU_THRESHOLD) -> float:
+    """F1 score of the map [H, W] binarised at ``threshold`` × its maximum (of its negative part with
+    ``negative``) against ``mask``: 2·|M ∩ B| / (|M| + |B|). NaN for a map without positive scores."""
+    scores = (-heatmap if negative else heatmap).clamp(min=0).double()
+    peak = scores.max()
+    if peak <= 0:
+        return float("nan")
+    pointed = scores >= threshold * peak
+    return float(2 * (pointed & mask).sum() / (pointed.sum() + mask.sum()))
+
+
+def mean_and_interval(values) -> tuple[float, float, float]:
+    """(mean, low, high) of the finite ``values`` with their 95% bootstrap interval; NaNs with none."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    return (float(values.mean()), *bootstrap_mean_interval(values)) if len(values) else (float("nan"),) * 3
+
+
 # The curves of the papers' Fig. 3 / Fig. 5: (method whose explanation is used, negative part?).
 CURVES = {
     "attention": ("attention", False),
@@ -125,7 +150,7 @@ def correctness_curves(predictions, objects, explanations: dict[str, dict], thre
     rows = []
 
     def row(curve: str, heatmap_of, negative: bool = False) -> dict:
-        values, hits = [], []
+        values, hits, overlaps = [], [], []
         for mention in mentions:
             record = predictions.records[mention.image]
             heatmap = heatmap_of(mention)
@@ -133,16 +158,16 @@ def correctness_curves(predictions, objects, explanations: dict[str, dict], thre
             mask = box_mask(boxes, objects.image_sizes[record.image_id], tuple(heatmap.shape))
             values.append(correctness(heatmap, mask, thresholds, negative))
             hits.append(pointing_game(heatmap, mask, negative))
+            overlaps.append(f1_iou(heatmap, mask, negative))
         with warnings.catch_warnings():  # a threshold that no map passes has no mean: NaN, said in the table
             warnings.simplefilter("ignore", RuntimeWarning)
             means = np.nanmean(np.array(values), axis=0) if values else np.full(len(thresholds), np.nan)
         low, high = bootstrap_mean_interval(np.array(values)[:, 0]) if values else (float("nan"),) * 2
-        hits = np.array(hits)
-        hits = hits[np.isfinite(hits)]
-        pointing = (float(hits.mean()), *bootstrap_mean_interval(hits)) if len(hits) else (float("nan"),) * 3
         return ({"curve": curve, "mentions": len(mentions)} | {column(t): float(v) for t, v in zip(thresholds, means)}
                 | {f"{column(thresholds[0])}_low": low, f"{column(thresholds[0])}_high": high}
-                | dict(zip(POINTING_COLUMNS, pointing)))
+                | dict(zip(EBPG_COLUMNS, (float(means[0]), low, high)))  # EBPG: correctness at threshold 0
+                | dict(zip(POINTING_COLUMNS, mean_and_interval(hits)))
+                | dict(zip(F1_IOU_COLUMNS, mean_and_interval(overlaps))))
 
     for curve, (method, negative) in CURVES.items():
         if method in explanations:
@@ -176,8 +201,10 @@ def plot_correctness(rows: list[dict], out) -> None:
 
 # ------------------------------------------------------------------------- the experiment
 POINTING_COLUMNS = ("pointing_game", "pointing_game_low", "pointing_game_high")
+EBPG_COLUMNS = ("ebpg", "ebpg_low", "ebpg_high")
+F1_IOU_COLUMNS = ("f1_iou", "f1_iou_low", "f1_iou_high")
 COLUMNS = ("curve", "mentions", *(column(t) for t in THRESHOLDS), f"{column(0.0)}_low", f"{column(0.0)}_high",
-           *POINTING_COLUMNS, "note?", "ground_truth?")
+           *EBPG_COLUMNS, *POINTING_COLUMNS, *F1_IOU_COLUMNS, "note?", "ground_truth?")
 
 
 def correctness_findings(results: dict, arch: str) -> list[Finding]:

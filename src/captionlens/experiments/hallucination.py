@@ -3,7 +3,11 @@
 
 A mention of a frequent object word (predicted more than ``min_count`` times) is a true positive when
 the image holds an object of its category, else a false positive (hallucinated). Each mention gets a
-score from its explanation; the AUC says how well the score separates the two.
+score from its explanation; the AUC says how well the score separates the two. Beside the
+explanation scores, the model's own confidence — the word's probability and the (negated) entropy of
+its next-word distribution — is scored the same way as the baseline an explanation must beat, and
+``confounders.py`` asks whether a score still separates the two within word positions and beyond
+confidence.
 """
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ SCORES: dict[str, tuple[str, Callable[[Explanation], float]]] = {
     "one_minus_beta": ("attention", lambda e: float(1 - e.extra["beta"][0]) if "beta" in e.extra else float("nan")),
 }
 UNDEFINED = "not defined: this decoder has no visual sentinel (β)"
+# The model's own confidence, scored like the explanations (higher = more likely a true mention): the
+# word's softmax probability, and the entropy of its next-word distribution negated.
+CONFIDENCE = ("probability", "entropy")
 
 
 def detection_scores(mentions: Sequence, explanations: dict[str, dict]) -> dict[str, np.ndarray]:
@@ -156,7 +163,8 @@ PAPER_AUC = {  # Table 3: AUC of true vs hallucinated frequent object words (Fli
                  "guided_gradcam": 0.42},
 }
 PAPER_MAP = {"adaptive": (51.14, 54.57), "gridtd": (54.66, 55.22)}  # Table 5, Flickr30K: original, LRP-tuned
-RESULT_KEYS = ("auc", "auc_interval", "chair", "true_positives", "false_positives", "words", "ground_truth", "note")
+RESULT_KEYS = ("auc", "auc_interval", "stratified_auc", "stratified_auc_interval", "added_value",
+               "added_value_interval", "chair", "true_positives", "false_positives", "words", "ground_truth", "note")
 MIN_COUNT = Option("min_count", 50, "Object words predicted more often than this count (paper: 50).", "int", 0)
 
 
@@ -193,7 +201,26 @@ def hallucination_findings(results: dict, arch: str) -> list[Finding]:
                  above(auc_of("guided_gradcam_abs"), auc_of("guided_gradcam")),
                  f"AUC Guided Grad-CAM-abs {shown(auc_of('guided_gradcam_abs'))} vs signed "
                  f"{shown(auc_of('guided_gradcam'))}")]
+    if "probability" in auc:  # the model's confidence as the baseline (results from before it lack it)
+        best_lrp = max(auc_of("lrp"), auc_of("lrp_max"), key=lambda i: i[0])
+        added = result.get("added_value_interval", {}).get("lrp", (nan, nan))
+        findings += [
+            ("LRP detects hallucinated words better than the model's confidence",
+             all_of(above(best_lrp, auc_of("probability")), above(best_lrp, auc_of("entropy"))),
+             f"AUC LRP {shown(auc_of('lrp'))}, L-max {shown(auc_of('lrp_max'))} vs token probability "
+             f"{shown(auc_of('probability'))}, −entropy {shown(auc_of('entropy'))}"),
+            ("LRP adds to the model's confidence (beyond probability, entropy, position and repetition)",
+             above(tuple(nan if x is None else x for x in added), (0.0, 0.0)),
+             f"added cross-validated AUROC of the LRP score in a logistic regression {shown(added)}; "
+             f"AUROC within word positions: LRP {shown(_pair(result, 'stratified_auc_interval', 'lrp'))}, "
+             f"probability {shown(_pair(result, 'stratified_auc_interval', 'probability'))}")]
     return [(c, v if result else NOT_MEASURED, n if result else "not measured") for c, v, n in findings]
+
+
+def _pair(result: dict, key: str, score: str) -> tuple[float, float]:
+    """An interval of ``result[key][score]`` (NaNs where it is missing or undefined)."""
+    pair = result.get(key, {}).get(score) or (None, None)
+    return tuple(float("nan") if x is None else float(x) for x in pair)
 
 
 def hallucination_section(results: dict, archs: list[str]) -> list[str]:
@@ -208,16 +235,37 @@ def hallucination_section(results: dict, archs: list[str]) -> list[str]:
         if arch in PAPER_AUC:
             rows.append({"model": f"{arch} (paper)", "TP/FP": "Flickr30K"} | PAPER_AUC[arch])
     chair_of = lambda arch, key: format_cell((results.get("hallucination", {}).get(arch) or {}).get("chair", {}).get(key))  # noqa: E731
+    beyond = []
+    for arch in archs:
+        result = _result(results, "hallucination", arch, ())
+        for score, value in (result.get("added_value") or {}).items():
+            beyond.append({"model": arch, "score": score,
+                           "AUROC within positions": _with(result, "stratified_auc", score),
+                           "added value over confidence": "" if value is None else
+                           f"{value:.3f} {shown(_pair(result, 'added_value_interval', score))}"})
+    confounded = ["Beyond confidence and position (confounders.py): the AUROC over pairs of mentions at the same "
+                  "word position, and the cross-validated AUROC a score adds to a logistic regression of "
+                  "\"hallucinated\" on probability, entropy, position and repetition (95% bootstrap intervals).", "",
+                  markdown_table(beyond), ""] if beyond else []
     return ["## Table 3 — AUC of true vs hallucinated object words", "", markdown_table(rows), "",
+            "`probability` and `entropy` are the model's own confidence (token probability, negated entropy of "
+            "the next-word distribution): the baselines an explanation score must beat.", "", *confounded,
             "CHAIR (Rohrbach et al. 2018): " + "; ".join(
                 f"{arch} CHAIR-i {chair_of(arch, 'chair_i')}, CHAIR-s {chair_of(arch, 'chair_s')}" for arch in archs), ""]
+
+
+def _with(result: dict, key: str, score: str) -> str:
+    """``value [low, high]`` of ``result[key][score]`` and its interval."""
+    value = (result.get(key) or {}).get(score)
+    return "" if value is None else f"{value:.3f} {shown(_pair(result, key + '_interval', score))}"
 
 
 def _show_hallucination(result: dict, bench, options: dict) -> None:
     from ..io import dumps
 
     average = bench.mean_average_precision(options.get("min_count", 50))
-    print(dumps({"auc": result["auc"], "chair": result["chair"], "map": average["map"],
+    print(dumps({"auc": result["auc"], "stratified_auc": result["stratified_auc"],
+                 "added_value": result["added_value"], "chair": result["chair"], "map": average["map"],
                  "true_positives": result["true_positives"], "false_positives": result["false_positives"],
                  "ground_truth": result["ground_truth"], "note": result["note"] or average["note"]}))
 
@@ -231,28 +279,46 @@ def hallucination(bench, min_count: int = 50) -> dict:
     hallucinated frequent object words, CHAIR-i/CHAIR-s, and (printed beside them) the mAP of frequent
     object words (Table 5). Object words are labelled by boxes or, e.g. on Flickr30K, by the reference
     captions. Writes hallucination_auc, chair and map tables and hallucination_roc.png."""
+    from .confounders import added_value, repetitions, stratified_auc, stratified_auc_interval
+    from .context import word_confidence
     from .tables import write_table
 
     p = bench.predictions
     mentions = p.frequent_mentions(min_count)
     labels = labels_of(mentions)
     explanations = {method: bench.explanations(method, mentions) for method in bench.available(SCORES)}
-    scores = detection_scores(mentions, explanations)
+    probabilities, entropies = word_confidence(bench.captioner, p, mentions)
+    explained = detection_scores(mentions, explanations)
+    scores = explained | dict(zip(CONFIDENCE, (probabilities, -entropies)))
     auc = auc_table(labels, scores)
     rates = chair([c.words for c in p.captions], p.objects, p.synonyms)
     note = why_empty(labels, min_count)
     intervals = {name: auc_interval(labels, values) for name, values in scores.items()}
-    result = {"auc": auc, "auc_interval": intervals, "chair": rates, "true_positives": int(labels.sum()),
+    positions = np.array([m.position for m in mentions])
+    stratified = {name: float(stratified_auc(labels, values, positions)) for name, values in scores.items()}
+    stratified_intervals = {name: stratified_auc_interval(labels, values, positions) for name, values in scores.items()}
+    confounders = np.column_stack([probabilities, entropies, positions, repetitions(mentions)]).reshape(len(mentions), 4)
+    beyond = {name: added_value(labels, values, confounders) for name, values in explained.items()}
+    result = {"auc": auc, "auc_interval": intervals, "stratified_auc": stratified,
+              "stratified_auc_interval": stratified_intervals,
+              "added_value": {name: value for name, (value, _, _) in beyond.items()},
+              "added_value_interval": {name: (low, high) for name, (_, low, high) in beyond.items()},
+              "chair": rates, "true_positives": int(labels.sum()),
               "false_positives": int(len(labels) - labels.sum()), "words": sorted({m.word for m in mentions}),
               "ground_truth": p.truth.source, "note": note}
+    nan3 = (float("nan"),) * 3
     write_table(bench.out, "hallucination_auc",
-                bench.labelled([{"score": k, "auc": v, "auc_low": intervals[k][0], "auc_high": intervals[k][1]}
+                bench.labelled([{"score": k, "auc": v, "auc_low": intervals[k][0], "auc_high": intervals[k][1],
+                                 "stratified_auc": stratified[k], "stratified_auc_low": stratified_intervals[k][0],
+                                 "stratified_auc_high": stratified_intervals[k][1]}
+                                | dict(zip(("added_value", "added_value_low", "added_value_high"), beyond.get(k, nan3)))
                                 | ({"note": note} if note else {})
                                 | ({} if np.isfinite(scores[k]).all() else {"note": UNDEFINED})
                                 for k, v in auc.items()]),
                 f"AUC of true vs hallucinated object words ({result['true_positives']} TP, "
-                f"{result['false_positives']} FP; words predicted > {min_count} times; 95% bootstrap intervals over "
-                f"mentions): {bench.scope}")
+                f"{result['false_positives']} FP; words predicted > {min_count} times; within word positions; the "
+                f"cross-validated AUROC a score adds to confidence, position and repetition; 95% bootstrap "
+                f"intervals over mentions): {bench.scope}")
     chair_note = {} if rates["object_mentions"] else {"note": "no object word in any caption"}
     write_table(bench.out, "chair", bench.labelled([rates | chair_note]), f"CHAIR hallucination rates: {bench.scope}")
     plot_roc(labels, scores, bench.out / "hallucination_roc.png")

@@ -12,14 +12,16 @@ HOLDS, FAILS, INCONCLUSIVE, NOT_MEASURED = "holds", "does not hold", "inconclusi
 Interval = tuple[float, float]
 
 
-def bootstrap_mean_interval(values, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> Interval:
-    """Percentile-bootstrap interval of the mean of ``values`` (NaNs left out); NaN with none."""
+def bootstrap_mean_interval(values, resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                            statistic=np.mean) -> Interval:
+    """Percentile-bootstrap interval of the mean (or of another ``statistic(array, axis=1)``, e.g.
+    ``np.median``) of ``values`` (NaNs left out); NaN with none."""
     values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]
     if values.size == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(values.size, size=(resamples, values.size))].mean(axis=1)
+    means = statistic(values[rng.integers(values.size, size=(resamples, values.size))], axis=1)
     tail = (1 - level) / 2 * 100
     return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
