@@ -158,3 +158,56 @@ def test_a_damaged_training_state_is_a_clear_error_on_resume(tiny_shapes, tmp_pa
     state.write_bytes(state.read_bytes()[:100])
     result = train("2", "--resume")
     assert result.exit_code == 2 and "cannot resume" in result.output and "training_state" in result.output
+
+
+@pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_outputs_follow_the_users_umask_like_any_other_tool(tmp_path, umask, file_mode, folder_mode):
+    """Run folders, JSON and .npz outputs and explanation stores get the modes an ordinary ``open`` and
+    ``mkdir`` give under the user's umask — not the 0600/0700 of the temporary files they are made in."""
+    from captionlens.explain.store import ExplanationStore
+    from captionlens.io import atomic_write, write_json
+
+    previous = os.umask(umask)
+    try:
+        cap = cl.build_captioner("gridtd", encoder="shapes", vocab="a red circle".split(), hidden_size=8,
+                                 embed_size=4)
+        cap.save(tmp_path / "run")
+        write_json(tmp_path / "explanation.json", {"words": ["a"]})
+        atomic_write(tmp_path / "lrp.npz", lambda tmp: np.savez_compressed(tmp, image=np.zeros(2)))
+        ExplanationStore.create(tmp_path / "s.zarr", "model", "test", "objects", {})
+    finally:
+        os.umask(previous)
+    written = [p for p in (tmp_path / "run").iterdir() if p.is_file()]
+    assert written and {oct(p.stat().st_mode & 0o777) for p in written} == {oct(file_mode)}
+    for name in ("explanation.json", "lrp.npz"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == file_mode, name
+    assert (tmp_path / "s.zarr").stat().st_mode & 0o777 == folder_mode
+
+
+def test_a_phone_photo_with_an_exif_rotation_is_captioned_and_explained_upright(tmp_path):
+    """A JPEG stored wide with EXIF orientation 6 (shown turned 90° clockwise) is read tall, as every
+    photo viewer shows it, by load_image and by what the captioner explains; dataset images keep the
+    stored orientation their boxes were annotated in."""
+    from PIL import ImageOps
+
+    from captionlens.data.images import decoded_batches, resized_pixels
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, :20, 0], stored[:, 20:, 2] = 255, 255  # left half red, right half blue
+    photo = Image.fromarray(stored)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    photo.save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    with Image.open(tmp_path / "phone.jpg") as opened:
+        shown = ImageOps.exif_transpose(opened).convert("RGB")
+    upright = load_image(tmp_path / "phone.jpg")
+    assert upright.size == (20, 40) and np.array_equal(np.asarray(upright), np.asarray(shown))
+    assert np.asarray(upright)[0, 10, 0] > 200 and np.asarray(upright)[-1, 10, 2] > 200  # red on top after the turn
+    assert load_image(tmp_path / "phone.jpg", upright=False).size == (40, 20)
+    cap = cl.build_captioner("gridtd", encoder="shapes", vocab="a red circle".split(), hidden_size=8, embed_size=4)
+    assert torch.equal(cap.preprocess([tmp_path / "phone.jpg"]), cap.preprocess([np.asarray(shown)]))
+    on_file = cl.explain(cap, tmp_path / "phone.jpg", "a red circle", "gradient_x_input")
+    on_upright = cl.explain(cap, np.asarray(shown), "a red circle", "gradient_x_input")
+    assert torch.equal(on_file.image, on_upright.image)
+    raw = resized_pixels(load_image(tmp_path / "phone.jpg", upright=False), 16)
+    assert torch.equal(next(decoded_batches([[tmp_path / "phone.jpg"]], 16))[0], raw)

@@ -12,15 +12,35 @@ from pathlib import Path
 from .errors import CaptionlensError
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc where it can be, without changing it; else set and reset)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def with_user_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a file (or folder) made by ``tempfile`` — 0600 (0700) — the mode an ordinary ``open``
+    (``mkdir``) would have given it under the user's umask, e.g. 0644 (0755)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)`` and move the result to ``path`` in one rename, so a crash never
-    leaves a half-written file behind."""
+    leaves a half-written file behind; the file gets the user's umask like any other tool's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        with_user_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

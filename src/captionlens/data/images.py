@@ -8,7 +8,7 @@ from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import CaptionlensError
 
@@ -23,13 +23,15 @@ MAX_PIXELS = 64_000_000  # larger images (e.g. 8000×8000 and up) are refused, n
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 
 
-def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS, upright: bool = True) -> Image.Image:
     """An RGB PIL image from a path, a PIL image, an ``H×W×3`` array (uint8, or floats in [0, 1])
     or a ``3×H×W`` float tensor in [0, 1].
 
     Decoded by mode: 16-bit images are scaled to 8 bits (not clipped), images with transparency are
     composited on white (not shown with the colours hidden under transparent pixels); an image of
-    more than ``max_pixels`` pixels is refused before it is decoded."""
+    more than ``max_pixels`` pixels is refused before it is decoded. With ``upright`` (the default,
+    for a user's photos) an EXIF orientation is applied, as every photo viewer does; dataset images
+    are read with ``upright=False``, in the orientation their annotated boxes were drawn on."""
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
@@ -37,14 +39,14 @@ def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
         try:
             with Image.open(path) as opened:
                 _check_size(opened, max_pixels, str(path))
-                return to_rgb(opened)
+                return to_rgb(_upright(opened) if upright else opened)
         except ImageLoadError:
             raise
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as error:
             raise ImageLoadError(f"cannot read {path} as an image: {error}") from None
     if isinstance(image, Image.Image):
         _check_size(image, max_pixels, "the image")
-        return to_rgb(image)
+        return to_rgb(_upright(image) if upright else image)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().permute(1, 2, 0).numpy()
     if isinstance(image, np.ndarray):
@@ -56,6 +58,15 @@ def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
             image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
         return Image.fromarray(image[:, :, :3])
     raise ImageLoadError(f"cannot use an object of type {type(image).__name__} as an image")
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation tag says (a phone photo taken sideways stands up);
+    unchanged without the tag, or when the EXIF block cannot be parsed."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, KeyError, TypeError, SyntaxError):  # a damaged EXIF block: show it as stored
+        return image
 
 
 def _check_size(image: Image.Image, max_pixels: int, name: str) -> None:
@@ -118,7 +129,8 @@ class _BatchesOfFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int):
         try:
-            return torch.stack([resized_pixels(load_image(p), self.size) for p in self.batches[k]]), None
+            # dataset images: in their stored orientation, the one their boxes are annotated in
+            return torch.stack([resized_pixels(load_image(p, upright=False), self.size) for p in self.batches[k]]), None
         except ImageLoadError as error:
             return None, str(error)
 

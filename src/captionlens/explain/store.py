@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ..errors import CaptionlensError, NotInStore
+from ..io import with_user_mode
 from .explanation import Explanation
 
 STORE_FORMAT, STORE_VERSION = "captionlens-explanations", 1
@@ -183,6 +184,7 @@ class ExplanationStore:
                 "format": STORE_FORMAT, "format_version": STORE_VERSION, "model": model, "split": split,
                 "words": words, "parameters": parameters})
             root.create_group("images")
+            with_user_mode(staging, directory=True)  # mkdtemp's 0700 would hide the store from the user's group
             os.rename(staging, path)
         except OSError:
             if not (path / "zarr.json").is_file():
