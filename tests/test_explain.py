@@ -275,3 +275,17 @@ def test_bfloat16_maps_follow_float32_and_the_copy_follows_the_weights():
     assert torch.allclose(doubled.score, 2 * fast.score, rtol=0.02)
     with pytest.raises(ValueError, match="precision"):
         explain(cap, image(), CAPTION, method="lrp", precision="fp8")
+
+
+def test_explaining_an_empty_caption_is_an_error_as_at_the_command_line():
+    """cl.explain of a caption without words raises, naming what to do, instead of returning an
+    empty Explanation; asking for no positions of a real caption still returns one of no words."""
+    import captionlens as cl
+    from captionlens.errors import InvalidValue
+
+    cap = cl.build_captioner("gridtd", encoder="shapes", vocab="a red circle".split(), hidden_size=8, embed_size=4)
+    image = torch.rand(3, 16, 16)
+    with pytest.raises(InvalidValue, match="the caption is empty.*beam_size=1"):
+        cl.explain(cap, image, [], "lrp")
+    assert cl.explain(cap, image, [], "lrp", include_end=True).words == ["<end>"]
+    assert cl.explain(cap, image, "a red circle".split(), "lrp", words=[]).words == []

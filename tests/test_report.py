@@ -103,3 +103,22 @@ def test_figures_keep_the_aspect_ratio_mark_zero_maps_and_wrap_long_captions(tmp
     page = image_section("wide.png", wide, [_explanation(maps, ["a", "b", "c"])])
     assert page.count('class="scale zero">all zero') == 1 and "±0.5" in page  # LRP: signed, even where ≥ 0 and "±1" in page and "blue −m … white 0 … red +m" in page
     assert 'style="width:160px;height:80px"' in page  # the tile in the photo's aspect ratio
+
+
+def test_the_report_verb_takes_model_caption_and_beam_size_like_the_other_verbs(captioner, tiny_shapes, tmp_path):
+    """`report --model` (``--run`` kept as its older name) explains the --caption given, for each image."""
+    from typer.testing import CliRunner
+
+    from captionlens.cli import app
+
+    captioner.save(tmp_path / "run")
+    image = sorted((tiny_shapes / "images").glob("*.png"))[0]
+    result = CliRunner().invoke(app, ["report", "--model", str(tmp_path / "run"), "--images", str(image), "--caption",
+                                      "a blue square", "--beam-size", "1", "--methods", "lrp", "--out",
+                                      str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r.html").read_text()
+    assert all(f'<td class="word">{word}</td>' in text for word in ("a", "blue", "square"))
+    result = CliRunner().invoke(app, ["report", "--run", str(tmp_path / "run"), "--images", str(image), "--beam-size",
+                                      "0", "--out", str(tmp_path / "r2.html")])
+    assert result.exit_code != 0 and "beam" in result.output.lower()

@@ -181,7 +181,8 @@ def audit(
 
 @command()
 def report(
-    run: Annotated[Path, typer.Option(help="Run folder of a trained captioner.")],
+    model: Annotated[Path, typer.Option("--model", "--run", help="Run folder of a trained captioner (--run: the "
+                                                                 "older name, still accepted).")],
     out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
     images: Annotated[Optional[list[Path]], typer.Option("--images", help="Images to explain (repeat the option); default: the first --count test images of --data.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder to take test images from.")] = None,
@@ -190,14 +191,16 @@ def report(
     count: Annotated[int, typer.Option(help="How many test images when --images is not given.", parser=whole(1, 10_000))] = 4,
     results: Annotated[Optional[Path], typer.Option(help="Folder of experiment tables and plots to include (e.g. OUT/results of the demo).")] = None,
     methods: Annotated[str, typer.Option(help=methods_help("attention,gradcam,guided_gradcam,guided_backprop,gradient_x_input,lrp"))] = "attention,gradcam,guided_gradcam,guided_backprop,gradient_x_input,lrp",
+    caption: Annotated[Optional[str], typer.Option(help="Explain this caption (for every image) instead of the model's own.")] = None,
+    beam_size: BeamOption = 3,
     device: DeviceOption = None,
 ) -> None:
     """Write one self-contained HTML file (images embedded, no network needed): per image the caption
     and every word's heatmaps by each method with an opacity slider, the preceding words coloured by
     relevance, and the experiments' tables and plots when --results is given.
 
-    Example: captionlens report --run runs/demo/gridtd --data runs/demo/data --results runs/demo/results
-             captionlens report --run runs/f30k-gridtd --data data/f30k --out f30k.html
+    Example: captionlens report --model runs/demo/gridtd --data runs/demo/data --results runs/demo/results
+             captionlens report --model runs/f30k-gridtd --images photo.jpg --caption "a dog on a bench"
     """
     from ..api import load
     from ..explain.store import ExplanationStore
@@ -212,11 +215,12 @@ def report(
             raise ValueError("give --images, or --data to take test images from")
         records = DatasetOptions(image_root).open(data).split("test")[:count]
         chosen, image_ids = [r.path for r in records], [r.image_id for r in records]
-    captioner = load(run, device)
+    captioner = load(model, device)
     explanations = None
     if store is not None:
         explanations = ExplanationStore.open(store)
         explanations.check(captioner.fingerprint())
-    path = build_report(captioner, chosen, out, chosen_methods, results_dir=results, store=explanations,
-                        image_ids=image_ids)
+    captions = None if caption is None else [captioner.tokenize(caption)] * len(chosen)
+    path = build_report(captioner, chosen, out, chosen_methods, captions=captions, results_dir=results,
+                        store=explanations, image_ids=image_ids, beam_size=beam_size)
     console.print(f"report: {path}")

@@ -162,6 +162,11 @@ def _pad_columns(preceding: torch.Tensor, columns: int) -> torch.Tensor:
 def explain(captioner: Captioner, image: ImageInput, caption: CaptionLike, method: str = "lrp",
             words: Sequence[int] | None = None, include_end: bool = False, precision: str = "fp32",
             max_words_per_pass: int | None = None, max_words: int | None = MAX_WORDS, **parameters) -> Explanation:
-    """Explain every word (or the positions in ``words``) of ``caption`` for ``image``."""
-    return explain_batch(captioner, [image], [caption], method, words, include_end, precision, max_words_per_pass,
-                         max_words, **parameters)[0]
+    """Explain every word (or the positions in ``words``) of ``caption`` for ``image``. An empty
+    caption (e.g. the model's own, when it says ``<end>`` first) is an error, as at the command line."""
+    explanation = explain_batch(captioner, [image], [caption], method, words, include_end, precision,
+                                max_words_per_pass, max_words, **parameters)[0]
+    if len(explanation.tokens) == 1 and not include_end:
+        raise InvalidValue("the caption is empty: nothing to explain (give a caption of your own, or caption with "
+                           "beam_size=1: a wider beam can prefer an empty caption; include_end=True explains <end>)")
+    return explanation

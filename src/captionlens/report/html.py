@@ -153,8 +153,8 @@ def build_report(captioner: Captioner, images: Sequence[ImageInput], out: str | 
         methods = [m for m in methods if m in methods_for(captioner.model)]
     sections = []
     for index, image in enumerate(images):
-        picture = load_image(image)
         image_id = image_ids[index] if image_ids is not None else None
+        picture = load_image(image, upright=image_id is None)  # a dataset image: as stored, like its store entry
         if captions is not None:
             words = list(captions[index])
         elif store is not None and image_id is not None and store.has_caption(image_id):
