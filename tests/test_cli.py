@@ -210,3 +210,32 @@ def test_data_coco2017_writes_a_karpathy_json_with_the_papers_split(tmp_path):
     result = runner.invoke(app, ["data", "coco2017", "--annotations", str(tmp_path), "--images", str(tmp_path),
                                  "--out", str(tmp_path / "o2")])
     assert result.exit_code != 0
+
+
+def test_caption_and_explain_take_folders_and_globs_and_go_on_past_a_broken_image(tiny_run, tmp_path):
+    """A folder (or a quoted glob) stands for its images; a broken file among them is reported at the
+    end with exit code 1, after every other image was captioned / explained."""
+    import shutil
+
+    run, images = tiny_run
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for image in images:
+        shutil.copy(image, photos / image.name)
+    (photos / "broken.png").write_bytes(b"not an image")
+    (photos / "notes.txt").write_text("not an image either, and not taken for one")
+    result = runner.invoke(app, ["caption", "--model", str(run), str(photos), "--json"])
+    assert result.exit_code == 1
+    captioned = [json.loads(line)["image"] for line in result.stdout.splitlines()]
+    assert sorted(c.rsplit("/", 1)[-1] for c in captioned) == sorted(i.name for i in images)
+    assert "1 of 3 images could not be captioned" in result.output and "broken.png" in result.output
+    result = runner.invoke(app, ["explain", "--model", str(run), str(photos), "--out", str(tmp_path / "x"),
+                                 "--methods", "gradcam", "--caption", "a red circle"])
+    assert result.exit_code == 1, result.output
+    assert {p.name for p in (tmp_path / "x").iterdir() if p.is_dir()} == {i.stem for i in images}
+    assert "1 of 3 images could not be explained" in result.output and "broken.png" in result.output
+    result = runner.invoke(app, ["caption", "--model", str(run), str(photos / "shapes_*.png")])
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == len(images), result.output
+    for missing in (str(photos / "*.gif"), str(tmp_path / "nowhere")):
+        result = runner.invoke(app, ["caption", "--model", str(run), missing])
+        assert result.exit_code == 2 and "no " in result.output and "Traceback" not in result.output

@@ -82,7 +82,8 @@ def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, meth
     words_to_explain = (captioner.caption([picture], beam_size=beam_size)[0].words if caption is None
                         else caption if not isinstance(caption, str) else captioner.tokenize(caption))
     if not words_to_explain:
-        raise ValueError(f"the caption of {image} is empty: nothing to explain")
+        raise ValueError(f"the caption of {image} is empty: nothing to explain (give one with --caption / caption=, "
+                         "or caption with --beam-size 1: a wider beam can prefer the empty caption)")
     out = claim_output_folder(out, "explanations")
     explanations: list[Explanation] = []
     for method in methods:

@@ -25,33 +25,64 @@ def _methods(text: str | None) -> list[str] | None:
     return comma_list(text, METHODS, "method")
 
 
+IMAGES_HELP = "Image files, folders (their images) or quoted glob patterns ('photos/*.jpg')."
+
+
+def _report_failures(failed: list[tuple[Path, str]], total: int, verb: str) -> None:
+    """After a batch of images: say which failed and why, and exit non-zero if any did."""
+    if failed:
+        console.print(f"[bold red]{len(failed)} of {total} images could not be {verb}:[/]", highlight=False)
+        for path, why in failed:
+            console.print(f"  {path}: {why}", highlight=False, markup=False)
+        raise typer.Exit(code=1)
+
+
 @command()
 def caption(
     model: ModelOption,
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    images: Annotated[list[Path], typer.Argument(help=IMAGES_HELP)],
     beam_size: BeamOption = 3,
     max_length: Annotated[Optional[int], typer.Option(help="Longest caption in words (default: the model's).", parser=whole(1, 1000))] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines with words and scores.")] = False,
     device: DeviceOption = None,
 ) -> None:
-    """Print one caption per image.
+    """Print one caption per image. A folder stands for its images; an image that cannot be read is
+    reported at the end (exit code 1) after the others are captioned.
 
     Example: captionlens caption --model runs/demo/gridtd runs/demo/data/images/shapes_004600.png
+             captionlens caption --model runs/demo/gridtd photos/ --json
     """
     from ..api import load
+    from ..data.images import ImageLoadError, image_files, load_image
 
-    captions = load(model, device).caption(list(images), beam_size=beam_size, max_length=max_length)
-    for path, result in zip(images, captions):
-        if as_json:
-            print(json.dumps({"image": str(path), "words": result.words, "score": result.score}))
-        else:
-            print(f"{path}\t{result.text}")
+    captioner = load(model, device)
+    files = image_files(images)
+    failed: list[tuple[Path, str]] = []
+    for start in range(0, len(files), 32):  # a chunk of images in memory at a time
+        readable = []
+        for path in files[start: start + 32]:
+            try:
+                readable.append((path, load_image(path)))
+            except ImageLoadError as error:
+                failed.append((path, str(error)))
+        if not readable:
+            continue
+        captions = captioner.caption([picture for _, picture in readable], beam_size=beam_size, max_length=max_length)
+        for (path, _), result in zip(readable, captions):
+            if as_json:
+                print(json.dumps({"image": str(path), "words": result.words, "score": result.score}))
+            else:
+                print(f"{path}\t{result.text}")
+            if not result.words:
+                console.print(f"{path}: the caption is empty (the model said <end> first; --beam-size 1 may "
+                              "give one)", style="yellow", highlight=False)
+    _report_failures(failed, len(files), "captioned")
 
 
 @command()
 def explain(
     model: ModelOption,
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    images: Annotated[list[Path], typer.Argument(help=IMAGES_HELP)],
     out: Annotated[Path, typer.Option(help="Folder for one sub-folder of results per image: new, empty, or one explain wrote.")],
     lrp: LRPOptions,
     methods: Annotated[str, typer.Option(help=methods_help(DEFAULT_METHODS))] = DEFAULT_METHODS,
@@ -67,23 +98,37 @@ def explain(
     """Explain every word of each image's caption with several methods. Writes, per image:
     caption.txt, explanation.json (words, scores, preceding-word relevance per method, rule
     parameters), one .npz of heatmaps per method and figure.png (rows = words, columns = methods).
+    A folder stands for its images; an image that cannot be read or explained (an empty caption) is
+    reported at the end (exit code 1) after the others are explained.
 
     Example: captionlens explain --model runs/demo/gridtd img.png --methods lrp,gradcam,attention --out explained/
+             captionlens explain --model runs/demo/gridtd photos/ --out explained/
     """
     from tqdm import tqdm
 
     from ..api import explain_image, load
+    from ..data.images import image_files
+    from ..errors import CaptionlensError
     from ..io import claim_output_folder
 
     chosen = _methods(methods)
     positions = integers(words, "--words")
     parameters = lrp.parameters()
+    files = image_files(images)
     captioner = load(model, device)
     claim_output_folder(out, "explanations")
-    for path in tqdm(images, desc="explaining", disable=len(images) < 2):
-        folder = explain_image(captioner, path, out / path.stem, chosen, caption, positions, include_end,
-                               parameters, beam_size, precision.value, max_words_per_pass, max_words)
+    failed: list[tuple[Path, str]] = []
+    stems = [path.stem for path in files]  # a.jpg and a.png in one folder get a.jpg/ and a.png/
+    for path in tqdm(files, desc="explaining", disable=len(files) < 2):
+        name = path.stem if stems.count(path.stem) == 1 else path.name
+        try:
+            folder = explain_image(captioner, path, out / name, chosen, caption, positions, include_end,
+                                   parameters, beam_size, precision.value, max_words_per_pass, max_words)
+        except (CaptionlensError, ValueError, IndexError) as error:  # this image only: go on with the others
+            failed.append((path, str(error)))
+            continue
         console.print(f"{path}: {(folder / 'caption.txt').read_text().strip()} -> {folder}")
+    _report_failures(failed, len(files), "explained")
 
 
 class WordsChoice(str, Enum):

@@ -60,6 +60,37 @@ def load_image(image: ImageInput, max_pixels: int = MAX_PIXELS, upright: bool = 
     raise ImageLoadError(f"cannot use an object of type {type(image).__name__} as an image")
 
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+GLOB_CHARACTERS = frozenset("*?[")
+
+
+def image_files(arguments: Sequence[str | Path]) -> list[Path]:
+    """The image files named by command-line arguments, in order: a file as it is, a folder as its
+    image files (by suffix: .jpg, .png, ...; sorted, not recursive), a glob pattern (``photos/*.jpg``,
+    ``shots/**/*.png``, quoted so the shell leaves it) as its matches, sorted. An argument that names
+    nothing is an error naming it."""
+    import glob
+
+    found: list[Path] = []
+    for argument in map(str, arguments):
+        path = Path(argument)
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise ImageLoadError(f"no image file ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder {path}")
+            found += inside
+        elif not path.exists() and GLOB_CHARACTERS & set(argument):
+            matches = sorted(Path(m) for m in glob.glob(argument, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise ImageLoadError(f"no file matches {argument}")
+            found += matches
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ImageLoadError(f"no image file at {path}")
+    return found
+
+
 def _upright(image: Image.Image) -> Image.Image:
     """The image turned as its EXIF orientation tag says (a phone photo taken sideways stands up);
     unchanged without the tag, or when the EXIF block cannot be parsed."""
