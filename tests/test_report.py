@@ -83,6 +83,34 @@ def test_constant_zero_and_signed_maps_are_drawn_on_their_intended_scales():
     assert map_scale(constant, "gradcam", {"relu": True}).kind == SEQUENTIAL  # ReLU'd Grad-CAM is non-negative
 
 
+def test_a_map_whose_maximum_is_an_outlier_is_drawn_with_the_cut_and_says_so():
+    """Evidence spread over the image plus one outlier pixel (1.2% of the mass): the scale ends where
+    the top 2% of the mass begins (Captum's outlier_perc=2, checked against a plain loop), the
+    evidence is drawn saturated instead of near-white, and the label prints the cut and the maximum."""
+    import matplotlib
+    import numpy as np
+
+    from captionlens.report.scales import OUTLIER_SHARE, heatmap_image, map_scale
+
+    planted = np.full((64, 64), 0.1)
+    planted[5, 5] = 5.0
+    scale = map_scale(planted, "gradient_x_input")
+    magnitudes, running, cut = sorted(np.abs(planted).ravel()), 0.0, None
+    for value in magnitudes:  # the cumulative-sum threshold from its definition
+        running += value
+        if running >= (1 - OUTLIER_SHARE) * np.abs(planted).sum():
+            cut = value
+            break
+    assert (scale.low, scale.high, scale.peak) == (-cut, cut, 5.0) and cut == 0.1
+    assert scale.label == "±0.1 (max 5)"
+    pixels = np.asarray(heatmap_image(planted, scale=scale)) / 255
+    bwr = matplotlib.colormaps["bwr"]
+    assert np.allclose(pixels[0, 0], bwr(1.0), atol=1 / 255)  # the spread evidence: saturated, not white
+    unclipped = np.asarray(heatmap_image(planted, scale=map_scale(planted, "gradient_x_input", outlier_share=0))) / 255
+    assert np.allclose(unclipped[0, 0], bwr(0.5 + 0.5 * 0.1 / 5), atol=1 / 255)  # scaled by the max: nearly white
+    assert map_scale(planted, "attention").label == "0 … 0.1 (max 5)"  # non-negative maps the same way
+
+
 def test_figures_keep_the_aspect_ratio_mark_zero_maps_and_wrap_long_captions(tmp_path):
     import torch
     from PIL import Image
@@ -101,7 +129,8 @@ def test_figures_keep_the_aspect_ratio_mark_zero_maps_and_wrap_long_captions(tmp
         assert a.height < b.height  # a wide photo gives flatter rows than a square one
         assert c.width > 1.8 * a.width and c.height < 8 / 3 * a.height * 1.2  # 12 words: two groups of ≤ 8 rows
     page = image_section("wide.png", wide, [_explanation(maps, ["a", "b", "c"])])
-    assert page.count('class="scale zero">all zero') == 1 and "±0.5" in page  # LRP: signed, even where ≥ 0 and "±1" in page and "blue −m … white 0 … red +m" in page
+    assert page.count('class="scale zero">all zero') == 1 and "±0.5" in page  # LRP: signed, even where ≥ 0
+    assert "±0.992 (max 1)" in page and "blue −m … white 0 … red +m" in page  # the top 2% of the ramp's mass clipped
     assert 'style="width:160px;height:80px"' in page  # the tile in the photo's aspect ratio
 
 

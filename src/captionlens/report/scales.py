@@ -8,8 +8,15 @@
 * an all-zero map (e.g. Guided Grad-CAM where the ReLU'd CAM is 0) is transparent and marked
   "all zero", never shown as an untouched image.
 
+Both scales end where the map's largest absolute values add up to ``OUTLIER_SHARE`` (2%) of its
+total absolute value, as Captum's ``visualize_image_attr`` does with ``outlier_perc=2``: those few
+pixels are drawn saturated. A pixel-level map (guided backprop, gradient×input) whose maximum is an
+outlier would otherwise be drawn nearly blank — its 99th percentile can be a fifth of its maximum —
+and read as "no evidence"; a map without such outliers is drawn as before.
+
 Every panel prints its scale (``MapScale.label``: "±0.52" on the diverging scale, "0 … 0.031" on the
-sequential one, "all zero"); ``LEGEND`` says how to read them, once per figure or page.
+sequential one, "all zero"; "±0.12 (max 0.52)" where the top is clipped); ``LEGEND`` says how to read
+them, once per figure or page.
 """
 from __future__ import annotations
 
@@ -21,14 +28,16 @@ from PIL import Image
 DIVERGING, SEQUENTIAL, ZERO = "diverging", "sequential", "zero"
 COLOURMAPS = {DIVERGING: "bwr", SEQUENTIAL: "magma"}
 LEGEND = ("±m: signed map, blue −m … white 0 … red +m;  0 … m: non-negative map, dark 0 … bright m;  "
-          "all zero: nothing to show")
+          "(max M): values beyond m, the top 2% of the map's mass, drawn saturated;  all zero: nothing to show")
+OUTLIER_SHARE = 0.02  # of a map's total |value| drawn saturated (Captum's outlier_perc=2)
 
 
 @dataclass(frozen=True)
 class MapScale:
     kind: str  # diverging, sequential or zero
     low: float  # the value at the bottom of the colour scale
-    high: float  # ... and at the top
+    high: float  # ... and at the top (values beyond are drawn saturated)
+    peak: float | None = None  # the map's largest |value| where it lies beyond ``high``
 
     @property
     def colourmap(self) -> str | None:
@@ -38,12 +47,13 @@ class MapScale:
     def label(self) -> str:
         if self.kind == ZERO:
             return "all zero"
+        clipped = f" (max {self.peak:.3g})" if self.peak is not None else ""
         if self.kind == DIVERGING:
-            return f"±{self.high:.3g}"
-        return f"0 … {self.high:.3g}"
+            return f"±{self.high:.3g}{clipped}"
+        return f"0 … {self.high:.3g}{clipped}"
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "low": self.low, "high": self.high, "label": self.label,
+        return {"kind": self.kind, "low": self.low, "high": self.high, "peak": self.peak, "label": self.label,
                 "colourmap": self.colourmap}
 
 
@@ -59,9 +69,20 @@ def non_negative(method: str | None, parameters: dict | None = None) -> bool | N
     return METHOD_INFO[method].non_negative(parameters or {})
 
 
-def map_scale(heatmap: np.ndarray, method: str | None = None, parameters: dict | None = None) -> MapScale:
+def outlier_cut(magnitudes: np.ndarray, share: float = OUTLIER_SHARE) -> float:
+    """The smallest of the non-negative ``magnitudes`` at which their sorted running sum reaches
+    (1 − ``share``) of their total: the values above it carry the top ``share`` of the mass (Captum's
+    cumulative-sum threshold)."""
+    ordered = np.sort(magnitudes.ravel())
+    running = np.cumsum(ordered)
+    return float(ordered[np.searchsorted(running, running[-1] * (1 - share))])
+
+
+def map_scale(heatmap: np.ndarray, method: str | None = None, parameters: dict | None = None,
+              outlier_share: float = OUTLIER_SHARE) -> MapScale:
     """The scale a map is drawn on (see the module docstring); ``method`` (and its parameters) decide
-    between sequential and diverging, the values themselves when it is not given."""
+    between sequential and diverging, the values themselves when it is not given. The top
+    ``outlier_share`` of the map's absolute mass is drawn saturated (0: scaled by the maximum)."""
     values = np.asarray(heatmap, dtype=float)
     finite = values[np.isfinite(values)]
     peak = float(np.abs(finite).max()) if finite.size else 0.0
@@ -70,7 +91,11 @@ def map_scale(heatmap: np.ndarray, method: str | None = None, parameters: dict |
     sequential = non_negative(method, parameters)
     if sequential is None:
         sequential = bool(finite.min() >= 0)
-    return MapScale(SEQUENTIAL, 0.0, peak) if sequential else MapScale(DIVERGING, -peak, peak)
+    magnitudes = np.clip(finite, 0, None) if sequential else np.abs(finite)
+    top = outlier_cut(magnitudes, outlier_share) if outlier_share > 0 and magnitudes.max() > 0 else peak
+    top = top if top > 0 else peak  # a map whose mass sits in a handful of pixels: scaled by its maximum
+    clipped = peak if top < peak else None
+    return MapScale(SEQUENTIAL, 0.0, top, clipped) if sequential else MapScale(DIVERGING, -top, top, clipped)
 
 
 def colourise(heatmap: np.ndarray, scale: MapScale | None = None) -> np.ndarray:
