@@ -159,7 +159,15 @@ def test_explain_writes_json_heatmaps_and_figure(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     folder = tmp_path / images[0].stem
     assert {p.name for p in folder.iterdir()} == {"caption.txt", "explanation.json", "lrp.npz", "gradcam.npz",
-                                                  "attention.npz", "figure.png"}
+                                                  "attention.npz", "lrp.npy", "gradcam.npy", "attention.npy",
+                                                  "figure.png", "heatmaps"}
+    from PIL import Image
+    with Image.open(images[0]) as photo:
+        shape = photo.size
+    pngs = sorted((folder / "heatmaps" / "lrp").iterdir())
+    assert [p.name for p in pngs] == ["000_a.png", "001_red.png", "002_circle.png"]
+    with Image.open(pngs[1]) as png:
+        assert png.size == shape  # at the photo's shape
     report = json.loads((folder / "explanation.json").read_text())
     assert report["caption"] == ["a", "red", "circle"]
     assert report["methods"]["lrp"]["parameters"]["epsilon"] == 0.1
@@ -167,6 +175,7 @@ def test_explain_writes_json_heatmaps_and_figure(tiny_run, tmp_path):
     import numpy as np
     with np.load(folder / "lrp.npz") as heatmaps:
         assert heatmaps["image"].shape == (3, 64, 64) and heatmaps["grid"].shape == (3, 8, 8)
+        assert np.array_equal(np.load(folder / "lrp.npy"), heatmaps["image"])
 
 
 def test_explain_rejects_bad_input(tiny_run, tmp_path):

@@ -151,3 +151,45 @@ def test_the_report_verb_takes_model_caption_and_beam_size_like_the_other_verbs(
     result = CliRunner().invoke(app, ["report", "--run", str(tmp_path / "run"), "--images", str(image), "--beam-size",
                                       "0", "--out", str(tmp_path / "r2.html")])
     assert result.exit_code != 0 and "beam" in result.output.lower()
+
+
+def test_the_notebook_api_plots_overlays_and_resamples_without_touching_the_backend(captioner, tmp_path):
+    """exp.plot() returns a Figure and leaves a non-Agg backend as it was (explanation_figure too);
+    exp.overlay is RGBA at the photo's size; exp.heatmap at the model's or the photo's size (bilinear);
+    _repr_html_ shows every word; the photo size survives saving."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from captionlens.explain import Explanation
+    from captionlens.report.figures import explanation_figure
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 160, 3), dtype=np.uint8))
+    exp = cl.explain(captioner, photo, "a red circle", "lrp")
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        figure = exp.plot()
+        assert isinstance(figure, Figure) and len(figure.axes) == 3
+        assert [a.get_title() for a in figure.axes] == ["a (#1)", "red (#2)", "circle (#3)"]
+        one = exp.plot("red", photo=photo)
+        assert len(one.axes) == 1 and one.axes[0].get_xlabel().startswith("±")
+        explanation_figure(photo, [exp], tmp_path / "f.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(previous)
+    assert exp.photo_size == (160, 90)
+    assert exp.heatmap(1).shape == (captioner.image_size,) * 2 and exp.heatmap("red", "photo").shape == (90, 160)
+    model_map = exp.image[1].numpy()
+    expected = np.asarray(Image.fromarray(model_map, mode="F").resize((160, 90), Image.BILINEAR))
+    assert np.array_equal(exp.heatmap("red", size="photo"), expected)
+    rgba = exp.overlay(photo, "circle")
+    assert rgba.shape == (90, 160, 4) and rgba.dtype == np.uint8 and (rgba[..., 3] == 255).all()
+    page = exp._repr_html_()
+    assert page.count("<img") == 3 and "circle" in page
+    with pytest.raises(ValueError, match="not an explained word"):
+        exp.heatmap("dog")
+    exp.to_json(tmp_path / "e.json")
+    again = Explanation.load(tmp_path / "e.json", exp.save_heatmaps(tmp_path))
+    assert again.photo_size == (160, 90) and np.array_equal(np.load(tmp_path / "lrp.npy"), exp.image.numpy())

@@ -75,7 +75,8 @@ def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, meth
                   include_end: bool = False, lrp: dict | None = None, beam_size: int = 3, precision: str = "fp32",
                   max_words_per_pass: int | None = None, max_words: int | None = MAX_WORDS) -> Path:
     """Explain one image's caption (the model's own by default) with several methods and write
-    caption.txt, explanation.json, ``<method>.npz`` heatmaps and figure.png into ``out``."""
+    caption.txt, explanation.json, ``<method>.npz`` and ``.npy`` heatmaps, ``heatmaps/<method>/*.png``
+    (each word's map at the photo's shape) and figure.png into ``out``."""
     from .report.figures import explanation_figure
 
     picture = load_image(image)
@@ -96,6 +97,8 @@ def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, meth
         "caption": list(words_to_explain),
         "methods": {e.method: e.to_dict() | {"heatmaps": e.save_heatmaps(out).name} for e in explanations},
     })
+    for explanation in explanations:  # each word's map as a PNG at the photo's shape: heatmaps/<method>/
+        explanation.save_pngs(out / "heatmaps", picture)
     explanation_figure(picture, explanations, out / "figure.png")
     return out
 

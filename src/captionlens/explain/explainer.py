@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..data.images import ImageInput
+from ..data.images import ImageInput, load_image
 from ..errors import InvalidValue, OutOfRange, UnknownParameter
 from ..models.captioner import Caption, Captioner
 from .engine import Targets, words_per_pass
@@ -81,9 +81,12 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     resolved_parameters(method, precision, **parameters)  # unknown parameters fail before any image is read
-    pixels = captioner.preprocess(list(images))
-    return explain_pixels(captioner, pixels, captions, method, words, include_end, precision, max_words_per_pass,
-                          max_words, **parameters)
+    pictures = [load_image(image) for image in images]
+    explanations = explain_pixels(captioner, captioner.preprocess(pictures), captions, method, words, include_end,
+                                  precision, max_words_per_pass, max_words, **parameters)
+    for explanation, picture in zip(explanations, pictures):
+        explanation.photo_size = picture.size  # (width, height): what .heatmap(size="photo") resamples to
+    return explanations
 
 
 def explain_pixels(captioner: Captioner, pixels: torch.Tensor, captions: Sequence[CaptionLike], method: str = "lrp",

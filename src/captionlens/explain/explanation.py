@@ -27,6 +27,7 @@ class Explanation:
     score: torch.Tensor  # [K] the explained fc logit of each word
     parameters: dict = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. "beta" [K] for attention
+    photo_size: tuple[int, int] | None = None  # (width, height) of the photo explained, where known
 
     def __post_init__(self) -> None:
         k = len(self.words)
@@ -65,7 +66,33 @@ class Explanation:
 
         return Explanation(self.method, words, positions, [self.tokens[0], *names], summed(self.image),
                            summed(self.grid), summed(self.preceding) @ matrix, summed(self.score),
-                           dict(self.parameters), {k: summed(v) for k, v in self.extra.items()})
+                           dict(self.parameters), {k: summed(v) for k, v in self.extra.items()}, self.photo_size)
+
+    # ------------------------------------------------------------------- looking at it (report/notebook.py)
+    def heatmap(self, word: int | str, size: str | tuple[int, int] = "model", photo=None) -> np.ndarray:
+        """The map of ``word`` (a caption position or an explained word) as float32 [H, W], at the
+        model's input size (``"model"``), the photo's (``"photo"``) or ``size`` = (width, height)."""
+        from ..report.notebook import heatmap
+
+        return heatmap(self, word, size, photo)
+
+    def overlay(self, photo, word: int | str, opacity: float = 0.5) -> np.ndarray:
+        """``photo`` with ``word``'s map over it: uint8 RGBA [H, W, 4] at the photo's size."""
+        from ..report.notebook import overlay
+
+        return overlay(self, photo, word, opacity)
+
+    def plot(self, word: int | str | None = None, photo=None, ax=None):
+        """A matplotlib Figure of ``word``'s map (every word's when None), over ``photo`` when given;
+        the matplotlib backend is left as it is (inline plots in notebooks keep working)."""
+        from ..report.notebook import plot
+
+        return plot(self, word, photo, ax)
+
+    def _repr_html_(self) -> str:
+        from ..report.notebook import to_html
+
+        return to_html(self)
 
     # --------------------------------------------------------------------------------- saving
     def to_dict(self) -> dict:
@@ -79,22 +106,52 @@ class Explanation:
             "preceding": self.preceding.tolist(),
             "parameters": self.parameters,
             "extra": {k: v.tolist() for k, v in self.extra.items()},
+            "photo_size": list(self.photo_size) if self.photo_size else None,
         }
 
     def to_json(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
 
     def save_heatmaps(self, directory: str | Path, name: str | None = None) -> Path:
-        """``DIR/<method>.npz`` with ``image`` [K, H, W] and ``grid`` [K, h, w] (float32)."""
+        """``DIR/<method>.npz`` with ``image`` [K, H, W] and ``grid`` [K, h, w] (float32), and the
+        image maps alone as ``DIR/<method>.npy`` (``np.load`` without a key)."""
         path = Path(directory) / f"{name or self.method}.npz"
+        image = self.image.numpy().astype(np.float32)
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
-                np.savez_compressed(handle, image=self.image.numpy().astype(np.float32),
-                                    grid=self.grid.numpy().astype(np.float32))
+                np.savez_compressed(handle, image=image, grid=self.grid.numpy().astype(np.float32))
+
+        def write_image(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.save(handle, image)
 
         atomic_write(path, write)
+        atomic_write(path.with_suffix(".npy"), write_image)
         return path
+
+    def save_pngs(self, directory: str | Path, photo=None, longest: int = 1024) -> list[Path]:
+        """Each word's map as a PNG on its colour scale, ``DIR/<method>/<position>_<word>.png``, at the
+        photo's shape (its longer side at most ``longest``) when ``photo`` is given, else the model's."""
+        from ..report.scales import display_size, heatmap_image, map_scale
+
+        folder = Path(directory) / self.method
+        folder.mkdir(parents=True, exist_ok=True)
+        size = None
+        if photo is not None:
+            from ..data.images import load_image
+
+            picture = load_image(photo)
+            size = display_size(picture, min(longest, max(picture.size)))
+        written = []
+        for row, (word, position) in enumerate(zip(self.words, self.positions)):
+            values = self.image[row].detach().float().cpu().numpy()
+            coloured = heatmap_image(values, size, map_scale(values, self.method, self.parameters))
+            safe = "".join(c if c.isalnum() else "_" for c in word)[:40] or "word"
+            path = folder / f"{position:03d}_{safe}.png"
+            atomic_write(path, lambda tmp: coloured.save(tmp, format="PNG"))
+            written.append(path)
+        return written
 
     @classmethod
     def from_dict(cls, data: dict, heatmaps: str | Path) -> "Explanation":
@@ -102,9 +159,11 @@ class Explanation:
             raise ValueError(f"explanation format_version {data.get('format_version')} is not {FORMAT_VERSION}")
         with np.load(heatmaps) as arrays:
             image, grid = torch.from_numpy(arrays["image"]), torch.from_numpy(arrays["grid"])
+        photo_size = data.get("photo_size")  # absent in files written before it was recorded
         return cls(data["method"], data["words"], data["positions"], data["tokens"], image, grid,
                    torch.tensor(data["preceding"]), torch.tensor(data["score"]), data["parameters"],
-                   {k: torch.tensor(v) for k, v in data["extra"].items()})
+                   {k: torch.tensor(v) for k, v in data["extra"].items()},
+                   tuple(photo_size) if photo_size else None)
 
     @classmethod
     def load(cls, json_path: str | Path, heatmaps: str | Path) -> "Explanation":

@@ -47,11 +47,9 @@ def normalised(preceding: torch.Tensor) -> np.ndarray:
 def explanation_figure(image: Image.Image, explanations: Sequence[Explanation], out: str | Path,
                        opacity: float = 0.5, rows_per_group: int = 8, longest_side: int = 192) -> Path:
     """Save the figure for one image explained by several methods (same words in each): at most
-    ``rows_per_group`` words per column group, groups side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    ``rows_per_group`` words per column group, groups side by side. Drawn on a bare
+    ``matplotlib.figure.Figure``: the backend a notebook or script chose is left alone."""
+    from matplotlib.figure import Figure
 
     by_method = {e.method: e for e in explanations}
     methods = in_column_order(by_method)
@@ -64,8 +62,9 @@ def explanation_figure(image: Image.Image, explanations: Sequence[Explanation], 
     groups = max(1, math.ceil(len(first.words) / rows_per_group))
     rows = max(1, min(len(first.words), rows_per_group))
     panel, aspect = 1.9, size[1] / size[0]
-    figure, axes = plt.subplots(rows, groups * per_group, squeeze=False, figsize=(
+    figure = Figure(figsize=(
         groups * (panel * per_group + (1.6 if linguistic else 0)), (panel * aspect + 0.35) * rows))
+    axes = figure.subplots(rows, groups * per_group, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for index, word in enumerate(first.words):
@@ -103,7 +102,6 @@ def explanation_figure(image: Image.Image, explanations: Sequence[Explanation], 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=80)
-    plt.close(figure)
     return out
 
 
