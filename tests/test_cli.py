@@ -248,3 +248,27 @@ def test_caption_and_explain_take_folders_and_globs_and_go_on_past_a_broken_imag
     for missing in (str(photos / "*.gif"), str(tmp_path / "nowhere")):
         result = runner.invoke(app, ["caption", "--model", str(run), missing])
         assert result.exit_code == 2 and "no " in result.output and "Traceback" not in result.output
+
+
+def test_explain_warns_of_unknown_words_and_of_maps_that_are_all_zero(tiny_run, tmp_path):
+    """Words the model does not know are named (explained as <unk>); a model whose gradients vanish
+    gets a warning instead of silent all-zero maps; warnings read as one "warning:" line."""
+    import torch
+
+    import captionlens as cl
+
+    run, images = tiny_run
+    result = runner.invoke(app, ["explain", "--model", str(run), str(images[0]), "--out", str(tmp_path / "a"),
+                                 "--methods", "gradcam", "--caption", "a red zebra"])
+    assert result.exit_code == 0, result.output
+    assert "warning: " in result.output and "'zebra'" in result.output and "<unk>" in result.output
+    assert "UserWarning" not in result.output
+    saturated = cl.load(run)
+    with torch.no_grad():  # every weight of the shapes encoder zero: no gradient reaches the pixels
+        for parameter in saturated.model.encoder.parameters():
+            parameter.zero_()
+    saturated.save(tmp_path / "saturated")
+    result = runner.invoke(app, ["explain", "--model", str(tmp_path / "saturated"), str(images[0]), "--out",
+                                 str(tmp_path / "b"), "--methods", "gradient_x_input", "--caption", "a red circle"])
+    assert result.exit_code == 0, result.output
+    assert "every gradient_x_input map is exactly zero" in result.output

@@ -2,6 +2,7 @@
 functions (``import captionlens as cl``)."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,12 +86,20 @@ def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, meth
     if not words_to_explain:
         raise ValueError(f"the caption of {image} is empty: nothing to explain (give one with --caption / caption=, "
                          "or caption with --beam-size 1: a wider beam can prefer the empty caption)")
+    unknown = sorted({w for w in words_to_explain if w not in captioner.vocab})
+    if unknown:
+        warnings.warn(f"{image}: the model does not know {', '.join(map(repr, unknown))}: read and explained as <unk>",
+                      stacklevel=2)
     out = claim_output_folder(out, "explanations")
     explanations: list[Explanation] = []
     for method in methods:
         parameters = {k: v for k, v in (lrp or {}).items() if k in method_parameters(method)}
         explanations.append(explain(captioner, picture, words_to_explain, method, words, include_end, precision,
                                     max_words_per_pass, max_words, **parameters))
+        if len(explanations[-1].words) and not explanations[-1].image.any():
+            warnings.warn(f"{image}: every {method} map is exactly zero — the model's gradients vanish here "
+                          "(saturated units, or an image the model ignores); another method may still show "
+                          "evidence", stacklevel=2)
     atomic_write_text(out / "caption.txt", " ".join(words_to_explain) + "\n")
     write_json(out / "explanation.json", {
         "image": str(image) if isinstance(image, (str, Path)) else None,

@@ -7,6 +7,7 @@ import errno
 import functools
 import inspect
 import typing
+import warnings
 from typing import NoReturn
 
 import typer
@@ -43,6 +44,11 @@ def message_of(error: BaseException) -> str:
     return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning raised during a verb, printed as ``warning: ...`` on stderr."""
+    console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+
+
 def handled(verb):
     """``verb`` with captionlens's own errors (and the standard ones its API raises for bad input: a
     missing file, a bad value, a word out of range, a full or read-only disk) turned into one
@@ -51,7 +57,9 @@ def handled(verb):
     @functools.wraps(verb)
     def run(*args, **kwargs):
         try:
-            return verb(*args, **kwargs)
+            with warnings.catch_warnings():  # captionlens's warnings as one "warning:" line, not file:line noise
+                warnings.showwarning = show_warning
+                return verb(*args, **kwargs)
         except (CaptionlensError, FileNotFoundError, ValueError, IndexError) as error:
             fail(message_of(error))
         except OSError as error:

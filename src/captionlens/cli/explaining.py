@@ -220,6 +220,10 @@ def audit(
                   f"pixels {report.pixels:.6g} + words {report.embeddings:.6g}"
                   + (f" + positions {report.positions:.6g}" if report.positions else "")
                   + f" = {report.conservation:.6%} of it")
+    if caption is None:
+        console.print("(the model's own greedy caption of " + ("this image" if image else "a random image")
+                      + "; `captionlens caption` uses beam search and may say another: --caption audits that one)",
+                      highlight=False)
     if not report.passed:
         raise typer.Exit(code=1)
 
