@@ -193,3 +193,21 @@ def test_the_notebook_api_plots_overlays_and_resamples_without_touching_the_back
     exp.to_json(tmp_path / "e.json")
     again = Explanation.load(tmp_path / "e.json", exp.save_heatmaps(tmp_path))
     assert again.photo_size == (160, 90) and np.array_equal(np.load(tmp_path / "lrp.npy"), exp.image.numpy())
+
+
+def test_repeated_words_carry_their_positions_in_figures_and_the_report(tmp_path):
+    """"small" explained three times is "small #2", "small #4", "small #5" in the report's rows and
+    the figure's labels; a word explained once keeps its plain name; the preceding-words column is wide."""
+    import torch
+    from PIL import Image
+
+    from captionlens.report.figures import word_label
+    from captionlens.report.html import image_section
+
+    words = ["a", "small", "red", "small", "small"]
+    explanation = _explanation([torch.rand(8, 8) - 0.5 for _ in words], words)
+    assert [word_label(explanation, k) for k in range(5)] == ["a", "small #2", "red", "small #4", "small #5"]
+    page = image_section("x.png", Image.new("RGB", (40, 40)), [explanation])
+    assert '<td class="word">small #4</td>' in page and '<td class="word">red</td>' in page
+    assert 'class="words"' in page and ".words{min-width:22em" in __import__("captionlens.report.html",
+                                                                            fromlist=["STYLE"]).STYLE

@@ -23,6 +23,13 @@ def title(method: str) -> str:
     return METHOD_INFO[method].title if method in METHOD_INFO else method
 
 
+def word_label(explanation: Explanation, row: int) -> str:
+    """The explained word of ``row`` as a figure or table names it: with its position ("small #7")
+    when the word is explained more than once, so repeated words can be told apart."""
+    word = explanation.words[row]
+    return f"{word} #{explanation.positions[row] + 1}" if explanation.words.count(word) > 1 else word
+
+
 def symmetric_limit(values: np.ndarray) -> float:
     """max |value| (1 where all values are zero), for normalising relevance to [−1, 1]."""
     limit = float(np.abs(values).max())
@@ -75,7 +82,7 @@ def explanation_figure(image: Image.Image, explanations: Sequence[Explanation], 
             axis.set_xticks([])
             axis.set_yticks([])
         cells[0].imshow(picture)
-        cells[0].set_ylabel(word, rotation=0, ha="right", va="center", fontsize=12, fontweight="bold")
+        cells[0].set_ylabel(word_label(first, index), rotation=0, ha="right", va="center", fontsize=12, fontweight="bold")
         for axis, method in zip(cells[1:], methods):
             heatmap = by_method[method].image[index].detach().cpu().numpy()
             scale = map_scale(heatmap, method, by_method[method].parameters)

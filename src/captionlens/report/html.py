@@ -23,7 +23,7 @@ from ..explain.store import ExplanationStore
 from ..io import atomic_write_text
 from ..models import Captioner
 from ..explain.methods import METHOD_INFO, in_column_order, linguistic_method
-from .figures import normalised, title, word_colour
+from .figures import normalised, title, word_colour, word_label
 from .scales import LEGEND, ZERO, display_size, heatmap_image, map_scale
 
 DEFAULT_METHODS = tuple(in_column_order(METHOD_INFO))  # every method (those the model has: rollout needs a transformer)
@@ -37,6 +37,7 @@ td,th{padding:3px 6px;vertical-align:middle} th{font-weight:600;font-size:.85em}
 .tile img{position:absolute;left:0;top:0;width:100%;height:100%;image-rendering:auto}
 .scale{font-size:.7em;color:#555;text-align:center} .zero{color:#b00000;font-weight:700}
 .tile img.map{opacity:var(--opacity,.55)} .word{font-weight:700;text-align:right;font-size:1.05em}
+.words{min-width:22em;max-width:40em}
 .tok{display:inline-block;padding:0 4px;margin:1px;border-radius:3px;font-family:monospace;font-size:.85em}
 .data td,.data th{border:1px solid #ccc;font-size:.85em} .caption{font-size:1.1em;margin:.3em 0 .8em}
 """
@@ -76,7 +77,7 @@ def image_section(name: str, picture: Image.Image, explanations: Sequence[Explan
         header += f"<th>preceding words ({html.escape(title(linguistic.method))})</th>"
     rows = []
     for row, word in enumerate(first.words):
-        cells = [f'<td class="word">{html.escape(word)}</td>', f'<td>{tile}<img src="{background}" alt="image"></div></td>']
+        cells = [f'<td class="word">{html.escape(word_label(first, row))}</td>', f'<td>{tile}<img src="{background}" alt="image"></div></td>']
         for method in methods:
             heatmap = by_method[method].image[row].numpy()
             scale = map_scale(heatmap, method, by_method[method].parameters)
@@ -86,7 +87,7 @@ def image_section(name: str, picture: Image.Image, explanations: Sequence[Explan
                          f'<img class="map" src="{overlay}" alt="{html.escape(method)} heatmap of '
                          f'{html.escape(word)}"></div><div class="scale{mark}">{html.escape(scale.label)}</div></td>')
         if linguistic is not None:
-            cells.append(f"<td>{_tokens_html(linguistic, row)}</td>")
+            cells.append(f'<td class="words">{_tokens_html(linguistic, row)}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     caption = html.escape(" ".join(caption if caption is not None else first.tokens[1:]))
     return (f"<h2>{html.escape(name)}</h2><p class=\"caption\">{caption}</p><p class=\"scale\">{html.escape(LEGEND)}</p>"
