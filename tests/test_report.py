@@ -211,3 +211,15 @@ def test_repeated_words_carry_their_positions_in_figures_and_the_report(tmp_path
     assert '<td class="word">small #4</td>' in page and '<td class="word">red</td>' in page
     assert 'class="words"' in page and ".words{min-width:22em" in __import__("captionlens.report.html",
                                                                             fromlist=["STYLE"]).STYLE
+
+
+def test_a_cut_that_does_not_show_at_three_digits_prints_no_maximum():
+    """A near-uniform attention map clips a hair below its maximum: its label stays "0 … 0.0169"."""
+    import numpy as np
+
+    from captionlens.report.scales import map_scale
+
+    attention = np.full((8, 8), 0.0169)
+    attention[0, 0] = 0.01692  # 1.6% of the mass: above the cut
+    scale = map_scale(attention, "attention")
+    assert scale.high < scale.peak and scale.label == "0 … 0.0169"

@@ -213,13 +213,14 @@ def test_in_a_real_browser_upload_click_a_word_see_the_heatmap(server, tiny_shap
         assert [t.text for t in tokens][0] == "<start>" and len(tokens) == len(buttons)
         assert browser.find_element(By.ID, "download-png").is_displayed()
         tiles = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#tiles figure") or None)
-        labels = sorted(t.text for t in tiles)  # every method's heatmap of the word, with its printed scale
-        assert [label.split(" · ")[0] for label in labels] == ["attention", "gradcam", "gradient_x_input",
-                                                               "guided_backprop", "guided_gradcam", "lrp"]
-        assert labels[0].startswith("attention · 0 … ")  # attention on the sequential scale
-        wait.until(ready.text_to_be_present_in_element((By.ID, "score"), "lrp"))
+        labels = sorted(t.text for t in tiles)  # every method's heatmap of the word, titled, with its printed scale
+        assert [label.split(" · ")[0] for label in labels] == ["Grad-CAM", "Guided Grad-CAM", "LRP", "attention",
+                                                               "gradient×input", "guided backprop"]
+        assert labels[3].startswith("attention · 0 … ")  # attention on the sequential scale
+        wait.until(ready.text_to_be_present_in_element((By.ID, "score"), "LRP"))
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "viewer.png"))
+        _the_page_shows_only_what_applies_and_resets_per_image(browser, wait, tmp_path)
 
         # a file name that is HTML is shown as text and never runs
         hostile = tmp_path / "<img src=x onerror=window.pwned=1>.png"
@@ -234,6 +235,52 @@ def test_in_a_real_browser_upload_click_a_word_see_the_heatmap(server, tiny_shap
         assert not browser.find_elements(By.CSS_SELECTOR, "#dataset img, body > img")
     finally:
         browser.quit()
+
+
+def _the_page_shows_only_what_applies_and_resets_per_image(browser, wait, tmp_path) -> None:
+    """Issue 27 in the browser: method titles and only the controls that apply; a busy indicator while
+    a request is in flight; a caption of the user's own; the empty-caption notice; downloads at the
+    photo's shape and as .npy, reset when another image is chosen."""
+    import base64
+
+    import numpy as np
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    shown = lambda parameter: browser.find_element(By.CSS_SELECTOR, f'[data-parameter="{parameter}"]').is_displayed()  # noqa: E731
+    method = Select(browser.find_element(By.ID, "method"))
+    assert [o.text for o in method.options] == ["attention", "Grad-CAM", "gradient×input", "guided backprop",
+                                                "Guided Grad-CAM", "LRP"]
+    assert shown("epsilon") and not shown("attention_rule")  # an LSTM: no dot-product attention rule
+    method.select_by_value("attention")
+    assert not shown("epsilon") and not shown("beta")
+    method.select_by_value("lrp")
+    wait.until(lambda b: b.find_element(By.ID, "busy").get_attribute("hidden") is not None)
+
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (120, 60), (30, 30, 200)).save(wide)
+    browser.find_element(By.ID, "upload").send_keys(str(wide))
+    wait.until(lambda b: not b.find_element(By.ID, "download-png").is_displayed())  # nothing of the last image
+    assert not browser.find_element(By.ID, "overlay").get_attribute("src")
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#words button"))
+    browser.find_element(By.ID, "own-caption").send_keys("a blue square")
+    browser.find_element(By.ID, "use-caption").click()
+    wait.until(lambda b: [x.text for x in b.find_elements(By.CSS_SELECTOR, "#words button")] == ["a", "blue", "square"])
+    browser.execute_script(  # every request from now on answers after 1.5 s: the indicator must show
+        "const f = window.fetch; window.fetch = (...a) => new Promise(r => setTimeout(() => r(f(...a)), 1500));")
+    browser.find_elements(By.CSS_SELECTOR, "#words button")[1].click()
+    wait.until(lambda b: b.find_element(By.ID, "busy").is_displayed())
+    wait.until(lambda b: (b.find_element(By.ID, "download-png").get_attribute("href") or "").startswith("data:"))
+    wait.until(lambda b: not b.find_element(By.ID, "busy").is_displayed())
+    png = browser.find_element(By.ID, "download-png").get_attribute("href").split(",", 1)[1]
+    assert Image.open(io.BytesIO(base64.b64decode(png))).size == (120, 60)
+    npy = browser.find_element(By.ID, "download-npy").get_attribute("href").split(",", 1)[1]
+    assert np.load(io.BytesIO(base64.b64decode(npy))).shape == (64, 64)
+    assert browser.find_element(By.ID, "download-npy").get_attribute("download") == "lrp_2_blue.npy"
+    browser.save_screenshot(str(ARTIFACTS / "viewer_own_caption.png"))
+    browser.execute_script("showCaption({image_id: current.imageId, words: [], unknown: []})")
+    assert "caption of this image is empty" in browser.find_element(By.ID, "notice").text
+    assert not browser.find_element(By.ID, "download-png").is_displayed()
 
 
 # ------------------------------------------------------------------ hostile clients (issue 28)
@@ -345,3 +392,34 @@ def test_the_upload_folder_goes_with_the_viewer(captioner):
     del state
     gc.collect()
     assert not folder.exists()
+
+
+def test_controls_own_captions_and_downloads_at_the_photos_shape(client, tiny_shapes):
+    """The page's data: per method a readable title and only the parameters that apply (no attention
+    rule for an LSTM, one for a transformer); a caption of the user's own, its unknown words named; the
+    map at the photo's shape and as .npy."""
+    import base64
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from captionlens.viewer.app import create_app
+
+    controls = client.get("/api/controls").json()
+    assert controls["gradient_x_input"]["title"] == "gradient×input" and controls["lrp"]["title"] == "LRP"
+    assert controls["lrp"]["parameters"] == ["epsilon", "alpha", "beta", "first_layer"]  # additive attention only
+    assert controls["attention"]["parameters"] == []
+    transformer = cl.build_captioner("transformer", encoder="shapes", vocab="a red circle".split(), hidden_size=16,
+                                     embed_size=16, seed=0, architecture_options={"layers": 1, "heads": 2})
+    assert "attention_rule" in TestClient(create_app(transformer)).get("/api/controls").json()["lrp"]["parameters"]
+
+    wide = client.post("/api/caption", files={"file": ("wide.png", png_bytes((120, 60)), "image/png")}).json()
+    own = client.post("/api/caption", data={"image_id": wide["image_id"], "caption": "A blue Zebra!"}).json()
+    assert own["words"] == ["a", "blue", "zebra"] and own["unknown"] == ["zebra"]
+    assert client.post("/api/caption", data={"image_id": wide["image_id"], "caption": " ?! "}).status_code == 422
+    result = client.post("/api/explain", json={"image_id": wide["image_id"], "word_index": 1, "method": "lrp"}).json()
+    assert result["word"] == "blue" and result["title"] == "LRP"  # the caption of the user's own is explained
+    photo = Image.open(io.BytesIO(base64.b64decode(result["heatmap_photo_png"].split(",", 1)[1])))
+    assert photo.size == (120, 60)  # the photo's shape, not the model's square
+    array = np.load(io.BytesIO(base64.b64decode(result["heatmap_npy"].split(",", 1)[1])))
+    assert array.shape == (64, 64) and array.dtype == np.float32

@@ -26,6 +26,13 @@ def _rule_for(module: nn.Module):
     return rule_by_name(module)
 
 
+def has_dot_product_attention(model: nn.Module) -> bool:
+    """Whether ``attention_rule`` applies: the model has dot-product softmax attention (the
+    transformer, a Hugging Face captioner), not only the LSTMs' additive attention."""
+    return bool(getattr(model, "relevance_by_operation", False)) or any(
+        isinstance(m, AttentionScores) for m in model.modules())
+
+
 def rule_hooks(model: CaptionModel, parameters: LRPParameters) -> list[tuple[nn.Module, ForwardHook]]:
     """A forward hook per leaf module that applies its LRP rule. Raises for a module type that
     has no rule and is not known to pass relevance correctly."""
@@ -74,8 +81,7 @@ def lrp(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targ
     (the transformer): weights held constant (``attention_rule="cp"``) or AttnLRP's rules
     (``"attnlrp"``). Relevance of learned positional embeddings: ``extra["positions"]`` [B, K]."""
     parameters = LRPParameters(epsilon, alpha, beta, first_layer, attention_rule)
-    by_operation = getattr(model, "relevance_by_operation", False)
-    if attention_rule != "cp" and not by_operation and not any(isinstance(m, AttentionScores) for m in model.modules()):
+    if attention_rule != "cp" and not has_dot_product_attention(model):
         raise ValueError(f"attention_rule={attention_rule!r} is for dot-product softmax attention (the transformer); "
                          "this model's attention is additive, whose weights LRP holds constant (eq. 8)")
     with canonized(model, parameters=parameters):  # the backward too: the rules read the (folded) weights then

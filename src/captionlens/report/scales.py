@@ -47,7 +47,8 @@ class MapScale:
     def label(self) -> str:
         if self.kind == ZERO:
             return "all zero"
-        clipped = f" (max {self.peak:.3g})" if self.peak is not None else ""
+        # the maximum is printed where the cut shows at three digits (near-uniform maps clip a hair)
+        clipped = f" (max {self.peak:.3g})" if self.peak is not None and f"{self.peak:.3g}" != f"{self.high:.3g}" else ""
         if self.kind == DIVERGING:
             return f"±{self.high:.3g}{clipped}"
         return f"0 … {self.high:.3g}{clipped}"

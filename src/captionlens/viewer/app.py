@@ -12,6 +12,7 @@ rate-limited (429).
 
 (No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at runtime.)
 """
+import base64
 import contextlib
 import hashlib
 import io
@@ -24,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -35,7 +37,8 @@ from ..errors import integer, real
 from ..extras import require
 from .server import JSON_BODY_LIMIT, MULTIPART_OVERHEAD, BodyLimit
 from ..models import Captioner
-from ..report.figures import normalised
+from ..explain.lrp import has_dot_product_attention
+from ..report.figures import normalised, title
 from ..report.html import png_data_uri
 from ..report.scales import heatmap_image, map_scale
 
@@ -208,7 +211,9 @@ class ViewerState:
         path = self.paths.get(image_id) or (upload[0] if upload else None)
         if path is None:
             return None
-        full = load_image(path, self.limits.max_upload_pixels if upload else MAX_PIXELS)
+        # an upload is a user's photo (EXIF orientation applied); a dataset image is read as stored, like
+        # its explanations in the store
+        full = load_image(path, self.limits.max_upload_pixels if upload else MAX_PIXELS, upright=bool(upload))
         pixels = resized_pixels(full, self.captioner.image_size)  # exactly what `captionlens explain` feeds the model
         display = full.copy()
         display.thumbnail((self.limits.display_side, self.limits.display_side))
@@ -286,6 +291,16 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
         """The explanation methods the model has and the parameters each takes."""
         return {name: method_parameters(name) for name in available}
 
+    dot_product = has_dot_product_attention(state.captioner.model)
+
+    @app.get("/api/controls")
+    def controls() -> dict[str, dict]:
+        """Per method: its readable title and the parameters that apply to this model (the attention
+        rule only where the model has dot-product attention) — what the page shows."""
+        return {name: {"title": title(name), "parameters": [p for p in method_parameters(name)
+                                                              if p != "attention_rule" or dot_product]}
+                for name in available}
+
     @app.get("/api/images")
     def images() -> list[dict]:
         """The dataset's test images and the uploads kept (at most ``max_uploads``): id and file name."""
@@ -302,8 +317,9 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
 
     @app.post("/api/caption")
     def caption(file: UploadFile | None = File(None), image_id: str | None = Form(None, max_length=64),
-                beam_size: int = Form(3, ge=1, le=10)) -> dict:
-        """Caption an uploaded image (multipart ``file``) or a known one (``image_id``)."""
+                beam_size: int = Form(3, ge=1, le=10), caption: str | None = Form(None, max_length=2000)) -> dict:
+        """Caption an uploaded image (multipart ``file``) or a known one (``image_id``); with
+        ``caption``, take the user's own caption (tokenised as the model's vocabulary spells words)."""
         if file is not None:
             content = file.file.read(limits.max_upload_bytes + 1)
             if len(content) > limits.max_upload_bytes:
@@ -321,6 +337,16 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
             raise HTTPException(422, "send a multipart 'file' or an 'image_id'")
         _, pixels = pictures_of(image_id)
         number = state.dataset_numbers.get(image_id)
+        if caption is not None:
+            words = state.captioner.tokenize(caption)
+            if not words:
+                raise HTTPException(422, "the caption has no words")
+            if len(words) > limits.max_caption_words:
+                raise HTTPException(422, f"the caption has {len(words)} words, more than {limits.max_caption_words}")
+            state.captions.put(image_id, words)
+            unknown = sorted({w for w in words if w not in state.captioner.vocab})
+            return {"image_id": image_id, "name": state.names.get(image_id, image_id), "words": words, "score": None,
+                    "unknown": unknown}
         if state.store is not None and number is not None and state.store.has_caption(number):
             stored = state.store.caption(number)  # the caption its stored explanations belong to
             words, score = stored["words"], stored["caption_score"]
@@ -329,7 +355,8 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
                 result = state.captioner.caption([pixels], beam_size=beam_size)[0]
             words, score = result.words, result.score
         state.captions.put(image_id, words)
-        return {"image_id": image_id, "name": state.names.get(image_id, image_id), "words": words, "score": score}
+        return {"image_id": image_id, "name": state.names.get(image_id, image_id), "words": words, "score": score,
+                "unknown": []}
 
     class ExplainRequest(BaseModel):
         image_id: str = Field(max_length=64)
@@ -353,7 +380,7 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
             raise HTTPException(400, f"unknown method {request.method!r} for this model; choose from {', '.join(available)}")
         if request.caption is not None and any(len(w) > 64 for w in request.caption):
             raise HTTPException(422, "caption words are at most 64 characters long")
-        _, pixels = pictures_of(request.image_id)
+        display, pixels = pictures_of(request.image_id)
         words = request.caption or state.captions.get_recent(request.image_id)
         if not words:
             raise HTTPException(400, "caption the image first (POST /api/caption) or send a caption")
@@ -374,11 +401,18 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
                 except ValueError as error:
                     raise HTTPException(400, str(error)) from None
                 row, source = 0, "computed"
-            cached = _payload(result, row, request.word_index) | {"source": source}
+            cached = _payload(result, row, request.word_index, display.size) | {"source": source}
             state.cache.put(key, cached)
         return cached
 
     return app
+
+
+def npy_data_uri(array: np.ndarray) -> str:
+    """``array`` as a .npy file in a data URI (what ``np.load`` reads back)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return "data:application/octet-stream;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _from_store(state: ViewerState, image_id: str, words: list[str], method: str, index: int, parameters: dict):
@@ -392,7 +426,9 @@ def _from_store(state: ViewerState, image_id: str, words: list[str], method: str
     return store.explanation(number, method), store.positions(number).index(index)
 
 
-def _payload(result, row: int, index: int) -> dict:
+def _payload(result, row: int, index: int, photo_size: tuple[int, int]) -> dict:
+    """What the page shows of one word's explanation; the map as a PNG at the model's size (laid over
+    the image), at the photo's shape (``photo_size``, the served image's: the download) and as .npy."""
     heatmap = result.image[row].numpy()
     scale = map_scale(heatmap, result.method, result.parameters)
     values = result.preceding[row, : index + 1]
@@ -400,9 +436,12 @@ def _payload(result, row: int, index: int) -> dict:
         "word": result.words[row],
         "word_index": index,
         "method": result.method,
+        "title": title(result.method),
         "parameters": result.parameters,
         "score": float(result.score[row]),
         "heatmap_png": png_data_uri(heatmap_image(heatmap, scale=scale)),
+        "heatmap_photo_png": png_data_uri(heatmap_image(heatmap, tuple(photo_size), scale)),
+        "heatmap_npy": npy_data_uri(heatmap.astype(np.float32)),
         "heatmap_max_abs": float(abs(heatmap).max()),
         "scale": scale.to_dict(),  # diverging, sequential or zero, with its printed label
         "grid": result.grid[row].tolist(),
