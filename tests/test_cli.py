@@ -262,6 +262,7 @@ def test_explain_warns_of_unknown_words_and_of_maps_that_are_all_zero(tiny_run, 
                                  "--methods", "gradcam", "--caption", "a red zebra"])
     assert result.exit_code == 0, result.output
     assert "warning: " in result.output and "'zebra'" in result.output and "<unk>" in result.output
+    assert f"{images[0].name}: 3 words" in result.output and "gradcam" in result.output  # progress inside the image
     assert "UserWarning" not in result.output
     saturated = cl.load(run)
     with torch.no_grad():  # every weight of the shapes encoder zero: no gradient reaches the pixels

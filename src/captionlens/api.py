@@ -74,7 +74,8 @@ def build_captioner(
 def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, methods: Sequence[str],
                   caption: str | Sequence[str] | None = None, words: Sequence[int] | None = None,
                   include_end: bool = False, lrp: dict | None = None, beam_size: int = 3, precision: str = "fp32",
-                  max_words_per_pass: int | None = None, max_words: int | None = MAX_WORDS) -> Path:
+                  max_words_per_pass: int | None = None, max_words: int | None = MAX_WORDS,
+                  progress: bool = False) -> Path:
     """Explain one image's caption (the model's own by default) with several methods and write
     caption.txt, explanation.json, ``<method>.npz`` and ``.npy`` heatmaps, ``heatmaps/<method>/*.png``
     (each word's map at the photo's shape) and figure.png into ``out``."""
@@ -92,7 +93,13 @@ def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, meth
                       stacklevel=2)
     out = claim_output_folder(out, "explanations")
     explanations: list[Explanation] = []
-    for method in methods:
+    from tqdm import tqdm
+
+    name = Path(image).name if isinstance(image, (str, Path)) else "image"
+    steps = tqdm(methods, desc=f"{name}: {len(words_to_explain)} words", unit="method", disable=not progress,
+                 leave=False)
+    for method in steps:
+        steps.set_postfix_str(method)
         parameters = {k: v for k, v in (lrp or {}).items() if k in method_parameters(method)}
         explanations.append(explain(captioner, picture, words_to_explain, method, words, include_end, precision,
                                     max_words_per_pass, max_words, **parameters))

@@ -123,7 +123,8 @@ def explain(
         name = path.stem if stems.count(path.stem) == 1 else path.name
         try:
             folder = explain_image(captioner, path, out / name, chosen, caption, positions, include_end,
-                                   parameters, beam_size, precision.value, max_words_per_pass, max_words)
+                                   parameters, beam_size, precision.value, max_words_per_pass, max_words,
+                                   progress=True)
         except (CaptionlensError, ValueError, IndexError) as error:  # this image only: go on with the others
             failed.append((path, str(error)))
             continue
@@ -203,7 +204,8 @@ def audit(
     from ..api import audit_lrp, load
     from ..io import write_json
 
-    report = audit_lrp(load(model, device), image, caption, tolerance)
+    with console.status("auditing LRP on a float64, bias-free copy of the model …"):
+        report = audit_lrp(load(model, device), image, caption, tolerance)
     rows = report.rows if show_all else report.flagged
     if rows:
         table = Table(title="relevance per module and operation (Σ over the caption's words)")
@@ -271,5 +273,5 @@ def report(
         explanations.check(captioner.fingerprint())
     captions = None if caption is None else [captioner.tokenize(caption)] * len(chosen)
     path = build_report(captioner, chosen, out, chosen_methods, captions=captions, results_dir=results,
-                        store=explanations, image_ids=image_ids, beam_size=beam_size)
+                        store=explanations, image_ids=image_ids, beam_size=beam_size, progress=True)
     console.print(f"report: {path}")

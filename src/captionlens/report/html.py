@@ -144,7 +144,7 @@ def build_report(captioner: Captioner, images: Sequence[ImageInput], out: str | 
                  methods: Sequence[str] = DEFAULT_METHODS, captions: Sequence[Sequence[str]] | None = None,
                  results_dir: str | Path | None = None, title: str = "captionlens report", beam_size: int = 3,
                  store: ExplanationStore | None = None, image_ids: Sequence[int] | None = None,
-                 **lrp_parameters) -> Path:
+                 progress: bool = False, **lrp_parameters) -> Path:
     """Write the report for ``images`` (their model captions, or ``captions``) to ``out``. With a
     ``store`` and the images' dataset ``image_ids``, captions and explanations are read from it."""
     unknown = [m for m in methods if m not in METHODS]
@@ -152,7 +152,10 @@ def build_report(captioner: Captioner, images: Sequence[ImageInput], out: str | 
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(sorted(METHODS))}")
     if methods is DEFAULT_METHODS:
         methods = [m for m in methods if m in methods_for(captioner.model)]
+    from tqdm import tqdm
+
     sections = []
+    steps = tqdm(total=len(images) * len(methods), desc="report", unit="map", disable=not progress)
     for index, image in enumerate(images):
         image_id = image_ids[index] if image_ids is not None else None
         picture = load_image(image, upright=image_id is None)  # a dataset image: as stored, like its store entry
@@ -165,10 +168,16 @@ def build_report(captioner: Captioner, images: Sequence[ImageInput], out: str | 
         name = Path(image).name if isinstance(image, (str, Path)) else f"image {index + 1}"
         if not words:
             sections.append(f"<h2>{html.escape(name)}</h2><p>(empty caption)</p>")
+            steps.update(len(methods))
             continue
-        explanations = [stored_or_explained(captioner, picture, words, method, store, image_id,
-                                            **(lrp_parameters if method == "lrp" else {})) for method in methods]
+        explanations = []
+        for method in methods:  # one step per image and method: a report of 4 images × 6 methods takes minutes
+            steps.set_postfix_str(f"{name}: {method}")
+            explanations.append(stored_or_explained(captioner, picture, words, method, store, image_id,
+                                                    **(lrp_parameters if method == "lrp" else {})))
+            steps.update()
         sections.append(image_section(name, picture, explanations, words))
+    steps.close()
     if results_dir is not None and Path(results_dir).is_dir():
         sections.append(results_section(Path(results_dir)))
     document = (
