@@ -5,7 +5,6 @@ the scale printed under the panel; the preceding words coloured by their normali
 Fig. 4 (red [0.3, 1], yellow (0, 0.3), blue [−1, 0]). Long captions wrap into several column groups."""
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,9 +52,11 @@ def normalised(preceding: torch.Tensor) -> np.ndarray:
 
 def explanation_figure(image: Image.Image, explanations: Sequence[Explanation], out: str | Path,
                        opacity: float = 0.5, rows_per_group: int = 8, longest_side: int = 192) -> Path:
-    """Save the figure for one image explained by several methods (same words in each): at most
-    ``rows_per_group`` words per column group, groups side by side. Drawn on a bare
-    ``matplotlib.figure.Figure``: the backend a notebook or script chose is left alone."""
+    """Save the figure for one image explained by several methods (same words in each): one row per
+    word, the method titles repeated every ``rows_per_group`` rows — a long caption makes the figure
+    taller, never its panels smaller (side-by-side groups made a 20-word caption 4032 px wide with
+    panels a reader had to zoom into). Drawn on a bare ``matplotlib.figure.Figure``: the backend a
+    notebook or script chose is left alone."""
     from matplotlib.figure import Figure
 
     by_method = {e.method: e for e in explanations}
@@ -66,17 +67,15 @@ def explanation_figure(image: Image.Image, explanations: Sequence[Explanation], 
     grey = picture.mean(axis=2)
     linguistic = by_method.get(linguistic_method(by_method))
     per_group = len(methods) + 1 + (linguistic is not None)
-    groups = max(1, math.ceil(len(first.words) / rows_per_group))
-    rows = max(1, min(len(first.words), rows_per_group))
+    rows = max(1, len(first.words))
     panel, aspect = 1.9, size[1] / size[0]
-    figure = Figure(figsize=(
-        groups * (panel * per_group + (1.6 if linguistic else 0)), (panel * aspect + 0.35) * rows))
-    axes = figure.subplots(rows, groups * per_group, squeeze=False)
+    figure = Figure(figsize=(panel * per_group + (1.6 if linguistic else 0), (panel * aspect + 0.45) * rows))
+    axes = figure.subplots(rows, per_group, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for index, word in enumerate(first.words):
-        row, offset = index % rows_per_group, (index // rows_per_group) * per_group
-        cells = axes[row, offset: offset + per_group]
+        titled = index % rows_per_group == 0  # the method titles again every rows_per_group rows
+        cells = axes[index]
         for axis in cells[: len(methods) + 1]:
             axis.axis("on")
             axis.set_xticks([])
@@ -94,14 +93,14 @@ def explanation_figure(image: Image.Image, explanations: Sequence[Explanation], 
                 axis.text(0.5, 0.5, "all zero", transform=axis.transAxes, ha="center", va="center", fontsize=9,
                           fontweight="bold", color="#b00000",
                           bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
-            axis.set_xlabel(scale.label, fontsize=7, labelpad=1)
-            if row == 0:
+            axis.set_xlabel(scale.label, fontsize=8, labelpad=1)
+            if titled:
                 axis.set_title(title(method), fontsize=10)
-        if row == 0:
+        if titled:
             cells[0].set_title("image", fontsize=10)
         if linguistic is not None:
             _words_in_colour(cells[-1], linguistic, index)
-            if row == 0:
+            if titled:
                 cells[-1].set_title(f"preceding words ({title(linguistic.method)})",
                                     fontsize=10)
     figure.tight_layout(rect=(0, 0.03, 1, 1))
