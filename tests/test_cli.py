@@ -273,3 +273,24 @@ def test_explain_warns_of_unknown_words_and_of_maps_that_are_all_zero(tiny_run, 
                                  str(tmp_path / "b"), "--methods", "gradient_x_input", "--caption", "a red circle"])
     assert result.exit_code == 0, result.output
     assert "every gradient_x_input map is exactly zero" in result.output
+
+
+def test_report_reuses_an_explain_folder_without_explaining_again(tiny_run, tmp_path, monkeypatch):
+    """`report --explained DIR` reads what `explain --out DIR` wrote: every image and word, no model."""
+    run, images = tiny_run
+    result = runner.invoke(app, ["explain", "--model", str(run), *map(str, images), "--out", str(tmp_path / "x"),
+                                 "--methods", "lrp,attention", "--caption", "a blue square"])
+    assert result.exit_code == 0, result.output
+
+    def never(*args, **kwargs):
+        raise AssertionError("explained again")
+    monkeypatch.setattr("captionlens.report.html.explain", never)
+    result = runner.invoke(app, ["report", "--explained", str(tmp_path / "x"), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r.html").read_text()
+    assert all(f"<h2>{image.stem}</h2>" in page for image in images)
+    assert page.count('<td class="word">square</td>') == len(images) and page.count('class="map"') == 2 * 3 * 2
+    result = runner.invoke(app, ["report", "--explained", str(tmp_path), "--out", str(tmp_path / "r2.html")])
+    assert result.exit_code == 2 and "no explanation.json" in result.output
+    result = runner.invoke(app, ["report", "--out", str(tmp_path / "r3.html")])
+    assert result.exit_code == 2 and "--model" in result.output

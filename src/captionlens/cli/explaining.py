@@ -232,8 +232,8 @@ def audit(
 
 @command()
 def report(
-    model: Annotated[Path, typer.Option("--model", "--run", help="Run folder of a trained captioner (--run: the "
-                                                                 "older name, still accepted).")],
+    model: Annotated[Optional[Path], typer.Option("--model", "--run", help="Run folder of a trained captioner "
+                                                                           "(--run: the older name, still accepted).")] = None,
     out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
     images: Annotated[Optional[list[Path]], typer.Option("--images", help="Images to explain (repeat the option); default: the first --count test images of --data.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Dataset folder to take test images from.")] = None,
@@ -244,6 +244,7 @@ def report(
     methods: Annotated[str, typer.Option(help=methods_help("attention,gradcam,guided_gradcam,guided_backprop,gradient_x_input,lrp"))] = "attention,gradcam,guided_gradcam,guided_backprop,gradient_x_input,lrp",
     caption: Annotated[Optional[str], typer.Option(help="Explain this caption (for every image) instead of the model's own.")] = None,
     beam_size: BeamOption = 3,
+    explained: Annotated[Optional[Path], typer.Option(help="An `explain --out` folder: report what it holds, explaining nothing again (no --model needed).")] = None,
     device: DeviceOption = None,
 ) -> None:
     """Write one self-contained HTML file (images embedded, no network needed): per image the caption
@@ -252,14 +253,20 @@ def report(
 
     Example: captionlens report --model runs/demo/gridtd --data runs/demo/data --results runs/demo/results
              captionlens report --model runs/f30k-gridtd --images photo.jpg --caption "a dog on a bench"
+             captionlens report --explained explained/ --out explained.html
     """
     from ..api import load
     from ..explain.store import ExplanationStore
-    from ..report.html import build_report
+    from ..report.html import build_report, build_report_from_explained
 
     chosen_methods = _methods(methods)
     if out.is_dir():
         raise ValueError(f"{out} is a folder: --out names the HTML file to write (e.g. {out / 'report.html'})")
+    if explained is not None:
+        console.print(f"report: {build_report_from_explained(explained, out, results_dir=results)}")
+        return
+    if model is None:
+        raise ValueError("give --model (a run folder), or --explained (an `explain --out` folder)")
     chosen, image_ids = list(images or []), None
     if not chosen:
         if data is None:

@@ -178,12 +178,41 @@ def build_report(captioner: Captioner, images: Sequence[ImageInput], out: str | 
             steps.update()
         sections.append(image_section(name, picture, explanations, words))
     steps.close()
+    return write_report(sections, out, title, results_dir)
+
+
+def build_report_from_explained(folder: str | Path, out: str | Path, title: str = "captionlens report",
+                                results_dir: str | Path | None = None) -> Path:
+    """Write the report of what ``captionlens explain --out FOLDER`` wrote (one sub-folder per image:
+    explanation.json and the heatmaps), without explaining anything again."""
+    from ..io import read_json
+
+    sections = []
+    explained = sorted(p for p in Path(folder).iterdir() if (p / "explanation.json").is_file()) \
+        if Path(folder).is_dir() else []
+    if not explained:
+        raise FileNotFoundError(f"no explanation.json in the sub-folders of {folder} (make them with "
+                                "`captionlens explain --out FOLDER`)")
+    for sub in explained:
+        data = read_json(sub / "explanation.json")
+        if not data.get("image"):
+            sections.append(f"<h2>{html.escape(sub.name)}</h2><p>(explained from an array: no image file)</p>")
+            continue
+        explanations = [Explanation.from_dict(entry, sub / entry["heatmaps"]) for entry in data["methods"].values()]
+        sections.append(image_section(sub.name, load_image(data["image"]), explanations, data["caption"]))
+    return write_report(sections, out, title, results_dir)
+
+
+def write_report(sections: Sequence[str], out: str | Path, title: str, results_dir: str | Path | None = None) -> Path:
+    """The self-contained HTML page of ``sections`` (and the experiments' tables in ``results_dir``)."""
+    sections = list(sections)
     if results_dir is not None and Path(results_dir).is_dir():
         sections.append(results_section(Path(results_dir)))
     document = (
         f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style><script>{SCRIPT}</script></head><body><h1>{html.escape(title)}</h1>"
-        "<p>Red: evidence for the word, blue: evidence against it; each map is scaled by its own max |value|. "
+        "<p>Red: evidence for the word, blue: evidence against it; each map on its own scale, printed under it "
+        "(the top 2% of a map's mass drawn saturated). "
         "Preceding words: red ≥ 0.3, yellow (0, 0.3), blue ≤ 0 of the normalised relevance.</p>"
         "<p><label>overlay opacity <input type=\"range\" min=\"0\" max=\"1\" step=\"0.05\" value=\"0.55\" "
         "oninput=\"setOpacity(this.value)\"></label> <span id=\"opacity-value\">0.55</span></p>"
