@@ -150,6 +150,12 @@ def test_the_report_verb_takes_model_caption_and_beam_size_like_the_other_verbs(
     text = (tmp_path / "r.html").read_text()
     assert all(f'<td class="word">{word}</td>' in text for word in ("a", "blue", "square"))
     assert "report: 100%" in result.output and "1/1" in result.output  # progress per image and method
+    result = CliRunner().invoke(app, ["report", "--model", str(tmp_path / "run"), "--images", str(image), "--caption",
+                                      "a blue square", "--words", "2", "--methods", "lrp,attention", "--out",
+                                      str(tmp_path / "w.html")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "w.html").read_text()
+    assert '<td class="word">square</td>' in text and '<td class="word">blue</td>' not in text  # only word 2
     result = CliRunner().invoke(app, ["report", "--run", str(tmp_path / "run"), "--images", str(image), "--beam-size",
                                       "0", "--out", str(tmp_path / "r2.html")])
     assert result.exit_code != 0 and "beam" in result.output.lower()

@@ -262,6 +262,7 @@ def _the_page_shows_only_what_applies_and_resets_per_image(browser, wait, tmp_pa
     browser.find_element(By.ID, "upload").send_keys(str(wide))
     wait.until(lambda b: not b.find_element(By.ID, "download-png").is_displayed())  # nothing of the last image
     assert not browser.find_element(By.ID, "overlay").get_attribute("src")
+    assert browser.execute_script("return getComputedStyle(document.getElementById('overlay')).visibility") == "hidden"
     wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#words button"))
     browser.find_element(By.ID, "own-caption").send_keys("a blue square")
     browser.find_element(By.ID, "use-caption").click()

@@ -243,6 +243,7 @@ def report(
     results: Annotated[Optional[Path], typer.Option(help="Folder of experiment tables and plots to include (e.g. OUT/results of the demo).")] = None,
     methods: Annotated[str, typer.Option(help=methods_help("attention,gradcam,guided_gradcam,guided_backprop,gradient_x_input,lrp"))] = "attention,gradcam,guided_gradcam,guided_backprop,gradient_x_input,lrp",
     caption: Annotated[Optional[str], typer.Option(help="Explain this caption (for every image) instead of the model's own.")] = None,
+    words: Annotated[Optional[str], typer.Option(help="Comma-separated word positions (0-based) to explain; default: all.")] = None,
     beam_size: BeamOption = 3,
     explained: Annotated[Optional[Path], typer.Option(help="An `explain --out` folder: report what it holds, explaining nothing again (no --model needed).")] = None,
     device: DeviceOption = None,
@@ -280,5 +281,6 @@ def report(
         explanations.check(captioner.fingerprint())
     captions = None if caption is None else [captioner.tokenize(caption)] * len(chosen)
     path = build_report(captioner, chosen, out, chosen_methods, captions=captions, results_dir=results,
-                        store=explanations, image_ids=image_ids, beam_size=beam_size, progress=True)
+                        store=explanations, image_ids=image_ids, beam_size=beam_size, progress=True,
+                        positions=integers(words, "--words"))
     console.print(f"report: {path}")

@@ -129,10 +129,13 @@ def _cell(value) -> str:
 
 def stored_or_explained(captioner: Captioner, picture: Image.Image, words: Sequence[str], method: str,
                         store: ExplanationStore | None = None, image_id: int | None = None,
-                        **parameters) -> Explanation:
-    """Every word's explanation by ``method``: from the store when it holds this image with this
-    caption, every word explained and the same parameters; computed otherwise."""
+                        positions: Sequence[int] | None = None, **parameters) -> Explanation:
+    """Every word's explanation by ``method`` (the words at ``positions`` only, when given): from the
+    store when it holds this image with this caption, every word explained and the same parameters;
+    computed otherwise."""
     wanted = resolved_parameters(method, **parameters)
+    if positions is not None:
+        return explain(captioner, picture, words, method, words=list(positions), **parameters)
     if (store is not None and image_id is not None and store.has_caption(image_id) and store.has(image_id, method)
             and store.words(image_id) == list(words) and store.positions(image_id) == list(range(len(words)))
             and store.parameters(method) == wanted):
@@ -144,9 +147,10 @@ def build_report(captioner: Captioner, images: Sequence[ImageInput], out: str | 
                  methods: Sequence[str] = DEFAULT_METHODS, captions: Sequence[Sequence[str]] | None = None,
                  results_dir: str | Path | None = None, title: str = "captionlens report", beam_size: int = 3,
                  store: ExplanationStore | None = None, image_ids: Sequence[int] | None = None,
-                 progress: bool = False, **lrp_parameters) -> Path:
-    """Write the report for ``images`` (their model captions, or ``captions``) to ``out``. With a
-    ``store`` and the images' dataset ``image_ids``, captions and explanations are read from it."""
+                 progress: bool = False, positions: Sequence[int] | None = None, **lrp_parameters) -> Path:
+    """Write the report for ``images`` (their model captions, or ``captions``; only the words at
+    ``positions`` when given) to ``out``. With a ``store`` and the images' dataset ``image_ids``,
+    captions and explanations of every word are read from it."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(sorted(METHODS))}")
@@ -173,7 +177,7 @@ def build_report(captioner: Captioner, images: Sequence[ImageInput], out: str | 
         explanations = []
         for method in methods:  # one step per image and method: a report of 4 images × 6 methods takes minutes
             steps.set_postfix_str(f"{name}: {method}")
-            explanations.append(stored_or_explained(captioner, picture, words, method, store, image_id,
+            explanations.append(stored_or_explained(captioner, picture, words, method, store, image_id, positions,
                                                     **(lrp_parameters if method == "lrp" else {})))
             steps.update()
         sections.append(image_section(name, picture, explanations, words))
