@@ -445,7 +445,9 @@ def _planted_results(lrp_auc: float) -> dict:
                 {"model": "plain", "BLEU-4": 0.5, "hallucination_rate": 0.25, "hallucination_rate_low": 0.23,
                  "hallucination_rate_high": 0.27}]
     auc = {"lrp": lrp_auc, "lrp_max": 0.5, "guided_gradcam": 0.4, "guided_gradcam_abs": 0.6, "gradcam": 0.5,
-           "attention": 0.55, "one_minus_beta": 0.52}
+           "attention": 0.55, "one_minus_beta": 0.52, "probability": 0.6, "entropy": 0.58}
+    visual = {"object": {"median": 0.6, "low": 0.55, "high": 0.65, "words": 40},
+              "function": {"median": 0.2, "low": 0.15, "high": 0.25, "words": 40}}
     masking = [{"method": "lrp", "masked": "positive", "vanished": 0.8, "vanished_low": 0.7, "vanished_high": 0.9},
                {"method": "lrp", "masked": "negative", "vanished": 0.05, "vanished_low": 0.01, "vanished_high": 0.1},
                {"method": "random", "masked": "random", "vanished": 0.1, "vanished_low": 0.05, "vanished_high": 0.2}]
@@ -462,8 +464,11 @@ def _planted_results(lrp_auc: float) -> dict:
     invariance = [{"method": "lrp", "changes": True, "image_change": 0.2, "preceding_change": 0.0,
                    "image_spearman": 0.9, "logit_change": 1e-7}]
     per_arch = {"correctness": correctness, "ablation": ablation, "masking": masking, "finetune": finetune,
-                "hallucination": {"auc": auc, "auc_interval": {k: [v - 0.05, v + 0.05] for k, v in auc.items()}},
-                "faithfulness": faithfulness, "sanity": {"randomisation": randomisation, "input_invariance": invariance}}
+                "hallucination": {"auc": auc, "auc_interval": {k: [v - 0.05, v + 0.05] for k, v in auc.items()},
+                                  "added_value": {"lrp": 0.05}, "added_value_interval": {"lrp": [0.02, 0.08]},
+                                  "stratified_auc_interval": {"lrp": [0.7, 0.8], "probability": [0.55, 0.65]}},
+                "faithfulness": faithfulness, "sanity": {"randomisation": randomisation, "input_invariance": invariance},
+                "visual_share": visual}
     return {name: {"adaptive": value, "gridtd": value} for name, value in per_arch.items()}
 
 
@@ -497,8 +502,20 @@ def test_verdicts_come_from_intervals_holds_fails_or_inconclusive():
     assert {c: v for c, v, _ in findings(persistent, "gridtd")}[
         "Sanity: Guided Grad-CAM's maps change once the decoder is random (the journal cites it as failing sanity "
         "checks: this would not hold)"] == FAILS  # the map survives the decoder's randomisation
+    confident = _planted_results(0.3)  # the model's probability separates better than LRP, and LRP adds nothing
+    confident["hallucination"]["gridtd"]["auc_interval"]["lrp_max"] = [0.3, 0.4]
+    confident["hallucination"]["gridtd"]["added_value_interval"]["lrp"] = [-0.04, -0.01]
+    verdicts = {c: v for c, v, _ in findings(confident, "gridtd")}
+    assert verdicts["LRP detects hallucinated words better than the model's confidence"] == FAILS
+    assert verdicts["LRP adds to the model's confidence (beyond probability, entropy, position and repetition)"] == FAILS
+    linguistic = _planted_results(0.8)
+    linguistic["visual_share"]["gridtd"]["function"].update(low=0.7, high=0.8)
+    assert {c: v for c, v, _ in findings(linguistic, "gridtd")}[
+        "Object words are explained by the image, function words by the preceding words (the papers' linguistic "
+        "explanations)"] == FAILS
     text = results_markdown(_planted_results(0.8), 12.0, quick=True)
     assert "## Table 3" in text and "| holds |" in text and "0.64" in text  # the paper's LRP AUC beside ours
+    assert "| gridtd | lrp |  | 0.050 [0.020, 0.080] |" in text and "## Which words are visual" in text
     assert "## Region perturbation" in text and "| encoder.features.0 | 0.10 / 0.10 | 0.10 / 0.10 |" in text
     assert "| lrp | yes |" in text  # input invariance
 

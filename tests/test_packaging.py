@@ -147,7 +147,7 @@ def test_a_missing_extra_names_the_extra_to_install():
 
 
 # The layers of the package, lowest first: a module may import its own layer and those below it.
-LAYERS = [("errors",), ("extras", "io"), ("distributed", "data"), ("models", "train"), ("explain", "features", "pipeline"),
+LAYERS = [("errors",), ("extras", "io"), ("distributed", "data"), ("models", "train"), ("explain", "display", "features", "pipeline"),
           ("experiments",), ("report",), ("viewer",), ("api", "demo"), ("cli", "__init__", "__main__")]
 
 

@@ -62,7 +62,7 @@ def test_constant_zero_and_signed_maps_are_drawn_on_their_intended_scales():
     import matplotlib
     import numpy as np
 
-    from captionlens.report.scales import DIVERGING, SEQUENTIAL, ZERO, heatmap_image, map_scale
+    from captionlens.display.scales import DIVERGING, SEQUENTIAL, ZERO, heatmap_image, map_scale
 
     constant, zero = np.full((8, 8), 0.02), np.zeros((8, 8))
     signed = np.zeros((8, 8))
@@ -90,7 +90,7 @@ def test_a_map_whose_maximum_is_an_outlier_is_drawn_with_the_cut_and_says_so():
     import matplotlib
     import numpy as np
 
-    from captionlens.report.scales import OUTLIER_SHARE, heatmap_image, map_scale
+    from captionlens.display.scales import OUTLIER_SHARE, heatmap_image, map_scale
 
     planted = np.full((64, 64), 0.1)
     planted[5, 5] = 5.0
@@ -225,7 +225,7 @@ def test_a_cut_that_does_not_show_at_three_digits_prints_no_maximum():
     """A near-uniform attention map clips a hair below its maximum: its label stays "0 … 0.0169"."""
     import numpy as np
 
-    from captionlens.report.scales import map_scale
+    from captionlens.display.scales import map_scale
 
     attention = np.full((8, 8), 0.0169)
     attention[0, 0] = 0.01692  # 1.6% of the mass: above the cut

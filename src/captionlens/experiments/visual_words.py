@@ -105,13 +105,17 @@ def visual_section(results: dict, archs: list[str]) -> list[str]:
     for arch in archs:
         table = results.get("visual_share", {}).get(arch) or {}
         if table:
-            rows.append({"model": arch} | {
-                name: (f"{table[name]['median']:.2f} [{table[name]['low']:.2f}, {table[name]['high']:.2f}] "
-                       f"(n={table[name]['words']})" if table[name]["words"] else "no word")
-                for name in CLASSES})
+            rows.append({"model": arch} | {name: _cell(table.get(name)) for name in CLASSES})
     return ["## Which words are visual — beyond the papers' tables", "",
             "Median share of each word's absolute LRP relevance on the image (the rest is on the preceding words), "
             "per word class, with 95% bootstrap intervals over words.", "", markdown_table(rows), ""] if rows else []
+
+
+def _cell(row: dict | None) -> str:
+    """``median [low, high] (n=words)`` of one class, or "no word"."""
+    if not row or not row.get("words"):
+        return "no word"
+    return f"{row['median']:.2f} [{row['low']:.2f}, {row['high']:.2f}] (n={row['words']})"
 
 
 def _show(result: dict, bench, options: dict) -> None:

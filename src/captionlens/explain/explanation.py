@@ -68,29 +68,29 @@ class Explanation:
                            summed(self.grid), summed(self.preceding) @ matrix, summed(self.score),
                            dict(self.parameters), {k: summed(v) for k, v in self.extra.items()}, self.photo_size)
 
-    # ------------------------------------------------------------------- looking at it (report/notebook.py)
+    # ------------------------------------------------------------------ looking at it (display/notebook.py)
     def heatmap(self, word: int | str, size: str | tuple[int, int] = "model", photo=None) -> np.ndarray:
         """The map of ``word`` (a caption position or an explained word) as float32 [H, W], at the
         model's input size (``"model"``), the photo's (``"photo"``) or ``size`` = (width, height)."""
-        from ..report.notebook import heatmap
+        from ..display.notebook import heatmap
 
         return heatmap(self, word, size, photo)
 
     def overlay(self, photo, word: int | str, opacity: float = 0.5) -> np.ndarray:
         """``photo`` with ``word``'s map over it: uint8 RGBA [H, W, 4] at the photo's size."""
-        from ..report.notebook import overlay
+        from ..display.notebook import overlay
 
         return overlay(self, photo, word, opacity)
 
     def plot(self, word: int | str | None = None, photo=None, ax=None):
         """A matplotlib Figure of ``word``'s map (every word's when None), over ``photo`` when given;
         the matplotlib backend is left as it is (inline plots in notebooks keep working)."""
-        from ..report.notebook import plot
+        from ..display.notebook import plot
 
         return plot(self, word, photo, ax)
 
     def _repr_html_(self) -> str:
-        from ..report.notebook import to_html
+        from ..display.notebook import to_html
 
         return to_html(self)
 
@@ -133,7 +133,7 @@ class Explanation:
     def save_pngs(self, directory: str | Path, photo=None, longest: int = 1024) -> list[Path]:
         """Each word's map as a PNG on its colour scale, ``DIR/<method>/<position>_<word>.png``, at the
         photo's shape (its longer side at most ``longest``) when ``photo`` is given, else the model's."""
-        from ..report.scales import display_size, heatmap_image, map_scale
+        from ..display.scales import display_size, heatmap_image, map_scale
 
         folder = Path(directory) / self.method
         folder.mkdir(parents=True, exist_ok=True)

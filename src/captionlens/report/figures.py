@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..explain.explanation import Explanation
 from ..explain.methods import METHOD_INFO, in_column_order, linguistic_method
-from .scales import LEGEND, ZERO, display_size, heatmap_image, map_scale
+from ..display.scales import LEGEND, ZERO, display_size, heatmap_image, map_scale
 
 
 def title(method: str) -> str:

@@ -8,9 +8,7 @@ is HTML-escaped.
 """
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +22,7 @@ from ..io import atomic_write_text
 from ..models import Captioner
 from ..explain.methods import METHOD_INFO, in_column_order, linguistic_method
 from .figures import normalised, title, word_colour, word_label
-from .scales import LEGEND, ZERO, display_size, heatmap_image, map_scale
+from ..display.scales import LEGEND, ZERO, display_size, heatmap_image, map_scale, png_data_uri
 
 DEFAULT_METHODS = tuple(in_column_order(METHOD_INFO))  # every method (those the model has: rollout needs a transformer)
 DISPLAY = 160  # pixels per heatmap tile
@@ -47,10 +45,6 @@ document.getElementById('opacity-value').textContent=Number(v).toFixed(2);}
 """
 
 
-def png_data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _tokens_html(explanation: Explanation, row: int) -> str:

@@ -39,8 +39,7 @@ from .server import JSON_BODY_LIMIT, MULTIPART_OVERHEAD, BodyLimit
 from ..models import Captioner
 from ..explain.lrp import has_dot_product_attention
 from ..report.figures import normalised, title
-from ..report.html import png_data_uri
-from ..report.scales import heatmap_image, map_scale
+from ..display.scales import heatmap_image, map_scale, png_data_uri
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 

@@ -129,7 +129,7 @@ def _draw(axis: Axes, explanation: Explanation, row: int, picture: Image.Image |
 
 def to_html(explanation: Explanation, longest: int = 96) -> str:
     """A small HTML table for a notebook: per explained word its map (on its scale) and its label."""
-    from .html import png_data_uri
+    from .scales import png_data_uri
 
     cells = []
     for row, word in enumerate(explanation.words):

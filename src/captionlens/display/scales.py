@@ -20,6 +20,8 @@ them, once per figure or page.
 """
 from __future__ import annotations
 
+import base64
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,3 +129,10 @@ def display_size(image: Image.Image, longest: int) -> tuple[int, int]:
     width, height = image.size
     factor = longest / max(width, height)
     return max(1, round(width * factor)), max(1, round(height * factor))
+
+
+def png_data_uri(image: Image.Image) -> str:
+    """``image`` as a PNG in a data URI (embedded in the report, the viewer's answers, notebooks)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
