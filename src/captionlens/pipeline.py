@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
+from tqdm import tqdm
 
 from .data.bundle import DataBundle, open_data
 from .features import grid_features
@@ -20,7 +21,7 @@ from .distributed import current
 from .io import atomic_write, claim_output_folder, remove_leftovers
 from .models import Captioner, CaptionerConfig, build_model
 from .models.captioner import architecture_settings, resolve_device
-from .models.registry import ENCODERS, lookup
+from .models.registry import ARCHITECTURES, ENCODERS, lookup
 from .models.encoders import Encoder, ShapesEncoder, build_encoder
 from .train import STATE_JSON, Trainer, TrainConfig
 
@@ -123,29 +124,48 @@ def pad_captions(captions: list[list[int]], pad_id: int) -> torch.Tensor:
     return torch.tensor([c + [pad_id] * (longest - len(c)) for c in captions])
 
 
-def caption_loss(decoder: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], pad_id: int) -> torch.Tensor:
-    """Teacher-forced cross-entropy: grids [B, C, h, w], tokens [B, T+1] (<start> .. <end> <pad>..)."""
-    grids, tokens = batch
-    logits = decoder(grids, tokens[:, :-1]).logits  # [B, T, V]
+def token_loss(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Teacher-forced cross-entropy of logits [B, T, V] (``logits[:, t]`` scores token t+1) against
+    tokens [B, T+1] (<start> .. <end> <pad>..); padding does not count."""
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
                                        ignore_index=pad_id)
+
+
+def caption_loss(decoder: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], pad_id: int) -> torch.Tensor:
+    """Teacher-forced cross-entropy of a decoder: grids [B, C, h, w], tokens [B, T+1]."""
+    grids, tokens = batch
+    return token_loss(decoder(grids, tokens[:, :-1]).logits, tokens, pad_id)
 
 
 def train_decoder(captioner: Captioner, data: DataBundle, features: dict[str, np.ndarray], out: str | Path,
                   config: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False) -> Captioner:
     """Train ``captioner.model.decoder`` on cached grids; the best weights (by validation loss) end up
-    in ``out/model.safetensors`` and in the returned captioner. Under torchrun the decoder trains as
-    DistributedDataParallel: each rank takes its DistributedSampler share of the training images
-    (``batch_size`` / world size of them per step, so a step sees ``batch_size`` images in all)."""
+    in ``out/model.safetensors`` and in the returned captioner."""
+    captioner.model.encoder.requires_grad_(False)
+    device = captioner.device
+    grids = lambda split, rows: torch.from_numpy(np.asarray(features[split][rows], dtype=np.float32)).to(device)  # noqa: E731
+    return teacher_forcing(captioner, captioner.model.decoder, lambda decoder, batch: caption_loss(
+        decoder, batch, captioner.vocab.pad_id), grids, data, out, config, resume, progress, force)
+
+
+def teacher_forcing(captioner, trained: nn.Module, loss_fn, inputs, data: DataBundle, out: str | Path,
+                    config: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False):
+    """Train ``trained`` (a part of ``captioner``'s model, or all of it) with teacher forcing on the
+    data's training captions, early-stopped on the validation captions; ``captioner.save(out)`` keeps
+    the best weights, and the captioner loaded back from ``out`` is returned.
+
+    ``inputs(split, rows) -> tensor`` gives the model's image input for those images (cached grids, or
+    pixels); a batch is ``(inputs, tokens [B, T+1])`` and ``loss_fn(module, batch)`` its loss. Under
+    torchrun ``trained`` trains as DistributedDataParallel: each rank takes its DistributedSampler share
+    of the training images (``batch_size`` / world size of them per step, so a step sees ``batch_size``
+    images in all)."""
     vocab, device = captioner.vocab, captioner.device
     ranks = current()
     max_words = captioner.config.max_length
     encoded = {s: [[vocab.encode(c[:max_words]) for c in r.captions] for r in data.split(s)] for s in ("train", "val")}
-    decoder = captioner.model.decoder
 
     def to_batch(split: str, rows: list[int], captions: list[list[int]]):
-        grids = torch.from_numpy(np.asarray(features[split][rows], dtype=np.float32)).to(device)
-        return grids, pad_captions(captions, vocab.pad_id).to(device)
+        return inputs(split, rows), pad_captions(captions, vocab.pad_id).to(device)
 
     def train_batches(epoch: int):
         if ranks.active:
@@ -168,14 +188,48 @@ def train_decoder(captioner: Captioner, data: DataBundle, features: dict[str, np
             yield to_batch("val", [r for r, _ in chunk], [c for _, c in chunk])
 
     out = Path(out)
-    captioner.model.encoder.requires_grad_(False)
     settings = {"data": data.name, "data_folder": str(data.root.resolve()), "train_images": len(encoded["train"]),
                 "val_images": len(encoded["val"]), "captioner": asdict(captioner.config)}
-    trainer = Trainer(decoder, lambda model, batch: caption_loss(model, batch, vocab.pad_id), config, out, progress,
-                      name=captioner.config.architecture, ranks=ranks, settings=settings)
+    trainer = Trainer(trained, loss_fn, config, out, progress, name=captioner.config.architecture, ranks=ranks,
+                      settings=settings)
     trainer.fit(train_batches, val_batches, lambda: captioner.save(out), resume=resume, force=force)
     ranks.barrier()  # rank 0 has written the best weights
     return Captioner.load(out, device)
+
+
+def train_pixel_captioner(bundle: DataBundle, architecture: str, out: Path, hidden_size: int, dropout: float,
+                          min_count: int | None, config: TrainConfig, resume: bool, device: str | None,
+                          progress: bool, workers: int, options: dict, force: bool):
+    """A captioner that learns from pixels (``vit-gpt2``: its ViT and its GPT-2 together), trained end to
+    end with teacher forcing on the images of the train split, decoded once into memory (uint8)."""
+    from .data.images import decoded_batches, normalise
+
+    vocab = Vocabulary.build((c for r in bundle.split("train") for c in r.captions),
+                             min_count if min_count is not None else bundle.default_min_count)
+    size = (bundle.shapes_config or {}).get("image_size", 64)
+    torch.manual_seed(config.seed)
+    captioner = lookup(ARCHITECTURES, "architecture", architecture).build(
+        vocab, image_size=size, hidden_size=hidden_size, dropout=dropout, device=device, **options)
+    hf, family = captioner.model.hf, captioner.model.family
+    pooler = getattr(hf.encoder, "pooler", None)  # the ViT's pooled CLS output feeds nothing here:
+    if pooler is not None:  # untrained, and outside DistributedDataParallel's gradient reduction
+        pooler.requires_grad_(False)
+    encoder = captioner.model.encoder
+    pixels = {}
+    for split in ("train", "val"):
+        paths = [r.path for r in bundle.split(split)]
+        chunks = [paths[i: i + 256] for i in range(0, len(paths), 256)]
+        pixels[split] = torch.cat(list(tqdm(decoded_batches(chunks, size, workers), total=len(chunks),
+                                            desc=f"decode {split}", disable=not progress, leave=False)))
+
+    def image_input(split: str, rows: list[int]) -> torch.Tensor:  # normalised pixels [B, 3, S, S]
+        return normalise(pixels[split][rows].to(captioner.device), encoder.mean, encoder.std)
+
+    def loss_fn(model: nn.Module, batch) -> torch.Tensor:
+        images, tokens = batch
+        return token_loss(model(**family.inputs(hf, images, tokens[:, :-1])).logits, tokens, vocab.pad_id)
+
+    return teacher_forcing(captioner, hf, loss_fn, image_input, bundle, out, config, resume, progress, force)
 
 
 def train_captioner(
@@ -204,6 +258,10 @@ def train_captioner(
     the same data and settings (``force`` allows other ones)."""
     dropout, architecture_options = architecture_settings(architecture, dropout, architecture_options)
     bundle = data if isinstance(data, DataBundle) else open_data(data)
+    from_pixels = getattr(lookup(ARCHITECTURES, "architecture", architecture), "trained_from_pixels", False)
+    if from_pixels and (encoder != "shapes" or encoder_weights is not None):
+        raise ValueError(f"{architecture} learns its own image encoder from the pixels: --encoder and "
+                         "--encoder-weights do not apply to it")
     for split in ("train", "val"):
         if not bundle.split(split):
             raise ValueError(f"the {split} split of {bundle.name} has no images: a captioner needs both a train and "
@@ -212,6 +270,9 @@ def train_captioner(
     out = claim_output_folder(out, "run")
     if resume and not (out / STATE_JSON).is_file():
         raise FileNotFoundError(f"nothing to resume in {out}: no {STATE_JSON} (train without --resume first)")
+    if from_pixels:
+        return train_pixel_captioner(bundle, architecture, out, hidden_size, dropout, min_count, config, resume, device,
+                                     progress, workers, architecture_options, force)
     if resume and (out / "vocab.json").is_file():
         vocab = Vocabulary.from_json(out / "vocab.json")
     else:

@@ -173,7 +173,13 @@ class Trainer:
         checksums = [values[0] for values in self.ranks.gather([self.weight_checksum()])]
         if not self.ranks.is_main:
             return
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        tensors, seen = {}, set()
+        for key, value in self.model.state_dict().items():
+            value = value.detach().cpu().contiguous()
+            if value.data_ptr() in seen:  # a tied weight (GPT-2's output layer is its embedding): a copy,
+                value = value.clone()  # as safetensors stores no shared tensors
+            seen.add(value.data_ptr())
+            tensors[f"model.{key}"] = value
         optimizer = self.optimizer.state_dict()
         for index, slots in optimizer["state"].items():
             for slot, value in slots.items():

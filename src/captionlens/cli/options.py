@@ -187,11 +187,12 @@ def _architecture_options() -> type:
             spec = (option.kind, option.low, option.high, option.high_open)
             if name in declared and declared[name][0] != spec:
                 raise TypeError(f"decoders declare the option {name!r} differently: {declared[name][1]} and {architecture}")
-            declared.setdefault(name, (spec, [], option))[1].append(architecture)
+            declared.setdefault(name, (spec, [], option))[1].append((architecture, option.default))
     fields = []
     for name, ((kind, low, high, high_open), owners, option) in declared.items():
         parser = whole(low, high) if kind is int else number(low, high, high_open=high_open)
-        help_text = f"{', '.join(owners)}: {option.help} (default {option.default:g})."
+        defaults = ", ".join(f"{default:g} for {owner}" for owner, default in owners)
+        help_text = f"{', '.join(owner for owner, _ in owners)}: {option.help} (default {defaults})."
         fields.append((name, Annotated[Optional[kind], typer.Option(help=help_text, parser=parser)], dataclasses.field(default=None)))
 
     def given(self) -> dict:

@@ -7,10 +7,12 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..data.bundle import DataBundle
+from ..data.images import decoded_batches, normalise
 from ..features import grid_features
-from ..models import Captioner
+from ..models import Caption, Captioner
 from .caption_metrics import bleu
 from .metrics import hallucination_rate, object_precision_recall
 
@@ -25,15 +27,39 @@ def split_features(captioner: Captioner, data: DataBundle, split: str, progress:
     return torch.from_numpy(np.asarray(grids, dtype=np.float32))
 
 
+def caption_records(captioner: Captioner, data: DataBundle, split: str, indices: list[int], beam_size: int,
+                     progress: bool, workers: int, batch_size: int = 32) -> list[Caption]:
+    """Captions of the split's images at ``indices``: by beam search on the cached grid features, or —
+    for a captioner that captions from pixels (a Hugging Face model's ``generate``) — from the images."""
+    if captioner.caches_features:
+        return captioner.caption_features(split_features(captioner, data, split, progress, workers)[indices],
+                                          beam_size)
+    records = data.split(split)
+    chunks = [indices[start: start + batch_size] for start in range(0, len(indices), batch_size)]
+    encoder = captioner.model.encoder
+    captions: list[Caption] = []
+    for pixels in tqdm(decoded_batches([[records[i].path for i in chunk] for chunk in chunks], captioner.image_size,
+                                       workers), total=len(chunks), desc=f"caption {split}", disable=not progress):
+        captions += captioner.caption_pixels(normalise(pixels.to(captioner.device), encoder.mean, encoder.std),
+                                             beam_size)
+    return captions
+
+
 def evaluate_captioner(captioner: Captioner, data: DataBundle, split: str = "test", beam_size: int = 3,
                        shuffle_seed: int = 0, progress: bool = True) -> dict:
     """The demo's summary numbers for one model on one split."""
     records = data.split(split)
-    grids = split_features(captioner, data, split, progress)
     references = [r.captions for r in records]
-    words = [c.words for c in captioner.caption_features(grids, beam_size)]
     shuffled = torch.from_numpy(np.random.default_rng(shuffle_seed).permutation(len(records)))
-    shuffled_words = [c.words for c in captioner.caption_features(grids[shuffled], beam_size)]
+    if captioner.caches_features:
+        grids = split_features(captioner, data, split, progress)
+        words = [c.words for c in captioner.caption_features(grids, beam_size)]
+        shuffled_words = [c.words for c in captioner.caption_features(grids[shuffled], beam_size)]
+    else:  # a captioner from pixels: image i's features shuffled in are image shuffled[i]'s, and a caption
+        # is a function of its image's features, so image i is given the caption of image shuffled[i]
+        words = [c.words for c in caption_records(captioner, data, split, list(range(len(records))), beam_size,
+                                                  progress, workers=0)]
+        shuffled_words = [words[j] for j in shuffled.tolist()]
     result = {
         "images": len(records),
         "bleu4": bleu(words, references)[3],

@@ -15,13 +15,13 @@ from tqdm import tqdm
 
 from ..data.bundle import DataBundle
 from ..data.ground_truth import GroundTruth, ObjectsUnavailable, Subset
-from ..data.images import decoded_batches, normalise
+from ..data.images import decoded_batches
 from ..data.karpathy import ImageRecord
 from ..data.synonyms import Synonyms
 from ..explain import Explanation, explain_pixels, resolved_parameters
 from ..explain.store import ExplanationStore
 from ..models import Caption, Captioner
-from .captioning import split_features
+from .captioning import caption_records
 from .explain_split import fill
 
 
@@ -101,7 +101,7 @@ def predict(captioner: Captioner, data: DataBundle, split: str = "test", beam_si
     indices = indices[:limit]
     captions = [known(records[i]) if known else None for i in indices]
     if any(c is None for c in captions):
-        captions = [k or c for k, c in zip(captions, _caption_records(captioner, data, split, indices, beam_size,
+        captions = [k or c for k, c in zip(captions, caption_records(captioner, data, split, indices, beam_size,
                                                                      progress, workers))]
     try:
         truth, missing = data.ground_truth(ground_truth), ""
@@ -109,24 +109,6 @@ def predict(captioner: Captioner, data: DataBundle, split: str = "test", beam_si
         truth, missing = None, str(error)
     return Predictions([records[i] for i in indices], captions, data.synonyms, truth, captioner.image_size, workers,
                        missing)
-
-
-def _caption_records(captioner: Captioner, data: DataBundle, split: str, indices: list[int], beam_size: int,
-                     progress: bool, workers: int, batch_size: int = 32) -> list[Caption]:
-    """Captions of the split's images at ``indices``: by beam search on the cached grid features, or —
-    for a captioner that captions from pixels (a Hugging Face model's ``generate``) — from the images."""
-    if captioner.caches_features:
-        return captioner.caption_features(split_features(captioner, data, split, progress, workers)[indices],
-                                          beam_size)
-    records = data.split(split)
-    chunks = [indices[start: start + batch_size] for start in range(0, len(indices), batch_size)]
-    encoder = captioner.model.encoder
-    captions: list[Caption] = []
-    for pixels in tqdm(decoded_batches([[records[i].path for i in chunk] for chunk in chunks], captioner.image_size,
-                                       workers), total=len(chunks), desc=f"caption {split}", disable=not progress):
-        captions += captioner.caption_pixels(normalise(pixels.to(captioner.device), encoder.mean, encoder.std),
-                                             beam_size)
-    return captions
 
 
 def image_batches(items: Sequence, batch_size: int) -> Iterator[list[tuple[int, list]]]:

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..data.bundle import DataBundle
 from ..data.images import decoded_batches, normalise
+from ..errors import UnsupportedModel
 from ..explain import explain_batch
 from ..models import Captioner
 from ..pipeline import pad_captions
@@ -305,6 +306,9 @@ def run_finetune(bench, modes=MODES, seeds=(0, 1, 2), steps: int = 60, learning_
     from .tables import plot_bars, write_table
 
     modes = tuple(modes or MODES)
+    if not bench.captioner.caches_features:
+        raise UnsupportedModel("fine-tuning with LRP inference tunes a captionlens decoder on its encoder's grid "
+                               "(eq. 12); a Hugging Face captioner (vit-gpt2 among them) is not fine-tuned here")
     bench.predictions.require_truth()
     training = bench.predict(bench.captioner, "train", train_limit, subset=False)
     rates = true_positive_rates(training)

@@ -225,11 +225,15 @@ def shift_absorbing_copy(captioner: Captioner, shift: float) -> Captioner:
         bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
         absorbing.bias.copy_(bias - shift * conv.weight.sum(dim=(1, 2, 3)))
     pad_h, pad_w = conv.padding
-    replacement = nn.Sequential(nn.ConstantPad2d((pad_w, pad_w, pad_h, pad_h), shift), absorbing)
     parent_name, _, child = name.rpartition(".")
     parent = model.encoder.get_submodule(parent_name) if parent_name else model.encoder
-    setattr(parent, child, replacement)
-    return Captioner(model, captioner.vocab, captioner.config, captioner.device)
+    # a convolution without padding (a ViT's patch projection) absorbs the shift in its bias alone and
+    # stays the module its model reads; a padded one pads the shift value in front of it
+    setattr(parent, child, absorbing if pad_h == pad_w == 0 else
+            nn.Sequential(nn.ConstantPad2d((pad_w, pad_w, pad_h, pad_h), shift), absorbing))
+    shifted = copy.copy(captioner)  # the same captioner (vocabulary, settings) around the absorbing model
+    shifted.model = model
+    return shifted
 
 
 def input_invariance(captioner: Captioner, predictions: Predictions, mentions: Sequence[Mention],

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
+import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -536,12 +537,24 @@ class HFCaptioner(Captioner):
         ``config.json`` (format and these settings) and ``manifest.json`` (the SHA-256 of every file)."""
         from dataclasses import asdict
 
-        from ..io import claim_output_folder, sha256, write_json
+        from ..io import claim_output_folder, remove_leftovers, sha256, write_json
 
         run_dir = claim_output_folder(run_dir, "run")
         folder = run_dir / "hf"
-        self.model.hf.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
+        # written whole beside the run's files, then swapped in: a save cut short (killed while a
+        # trainer keeps its best weights) never leaves a half-written model where the old one was
+        remove_leftovers(run_dir, ".hf.*.partial")
+        staging = run_dir / f".hf.{os.getpid()}.partial"
+        with quiet_transformers():
+            self.model.hf.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        if folder.exists():
+            old = run_dir / f".hf.{os.getpid()}.old.partial"
+            folder.rename(old)
+            staging.rename(folder)
+            shutil.rmtree(old)
+        else:
+            staging.rename(folder)
         write_json(run_dir / "config.json", {"format": HF_FORMAT, "format_version": 1, "hf": asdict(self.settings)})
         files = sorted(str(p.relative_to(run_dir)) for p in folder.rglob("*") if p.is_file()) + ["config.json"]
         write_json(run_dir / "manifest.json", {"format_version": 1, "files": {n: sha256(run_dir / n) for n in files}})
@@ -564,6 +577,21 @@ class HFCaptioner(Captioner):
 
 # ------------------------------------------------------------------------------- loading
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Within the block transformers draws no progress bars of its own (loading and writing weights):
+    captionlens's verbs show their own progress."""
+    from transformers.utils import logging
+
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def explainable(hf: nn.Module) -> nn.Module:
@@ -602,7 +630,8 @@ def load_pretrained(folder: str | Path):
     if not weights:
         raise HFLoadError(f"{folder} has no weights (model.safetensors): save the model with save_pretrained")
     try:
-        hf = getattr(transformers, name).from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        with quiet_transformers():
+            hf = getattr(transformers, name).from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001
         raise HFLoadError(f"the weights in {folder} cannot be loaded as {name}: {error}") from None
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
