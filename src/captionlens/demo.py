@@ -37,8 +37,8 @@ class DemoSize:
     global_dropout: float = 0.7  # adaptive, gridtd: share of training images whose v_g is withheld
     # a model that learns its own image encoder from the pixels (vit-gpt2): its width and its training
     pixel_width: int = 128
-    pixel_training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, batch_size=50, learning_rate=1e-3,
-                                                                           patience=2))
+    pixel_training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, batch_size=50, learning_rate=1e-3,
+                                                                           patience=3))
 
     def recipe(self, architecture: str, encoder_weights: Path, seed: int) -> dict:
         """``train_captioner``'s keywords for one architecture of the demo."""
@@ -73,10 +73,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     size = QUICK if quick else FULL
     log(f"[1/{steps}] generating the shapes world in {out / 'data'}")
     data = open_data(write_shapes_dataset(out / "data", replace(size.data, seed=seed), progress))
-    log(f"[2/{steps}] pretraining the shapes encoder on object presence in unbiased scenes")
     encoder_weights = out / "encoder" / "shapes_encoder.safetensors"
-    pretrain_shapes_encoder(encoder_weights, replace(size.encoder, seed=seed), size.data.image_size,
-                            size.encoder_images, progress, device)
+    if any(not getattr(lookup(REGISTERED, "architecture", a), "trained_from_pixels", False) for a in archs):
+        log(f"[2/{steps}] pretraining the shapes encoder on object presence in unbiased scenes")
+        pretrain_shapes_encoder(encoder_weights, replace(size.encoder, seed=seed), size.data.image_size,
+                                size.encoder_images, progress, device)
+    else:
+        log(f"[2/{steps}] no shapes encoder to pretrain: {', '.join(archs)} learn their own from the pixels")
     summary: dict = {}
     captioners = {}
     for step, architecture in enumerate(archs, start=3):
