@@ -18,7 +18,7 @@ SizeOption = whole(1, 65_536)
 def train(
     data: DataOption,
     dataset: DatasetOptions,
-    arch: Annotated[Architecture, typer.Option(help="Decoder architecture.")],
+    arch: Annotated[Architecture, typer.Option(help="Decoder architecture (vit-gpt2: a Hugging Face ViT + GPT-2, trained from the pixels).")],
     out: Annotated[Path, typer.Option(help="Run folder to write (weights, config, vocab, metrics.jsonl): new, empty, or a run folder.")],
     architecture: ArchitectureOptions,
     encoder: Annotated[EncoderName, typer.Option(help="Image encoder.")] = "shapes",
@@ -38,8 +38,8 @@ def train(
     workers: WorkersOption = default_workers(),
     device: DeviceOption = None,
 ) -> None:
-    """Train a captioner with teacher forcing on cached grid features. Under torchrun the decoder
-    trains as DistributedDataParallel (--batch-size images per step across all processes; rank 0
+    """Train a captioner with teacher forcing on cached grid features (vit-gpt2: on the pixels). Under
+    torchrun the model trains as DistributedDataParallel (--batch-size images per step across all processes; rank 0
     writes the run folder; --resume works the same):
 
         torchrun --nproc_per_node 4 -m captionlens train --data DIR --arch gridtd --out RUN
@@ -50,6 +50,10 @@ def train(
     --batch-size 50 --lr 2e-3 --patience 2 --global-dropout 0.7
 
     A transformer captioner: captionlens train --data data/shapes --arch transformer --out runs/tf --layers 3 --heads 8 --d-model 256
+
+    A Hugging Face ViT-GPT2 (needs the hf extra), trained end to end from the pixels — its ViT is its
+    encoder, so --encoder does not apply; --hidden-size is its width: captionlens train --data data/shapes
+    --arch vit-gpt2 --out runs/vit-gpt2 --hidden-size 128 --encoder-layers 3 --layers 2 --heads 4 --lr 1e-3
     """
     from ..distributed import process_group
     from ..pipeline import train_captioner

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .hallucination import bootstrap_rows, rank_auc
+from .intervals import percentile_interval
 
 FOLDS = 5
 
@@ -59,10 +60,7 @@ def stratified_auc_interval(labels: np.ndarray, values: np.ndarray, strata: np.n
     """Percentile-bootstrap interval of ``stratified_auc`` over mentions; NaN when it is undefined."""
     if not np.isfinite(values).all() or np.isnan(stratified_auc(labels, values, strata)):
         return float("nan"), float("nan")
-    aucs = stratified_auc(labels, values, strata, draw_weights(len(labels)))
-    aucs = aucs[np.isfinite(aucs)]
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
+    return percentile_interval(stratified_auc(labels, values, strata, draw_weights(len(labels))), level)
 
 
 def repetitions(mentions: Sequence) -> np.ndarray:
@@ -106,6 +104,4 @@ def added_value(labels: np.ndarray, score: np.ndarray, confounders: np.ndarray,
     value = float(rank_auc(hallucinated[None], full[None])[0] - rank_auc(hallucinated[None], base[None])[0])
     rows = bootstrap_rows(len(hallucinated), 1000, 0)
     differences = rank_auc(hallucinated[rows], full[rows]) - rank_auc(hallucinated[rows], base[rows])
-    differences = differences[np.isfinite(differences)]
-    tail = (1 - level) / 2 * 100
-    return value, float(np.percentile(differences, tail)), float(np.percentile(differences, 100 - tail))
+    return (value, *percentile_interval(differences, level))

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..data.synonyms import Synonyms
 from ..explain import Explanation
-from .intervals import NOT_MEASURED, above, all_of, shown
+from .intervals import NOT_MEASURED, above, all_of, percentile_interval, shown
 from .registry import Experiment, Finding, Option, register_experiment
 
 # score name -> (method, how a single-word explanation becomes a number)
@@ -77,10 +77,7 @@ def auc_interval(labels: np.ndarray, values: np.ndarray, resamples: int = 1000, 
     if len(set(labels.tolist())) < 2 or not np.isfinite(values).all():
         return float("nan"), float("nan")
     rows = bootstrap_rows(len(labels), resamples, seed)  # (resamples, n)
-    aucs = rank_auc(labels[rows], values[rows])
-    aucs = aucs[np.isfinite(aucs)]
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
+    return percentile_interval(rank_auc(labels[rows], values[rows]), level)
 
 
 def bootstrap_rows(size: int, resamples: int, seed: int) -> np.ndarray:

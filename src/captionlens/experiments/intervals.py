@@ -21,9 +21,19 @@ def bootstrap_mean_interval(values, resamples: int = 1000, seed: int = 0, level:
     if values.size == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = statistic(values[rng.integers(values.size, size=(resamples, values.size))], axis=1)
+    return percentile_interval(statistic(values[rng.integers(values.size, size=(resamples, values.size))], axis=1),
+                               level)
+
+
+def percentile_interval(draws, level: float = 0.95) -> Interval:
+    """The central ``level`` share of a bootstrap's draws of a statistic: its (1−level)/2 and
+    (1+level)/2 percentiles (non-finite draws, e.g. an AUC of a one-class draw, left out)."""
+    draws = np.asarray(draws, dtype=float)
+    draws = draws[np.isfinite(draws)]
+    if draws.size == 0:
+        return float("nan"), float("nan")
     tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+    return float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
 
 
 def t_interval(values, level: float = 0.95) -> Interval:
