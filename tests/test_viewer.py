@@ -418,8 +418,14 @@ def test_controls_own_captions_and_downloads_at_the_photos_shape(client, tiny_sh
     own = client.post("/api/caption", data={"image_id": wide["image_id"], "caption": "A blue Zebra!"}).json()
     assert own["words"] == ["a", "blue", "zebra"] and own["unknown"] == ["zebra"]
     assert client.post("/api/caption", data={"image_id": wide["image_id"], "caption": " ?! "}).status_code == 422
-    result = client.post("/api/explain", json={"image_id": wide["image_id"], "word_index": 1, "method": "lrp"}).json()
-    assert result["word"] == "blue" and result["title"] == "LRP"  # the caption of the user's own is explained
+    tile = client.post("/api/explain", json={"image_id": wide["image_id"], "word_index": 1, "method": "lrp"}).json()
+    assert tile["word"] == "blue" and tile["title"] == "LRP"  # the caption of the user's own is explained
+    assert "heatmap_npy" not in tile and "heatmap_photo_png" not in tile  # downloads are made when asked for
+    result = client.post("/api/explain", json={"image_id": wide["image_id"], "word_index": 1, "method": "lrp",
+                                               "downloads": True}).json()
+    assert {k: v for k, v in result.items() if not k.startswith("heatmap_")} == \
+        {k: v for k, v in tile.items() if not k.startswith("heatmap_")}
+    assert result["heatmap_png"] == tile["heatmap_png"]
     photo = Image.open(io.BytesIO(base64.b64decode(result["heatmap_photo_png"].split(",", 1)[1])))
     assert photo.size == (120, 60)  # the photo's shape, not the model's square
     array = np.load(io.BytesIO(base64.b64decode(result["heatmap_npy"].split(",", 1)[1])))

@@ -139,3 +139,20 @@ def test_two_processes_train_it_with_identical_ranks(tiny_shapes, tmp_path):
     first, second = state["rank_weight_checksums"]
     assert state["world_size"] == 2 and first == second
     assert cl.load(tmp_path / "run").caption(sorted((tiny_shapes / "images").glob("*.png"))[0])
+
+
+def test_without_the_hf_extra_the_demo_and_train_say_so_before_any_work(tiny_shapes, tmp_path, monkeypatch):
+    from captionlens.demo import run_demo
+    from captionlens.extras import MissingExtra
+    from captionlens.models import vit_gpt2
+
+    def missing(module, extra):
+        raise MissingExtra(f"needs the package that provides '{module}': pip install 'captionlens[{extra}]'")
+
+    monkeypatch.setattr(vit_gpt2, "require", missing)
+    with pytest.raises(MissingExtra, match=r"captionlens\[hf\]"):
+        run_demo(tmp_path / "demo", quick=True, archs=("adaptive", "vit-gpt2"), progress=False, log=lambda *a: None)
+    assert not (tmp_path / "demo").exists()  # nothing generated, nothing trained
+    with pytest.raises(MissingExtra, match=r"captionlens\[hf\]"):
+        cl.train_captioner(tiny_shapes, "vit-gpt2", tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

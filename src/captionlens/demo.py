@@ -63,8 +63,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
              progress: bool = True, log=print, archs: tuple[str, ...] = ARCHITECTURES) -> dict:
     from .models.registry import ARCHITECTURES as REGISTERED, lookup
 
-    for architecture in archs:
-        lookup(REGISTERED, "architecture", architecture)  # an unknown name fails before any work
+    for architecture in archs:  # an unknown name, or one whose extra is missing, fails before any work
+        getattr(lookup(REGISTERED, "architecture", architecture), "check_installed", lambda: None)()
     if not archs:
         raise ValueError("the demo needs at least one architecture")
     began = time.perf_counter()

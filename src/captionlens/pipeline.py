@@ -258,7 +258,9 @@ def train_captioner(
     the same data and settings (``force`` allows other ones)."""
     dropout, architecture_options = architecture_settings(architecture, dropout, architecture_options)
     bundle = data if isinstance(data, DataBundle) else open_data(data)
-    from_pixels = getattr(lookup(ARCHITECTURES, "architecture", architecture), "trained_from_pixels", False)
+    registered = lookup(ARCHITECTURES, "architecture", architecture)
+    getattr(registered, "check_installed", lambda: None)()  # a missing extra is named before any work
+    from_pixels = getattr(registered, "trained_from_pixels", False)
     if from_pixels and (encoder != "shapes" or encoder_weights is not None):
         raise ValueError(f"{architecture} learns its own image encoder from the pixels: --encoder and "
                          "--encoder-weights do not apply to it")

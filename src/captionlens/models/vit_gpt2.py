@@ -41,13 +41,18 @@ class VitGpt2:
     }
     patch_size = 8  # an 8×8 grid at 64 px, as the shapes CNN's
 
+    @staticmethod
+    def check_installed() -> None:
+        """Raise ``MissingExtra`` (naming the hf extra) unless transformers is installed."""
+        require("transformers", "hf")
+
     @classmethod
     def build(cls, vocab: Vocabulary, image_size: int = 64, hidden_size: int = 128, dropout: float = 0.1,
               max_length: int = 20, layers: int = 2, heads: int = 4, encoder_layers: int = 3, device=None):
         """A ViT-GPT2 ``HFCaptioner`` with random weights (seeded by the caller's torch generator): width
         ``hidden_size`` on both sides, ``image_size`` px images in ``patch_size`` px patches, the
         vocabulary's words as tokens."""
-        require("transformers", "hf")
+        cls.check_installed()
         import transformers
 
         from .hf import HFCaptioner, settings_for

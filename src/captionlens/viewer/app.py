@@ -369,6 +369,7 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
         relu: bool = False
         caption: list[str] | None = Field(None, max_length=limits.max_caption_words,
                                           description="the caption to explain; default: the image's caption")
+        downloads: bool = Field(False, description="also the map at the photo's shape (PNG) and as .npy")
 
     @app.post("/api/explain")
     def explain_word(request: ExplainRequest) -> dict:
@@ -400,9 +401,14 @@ def create_app(captioner: Captioner, data: DataBundle | str | Path | None = None
                 except ValueError as error:
                     raise HTTPException(400, str(error)) from None
                 row, source = 0, "computed"
-            cached = _payload(result, row, request.word_index, display.size) | {"source": source}
+            heatmap = result.image[row].numpy()
+            cached = (_payload(result, row, request.word_index) | {"source": source}, heatmap)
             state.cache.put(key, cached)
-        return cached
+        payload, heatmap = cached
+        if request.downloads:  # made only when asked: the page's six tiles a click never use them
+            return payload | downloads(heatmap, map_scale(heatmap, payload["method"], payload["parameters"]),
+                                       display.size)
+        return payload
 
     return app
 
@@ -425,9 +431,16 @@ def _from_store(state: ViewerState, image_id: str, words: list[str], method: str
     return store.explanation(number, method), store.positions(number).index(index)
 
 
-def _payload(result, row: int, index: int, photo_size: tuple[int, int]) -> dict:
-    """What the page shows of one word's explanation; the map as a PNG at the model's size (laid over
-    the image), at the photo's shape (``photo_size``, the served image's: the download) and as .npy."""
+def downloads(heatmap: np.ndarray, scale, photo_size: tuple[int, int]) -> dict:
+    """The map to download: as a PNG at the photo's shape (``photo_size``, the served image's) on the
+    page's scale, and as .npy at the model's input size (float32)."""
+    return {"heatmap_photo_png": png_data_uri(heatmap_image(heatmap, tuple(photo_size), scale)),
+            "heatmap_npy": npy_data_uri(heatmap.astype(np.float32))}
+
+
+def _payload(result, row: int, index: int) -> dict:
+    """What the page shows of one word's explanation, the map as a PNG at the model's size (laid over
+    the image)."""
     heatmap = result.image[row].numpy()
     scale = map_scale(heatmap, result.method, result.parameters)
     values = result.preceding[row, : index + 1]
@@ -439,8 +452,6 @@ def _payload(result, row: int, index: int, photo_size: tuple[int, int]) -> dict:
         "parameters": result.parameters,
         "score": float(result.score[row]),
         "heatmap_png": png_data_uri(heatmap_image(heatmap, scale=scale)),
-        "heatmap_photo_png": png_data_uri(heatmap_image(heatmap, tuple(photo_size), scale)),
-        "heatmap_npy": npy_data_uri(heatmap.astype(np.float32)),
         "heatmap_max_abs": float(abs(heatmap).max()),
         "scale": scale.to_dict(),  # diverging, sequential or zero, with its printed label
         "grid": result.grid[row].tolist(),
