@@ -156,3 +156,17 @@ def test_without_the_hf_extra_the_demo_and_train_say_so_before_any_work(tiny_sha
     with pytest.raises(MissingExtra, match=r"captionlens\[hf\]"):
         cl.train_captioner(tiny_shapes, "vit-gpt2", tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_fine_tuning_with_lrp_inference_tunes_its_language_model_alone(trained, tiny_shapes):
+    from captionlens.data.bundle import open_data
+    from captionlens.experiments.finetune import FinetuneConfig, finetune
+
+    captioner = cl.load(trained)
+    before = {k: v.clone() for k, v in captioner.model.hf.state_dict().items()}
+    tuned = finetune(captioner, open_data(tiny_shapes), FinetuneConfig("lrp", steps=2, batch_size=4, learning_rate=1e-2),
+                     progress=False)
+    after = tuned.model.hf.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("decoder.") for k in changed)  # GPT-2 tuned, the ViT as it was
+    assert all(torch.equal(v, captioner.model.hf.state_dict()[k]) for k, v in before.items())  # the original untouched

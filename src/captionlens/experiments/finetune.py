@@ -35,7 +35,6 @@ from torch import nn
 
 from ..data.bundle import DataBundle
 from ..data.images import decoded_batches, normalise
-from ..errors import UnsupportedModel
 from ..explain import explain_batch
 from ..models import Captioner
 from ..pipeline import pad_captions
@@ -121,8 +120,7 @@ def frequency_weights(captioner: Captioner, pixels: torch.Tensor, rates: dict[st
 def _captions(captioner: Captioner, pixels: torch.Tensor):
     was_training = captioner.model.training
     captioner.model.eval()
-    grids = captioner.model.encoder(pixels)
-    captions = captioner.caption_features(grids, beam_size=3)
+    captions = captioner.caption_pixels(pixels, beam_size=3)
     captioner.model.train(was_training)
     return captions
 
@@ -175,8 +173,11 @@ def finetune(captioner: Captioner, data: DataBundle, config: FinetuneConfig,
         raise ValueError("the frequency baseline needs the true-positive rates of the training predictions")
     if config.mode == "lrp_journal" and journal_maps is None:
         journal_maps = journal_weight_maps(captioner, data, config.epoch_images, config.batch_size, workers, progress)
-    tuned = Captioner(copy.deepcopy(captioner.model), captioner.vocab, captioner.config, captioner.device)
-    decoder = tuned.model.decoder
+    tuned = copy.copy(captioner)  # the same vocabulary and settings around a copy of the model
+    tuned.model = copy.deepcopy(captioner.model)
+    decoder = tuned.model.language_model()  # what is tuned: the decoder (a Hugging Face model's language model)
+    tuned.model.requires_grad_(False)  # the image encoder stays as it was
+    decoder.requires_grad_(True)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.learning_rate)
     records = data.split("train")
     if not records:
@@ -198,7 +199,7 @@ def finetune(captioner: Captioner, data: DataBundle, config: FinetuneConfig,
     for (chosen, references), pixels in tqdm(zip(plan, images), total=len(plan),
                                              desc=f"fine-tune {config.mode} seed {config.seed}", disable=not progress):
         pixels = normalise(pixels.to(tuned.device), encoder.mean, encoder.std)
-        tokens = pad_captions([vocab.encode(c[: tuned.config.max_length]) for c in references], vocab.pad_id)
+        tokens = pad_captions([tuned.caption_ids(c[: tuned.config.max_length])[1] for c in references], vocab.pad_id)
         tokens = tokens.to(tuned.device)
         if config.mode in ("lrp", "lrp_journal"):
             maps = lrp_weight_maps(tuned, pixels) if config.mode == "lrp" else [journal_maps[i] for i in chosen]
@@ -210,9 +211,7 @@ def finetune(captioner: Captioner, data: DataBundle, config: FinetuneConfig,
         else:
             weights = torch.ones(len(chosen), len(vocab), device=tuned.device)
         decoder.train()
-        with torch.no_grad():
-            grids = encoder(pixels)
-        logits = decoder(grids, tokens[:, :-1]).logits
+        logits = tuned.model(pixels, tokens[:, :-1])
         loss = reweighted_loss(logits, tokens[:, 1:], weights, config.lam if config.mode != "plain" else 1.0,
                                vocab.pad_id)
         optimizer.zero_grad(set_to_none=True)
@@ -306,9 +305,6 @@ def run_finetune(bench, modes=MODES, seeds=(0, 1, 2), steps: int = 60, learning_
     from .tables import plot_bars, write_table
 
     modes = tuple(modes or MODES)
-    if not bench.captioner.caches_features:
-        raise UnsupportedModel("fine-tuning with LRP inference tunes a captionlens decoder on its encoder's grid "
-                               "(eq. 12); a Hugging Face captioner (vit-gpt2 among them) is not fine-tuned here")
     bench.predictions.require_truth()
     training = bench.predict(bench.captioner, "train", train_limit, subset=False)
     rates = true_positive_rates(training)

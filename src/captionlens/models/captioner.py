@@ -53,6 +53,10 @@ class CaptionModel(nn.Module):
     def forward(self, pixels: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         return self.run(pixels, token_ids).logits
 
+    def language_model(self) -> nn.Module:
+        """The part that reads the image and writes the words (what fine-tuning tunes): the decoder."""
+        return self.decoder
+
     # What the explanation engine asks of a model (``explain/engine.py``); a model that is not an
     # encoder and a decoder side by side (a Hugging Face captioner, ``models/hf.py``) answers in its own way.
     def run_with_grid(self, pixels: torch.Tensor, token_ids: torch.Tensor, on_grid) -> DecoderOutput:

@@ -295,6 +295,10 @@ class HFCaptionModel(nn.Module):
     def vision_module(self) -> nn.Module:
         return self.family.vision(self.hf)
 
+    def language_model(self) -> nn.Module:
+        """The language model (GPT-2 of a ViT-GPT2, with its cross-attention): what fine-tuning tunes."""
+        return self.family.text(self.hf)
+
     def explained_parts(self) -> list[nn.Module]:
         return [self.hf]
 
