@@ -22,7 +22,8 @@ def demo(
 ) -> None:
     """Generate the shapes world, pretrain the encoder, train the captioners (the papers' two by
     default; --archs adaptive,gridtd,sat adds Show-Attend-Tell, --archs adaptive,gridtd,transformer a
-    transformer), caption the test split, run the papers' experiments and print a summary (also
+    transformer, --archs adaptive,gridtd,vit-gpt2 a Hugging Face ViT-GPT2 trained from the pixels, with
+    the hf extra), caption the test split, run the papers' experiments and print a summary (also
     written to OUT/summary.json).
 
     Example: captionlens demo --quick --archs adaptive,gridtd,sat --out runs/demo-quick
