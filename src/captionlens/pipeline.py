@@ -254,7 +254,9 @@ def train_captioner(
     cached grid features (images decoded by ``workers`` processes), a decoder trained with teacher
     forcing and early stopping. ``dropout`` defaults to the architecture's (the papers' 0.5; 0.1 for
     the transformer); ``architecture_options`` go to the decoder (adaptive, gridtd: global_dropout;
-    transformer: layers, heads, encoder_layers). ``resume`` continues an interrupted run in ``out`` with
+    transformer, vit-gpt2: layers, heads, encoder_layers). ``vit-gpt2`` learns its own encoder: it
+    trains end to end from the pixels (``train_pixel_captioner``; ``encoder`` and ``embed_size`` do
+    not apply, ``hidden_size`` is its width). ``resume`` continues an interrupted run in ``out`` with
     the same data and settings (``force`` allows other ones)."""
     dropout, architecture_options = architecture_settings(architecture, dropout, architecture_options)
     bundle = data if isinstance(data, DataBundle) else open_data(data)
