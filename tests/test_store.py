@@ -253,7 +253,7 @@ def test_experiments_read_a_store_and_never_recompute(tiny, tmp_path, monkeypatc
     def never(*args, **kwargs):
         raise AssertionError("recomputed")
     monkeypatch.setattr("captionlens.experiments.explain_split.explain_batch", never)
-    monkeypatch.setattr("captionlens.experiments.context.split_features", never)  # captions come from the store
+    monkeypatch.setattr("captionlens.experiments.captioning.split_features", never)  # captions come from the store
     bench = Workbench(cap, data, tmp_path / "out", "test", limit=6, progress=False, store=tmp_path / "s.zarr")
     result = bench.hallucination(min_count=0)
     assert result["true_positives"] + result["false_positives"] == len(bench.predictions.mentions()) > 0

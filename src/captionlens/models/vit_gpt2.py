@@ -84,11 +84,12 @@ class VitGpt2:
 def word_tokenizer(vocab: Vocabulary):
     """A Hugging Face tokenizer with one token per vocabulary word, at the vocabulary's ids (lower case,
     split on whitespace; an unknown word is ``<unk>``)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    tokenizers = require("tokenizers", "hf")
+    transformers = require("transformers", "hf")
 
-    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(vocab.words)}, unk_token=UNK))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, bos_token=START, eos_token=END,
-                                   unk_token=UNK)
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({word: i for i, word in enumerate(vocab.words)},
+                                                                 unk_token=UNK))
+    tokenizer.normalizer = tokenizers.normalizers.Lowercase()
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, bos_token=START,
+                                                eos_token=END, unk_token=UNK)
