@@ -213,3 +213,26 @@ def test_corrupt_encoder_weights_are_a_clear_error(tmp_path, name, encoder):
     (tmp_path / name).write_bytes(b"\x93not a weights file" * 5)
     with pytest.raises(ValueError, match="truncated, corrupt or not a tensor-only state dict"):
         build_encoder(encoder, tmp_path / name)
+
+
+def test_with_model_wraps_another_model_and_leaves_the_original_alone():
+    import copy
+
+    cap = tiny("adaptive")
+    changed = copy.deepcopy(cap.model)
+    with torch.no_grad():
+        changed.decoder.fc.bias.add_(1.0)
+    other = cap.with_model(changed)
+    assert type(other) is type(cap) and other.vocab is cap.vocab and other.config == cap.config
+    assert other.model is changed and cap.model is not changed
+    ids, pixels = cap.encode(["a", "red", "circle"]), torch.randn(1, 3, 64, 64)
+    assert torch.allclose(other.model(pixels, ids), cap.model(pixels, ids) + 1.0, atol=1e-5)
+
+
+def test_every_architecture_declares_how_it_trains_and_what_it_needs():
+    from captionlens.models.registry import ARCHITECTURES
+
+    for name, registered in ARCHITECTURES.items():
+        assert isinstance(registered.trained_from_pixels, bool), name
+        registered.check_installed()  # the dev install has every extra: none raises
+    assert [n for n, r in ARCHITECTURES.items() if r.trained_from_pixels] == ["vit-gpt2"]

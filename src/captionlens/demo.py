@@ -45,7 +45,7 @@ class DemoSize:
 
         registered = lookup(ARCHITECTURES, "architecture", architecture)
         options = {"global_dropout": self.global_dropout} if "global_dropout" in registered.options else {}
-        if getattr(registered, "trained_from_pixels", False):
+        if registered.trained_from_pixels:
             return dict(hidden_size=self.pixel_width, train_config=replace(self.pixel_training, seed=seed))
         return dict(encoder_weights=encoder_weights, hidden_size=self.hidden_size, embed_size=self.embed_size,
                     train_config=replace(self.decoder, seed=seed), architecture_options=options)
@@ -63,7 +63,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     from .models.registry import ARCHITECTURES as REGISTERED, lookup
 
     for architecture in archs:  # an unknown name, or one whose extra is missing, fails before any work
-        getattr(lookup(REGISTERED, "architecture", architecture), "check_installed", lambda: None)()
+        lookup(REGISTERED, "architecture", architecture).check_installed()
     if not archs:
         raise ValueError("the demo needs at least one architecture")
     began = time.perf_counter()
@@ -73,7 +73,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     log(f"[1/{steps}] generating the shapes world in {out / 'data'}")
     data = open_data(write_shapes_dataset(out / "data", replace(size.data, seed=seed), progress))
     encoder_weights = out / "encoder" / "shapes_encoder.safetensors"
-    if any(not getattr(lookup(REGISTERED, "architecture", a), "trained_from_pixels", False) for a in archs):
+    if any(not lookup(REGISTERED, "architecture", a).trained_from_pixels for a in archs):
         log(f"[2/{steps}] pretraining the shapes encoder on object presence in unbiased scenes")
         pretrain_shapes_encoder(encoder_weights, replace(size.encoder, seed=seed), size.data.image_size,
                                 size.encoder_images, progress, device)

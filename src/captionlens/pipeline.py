@@ -261,8 +261,8 @@ def train_captioner(
     dropout, architecture_options = architecture_settings(architecture, dropout, architecture_options)
     bundle = data if isinstance(data, DataBundle) else open_data(data)
     registered = lookup(ARCHITECTURES, "architecture", architecture)
-    getattr(registered, "check_installed", lambda: None)()  # a missing extra is named before any work
-    from_pixels = getattr(registered, "trained_from_pixels", False)
+    registered.check_installed()  # a missing extra is named before any work
+    from_pixels = registered.trained_from_pixels
     if from_pixels and (encoder != "shapes" or encoder_weights is not None):
         raise ValueError(f"{architecture} learns its own image encoder from the pixels: --encoder and "
                          "--encoder-weights do not apply to it")

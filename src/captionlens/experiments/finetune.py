@@ -173,8 +173,7 @@ def finetune(captioner: Captioner, data: DataBundle, config: FinetuneConfig,
         raise ValueError("the frequency baseline needs the true-positive rates of the training predictions")
     if config.mode == "lrp_journal" and journal_maps is None:
         journal_maps = journal_weight_maps(captioner, data, config.epoch_images, config.batch_size, workers, progress)
-    tuned = copy.copy(captioner)  # the same vocabulary and settings around a copy of the model
-    tuned.model = copy.deepcopy(captioner.model)
+    tuned = captioner.with_model(copy.deepcopy(captioner.model))
     decoder = tuned.model.language_model()  # what is tuned: the decoder (a Hugging Face model's language model)
     tuned.model.requires_grad_(False)  # the image encoder stays as it was
     decoder.requires_grad_(True)

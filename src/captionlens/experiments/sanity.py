@@ -164,7 +164,7 @@ def cascading_randomisation(captioner: Captioner, predictions: Predictions, ment
     probe = captioner.preprocess(list(next(predictions.images([[mentions[0].image]]))))
     tokens = torch.tensor([first.token_ids[:-1]], device=captioner.device)
     model = copy.deepcopy(captioner.model)
-    randomised = Captioner(model, captioner.vocab, captioner.config, captioner.device)
+    randomised = captioner.with_model(model)
     named = dict(model.named_modules())
     steps = randomisation_blocks(randomised, probe, tokens) if blocks is None else \
         [(name, [named[name]]) for name in blocks]
@@ -231,9 +231,7 @@ def shift_absorbing_copy(captioner: Captioner, shift: float) -> Captioner:
     # stays the module its model reads; a padded one pads the shift value in front of it
     setattr(parent, child, absorbing if pad_h == pad_w == 0 else
             nn.Sequential(nn.ConstantPad2d((pad_w, pad_w, pad_h, pad_h), shift), absorbing))
-    shifted = copy.copy(captioner)  # the same captioner (vocabulary, settings) around the absorbing model
-    shifted.model = model
-    return shifted
+    return captioner.with_model(model)
 
 
 def input_invariance(captioner: Captioner, predictions: Predictions, mentions: Sequence[Mention],

@@ -2,6 +2,8 @@
 preprocessing and beam search, built from a JSON-able config through the registries."""
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -158,6 +160,13 @@ class Captioner:
         self.model = model.to(self.device).eval()
         self.vocab = vocab
         self.config = config
+
+    def with_model(self, model: CaptionModel) -> "Captioner":
+        """This captioner (its vocabulary, settings and, for a subclass, what else it holds) around
+        another ``model`` — a modified copy of its own, say; ``self`` is left unchanged."""
+        other = copy.copy(self)
+        other.model = model.to(self.device)
+        return other
 
     @property
     def image_size(self) -> int:

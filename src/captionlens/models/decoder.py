@@ -52,6 +52,13 @@ class Decoder(nn.Module):
 
     default_dropout = 0.5  # the papers' (training recipes use it unless told otherwise)
     options: dict[str, DecoderOption] = {}  # keyword arguments beyond the sizes (a run's architecture_options)
+    # a decoder trains on an encoder's cached grid features; an architecture that learns its own
+    # encoder from the pixels (vit-gpt2) says ``trained_from_pixels = True``
+    trained_from_pixels = False
+
+    @staticmethod
+    def check_installed() -> None:
+        """Raise ``MissingExtra`` naming the extra an architecture needs; these decoders need none."""
 
     def __init__(
         self,
