@@ -277,6 +277,28 @@ def test_bfloat16_maps_follow_float32_and_the_copy_follows_the_weights():
         explain(cap, image(), CAPTION, method="lrp", precision="fp8")
 
 
+def test_precision_auto_is_bf16_only_where_the_hardware_computes_it_and_records_what_ran(monkeypatch):
+    from captionlens.explain import explainer
+
+    cap = captioner("gridtd", zero_biases=True)
+    cap.model.float()
+    monkeypatch.setattr(explainer, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert explainer.resolve_precision("auto") == "fp32"
+    plain = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9, precision="auto")
+    assert plain.parameters["precision"] == "fp32"
+    assert torch.equal(plain.image, explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9).image)
+    for flag in ("avx512_bf16", "amx_bf16"):
+        monkeypatch.setattr(explainer, "cpu_flags", lambda flag=flag: frozenset({"avx2", flag}))
+        fast = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9, precision="auto")
+        assert fast.parameters["precision"] == "bf16"
+        assert torch.equal(fast.image, explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9,
+                                               precision="bf16").image)
+    assert explainer.resolve_precision("fp32") == "fp32" and explainer.resolve_precision("bf16") == "bf16"
+    assert not explainer.native_bf16("meta")  # neither a CUDA GPU nor a CPU: no native bf16 claimed
+    with pytest.raises(ValueError, match="fp32, bf16, auto"):
+        explainer.resolve_precision("fp16")
+
+
 def test_explaining_an_empty_caption_is_an_error_as_at_the_command_line():
     """cl.explain of a caption without words raises, naming what to do, instead of returning an
     empty Explanation; asking for no positions of a real caption still returns one of no words."""

@@ -51,8 +51,8 @@ class DemoSize:
                     train_config=replace(self.decoder, seed=seed), architecture_options=options)
 
 
-FULL = DemoSize(ShapesConfig(train=4000, val=500, test=1000), ENCODER_TRAINING,
-                TrainConfig(epochs=14, batch_size=50, learning_rate=2e-3, patience=2), 192, 128, 4000, 360, 4)
+FULL = DemoSize(ShapesConfig(train=3000, val=400, test=600), ENCODER_TRAINING,
+                TrainConfig(epochs=12, batch_size=50, learning_rate=2e-3, patience=2), 192, 128, 3000, 200, 4)
 QUICK = DemoSize(ShapesConfig(train=800, val=100, test=200), replace(ENCODER_TRAINING, epochs=5),
                  TrainConfig(epochs=6, batch_size=40, learning_rate=3e-3, patience=2), 96, 64, 800, 60, 2,
                  pixel_width=64, pixel_training=TrainConfig(epochs=6, batch_size=40, learning_rate=2e-3, patience=2))

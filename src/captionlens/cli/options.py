@@ -17,6 +17,7 @@ import typer
 from ..data.ground_truth import NAMED_SUBSETS, SOURCES
 from ..data.images import default_workers
 from ..errors import InvalidValue, range_text
+from ..explain.explainer import PRECISION_CHOICES
 from ..explain.rules import ATTENTION_RULES
 from ..models.registry import ARCHITECTURES, ENCODERS
 
@@ -104,7 +105,7 @@ def integers(text: str | None, what: str, low: int = 0) -> list[int] | None:
 Architecture = choice("Architecture", sorted(ARCHITECTURES))
 EncoderName = choice("EncoderName", sorted(ENCODERS))
 GroundTruthChoice = choice("GroundTruthChoice", SOURCES)
-PrecisionChoice = choice("PrecisionChoice", ("fp32", "bf16"))
+PrecisionChoice = choice("PrecisionChoice", PRECISION_CHOICES)
 AttentionRuleChoice = choice("AttentionRuleChoice", ATTENTION_RULES)
 FirstLayerChoice = choice("FirstLayerChoice", ("alphabeta", "zb"))
 
@@ -117,7 +118,7 @@ WorkersOption = Annotated[int, typer.Option(help="Processes that decode images i
 BeamOption = Annotated[int, typer.Option(help="Beam size of the captions (1 = greedy; paper: 3).", parser=whole(1, 100))]
 LimitOption = Annotated[Optional[int], typer.Option(help="Use only the first N images.", parser=whole(1))]
 SeedOption = Annotated[int, typer.Option(help="Random seed.", parser=whole(0))]
-PrecisionOption = Annotated[PrecisionChoice, typer.Option(help="fp32 (the reference) or bf16 (about 2x faster on CPUs with bfloat16 units; maps correlate >= 0.99).")]
+PrecisionOption = Annotated[PrecisionChoice, typer.Option(help="fp32 (the reference), bf16 (about 2x faster on CPUs with bfloat16 units; maps correlate >= 0.99) or auto (bf16 on a GPU or a CPU with AMX/AVX512-BF16, else fp32; the explanation records which ran).")]
 WordsPerPassOption = Annotated[Optional[int], typer.Option(help="At most this many words share one backward pass (bounds memory for long captions).", parser=whole(1))]
 MaxWordsOption = Annotated[int, typer.Option(help="Most words of one caption explained (each costs time and memory); raise it if you mean it.", parser=whole(1))]
 

@@ -119,7 +119,7 @@ def _show_table(rows, bench, options: dict) -> None:
     options=(Option("fraction", 0.1, "Share of the pixels masked.", "float", 0, 1, low_open=True, high_open=True),
              Option("seed", 0, "Seed of the random mask.", "int", 0),
              Option("limit", 200, "Most object words to test.", "int", 1, 1_000_000, flag="words")),
-    columns=COLUMNS, demo=lambda quick, seed: {"seed": seed, "limit": 10 if quick else 120},
+    columns=COLUMNS, demo=lambda quick, seed: {"seed": seed, "limit": 10 if quick else 80},
     findings=masking_findings, section=masking_section, show=_show_table))
 def masking(bench, fraction: float = 0.1, seed: int = 0, limit: int | None = 200) -> list[dict]:
     """Feature masking (Fig. 4): mask the most supporting (or opposing) pixels of each correctly

@@ -9,10 +9,11 @@ The methods register themselves (``methods.register_method``) in ``lrp.py``, ``g
 ``attention.py``; ``explainer.py`` runs them; ``rules.py`` holds each LRP rule once.
 """
 from . import attention, gradients, lrp  # noqa: F401  (registers the methods)
-from .explainer import (MAX_WORDS, PRECISIONS, explain, explain_batch, explain_pixels, method_parameters,
-                        resolved_parameters)
+from .explainer import (MAX_WORDS, PRECISION_CHOICES, PRECISIONS, explain, explain_batch, explain_pixels,
+                        method_parameters, native_bf16, resolve_precision, resolved_parameters)
 from .explanation import Explanation
 from .methods import METHOD_INFO, METHODS, MethodInfo, method_info, methods_for
 
-__all__ = ["MAX_WORDS", "METHOD_INFO", "METHODS", "PRECISIONS", "Explanation", "MethodInfo", "explain", "explain_batch",
-           "explain_pixels", "method_info", "method_parameters", "methods_for", "resolved_parameters"]
+__all__ = ["MAX_WORDS", "METHOD_INFO", "METHODS", "PRECISION_CHOICES", "PRECISIONS", "Explanation", "MethodInfo", "explain", "explain_batch",
+           "explain_pixels", "method_info", "method_parameters", "methods_for", "native_bf16", "resolve_precision",
+           "resolved_parameters"]

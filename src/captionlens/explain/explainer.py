@@ -4,7 +4,9 @@ batched backward of the registered method for all of them."""
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -37,18 +39,48 @@ def method_parameters(method: str) -> list[str]:
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISION_CHOICES = (*PRECISIONS, "auto")  # "auto": bf16 where the hardware computes it natively, else fp32
+BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})  # /proc/cpuinfo flags of x86 bfloat16 units
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return frozenset()
+    return next((frozenset(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), frozenset())
+
+
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that supports it, or an x86 CPU with
+    AMX or AVX512-BF16 units (elsewhere bf16 is emulated and rarely faster than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(cpu_flags() & BF16_CPU_FLAGS)
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
+    """"fp32" or "bf16" as asked; "auto" becomes bf16 where ``device`` computes it natively
+    (``native_bf16``), else fp32 — an option to choose, never the silent default (fp32 is the reference)."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, not {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 
 
 def resolved_parameters(method: str, precision: str = "fp32", **given) -> dict:
     """Every parameter of ``method`` with its value (``given`` over the method's defaults) and the
-    precision: what an explanation's ``parameters`` record."""
+    precision (``resolve_precision``'s answer on the CPU for "auto"; the explainers resolve it on the
+    model's device first): what an explanation's ``parameters`` record."""
     defaults = method_info(method).parameters
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise UnknownParameter(f"method {method!r} takes {', '.join(defaults) or 'no parameters'}, not {', '.join(unknown)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    return defaults | given | {"precision": precision}
+    return defaults | given | {"precision": resolve_precision(precision)}
 
 
 def _model_in(captioner: Captioner, precision: str) -> torch.nn.Module:
@@ -76,10 +108,13 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
     ``parameters`` go to the method (LRP: epsilon, alpha, beta, first_layer; Grad-CAM: relu).
     ``precision="bf16"`` runs the model in bfloat16 (about 2× faster on CPUs with bf16 units; maps
     correlate ≥ 0.99 with float32's, see benchmarks/scale.py; float32 stays the reference);
+    ``precision="auto"`` picks bf16 where the model's device computes it natively (a GPU, or a CPU
+    with AMX or AVX512-BF16), fp32 elsewhere, and records which ran;
     ``max_words_per_pass`` bounds how many words share one backward (memory); more than ``max_words``
     words of one caption (100) is an error unless raised (None: no bound)."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    precision = resolve_precision(precision, captioner.device)
     resolved_parameters(method, precision, **parameters)  # unknown parameters fail before any image is read
     pictures = [load_image(image) for image in images]
     explanations = explain_pixels(captioner, captioner.preprocess(pictures), captions, method, words, include_end,
@@ -96,6 +131,7 @@ def explain_pixels(captioner: Captioner, pixels: torch.Tensor, captions: Sequenc
     """``explain_batch`` on inputs already preprocessed for the model: ``pixels`` [B, 3, H, W]
     (normalised) — for inputs no image file can hold, such as the shifted inputs of the input
     invariance test (``experiments/sanity.py``)."""
+    precision = resolve_precision(precision, captioner.device)
     recorded = resolved_parameters(method, precision, **parameters)  # unknown parameters are an error
     if len(pixels) != len(captions):
         raise ValueError(f"{len(pixels)} inputs but {len(captions)} captions")
