@@ -143,3 +143,11 @@ def test_the_error_handler_keeps_brackets_and_names_the_extra(monkeypatch, tmp_p
     cl.build_captioner("gridtd", encoder="shapes", vocab=["a", "circle"], hidden_size=8, embed_size=8).save(tmp_path / "m")
     result = runner.invoke(app, ["serve", "--model", str(tmp_path / "m")])
     assert result.exit_code == 2 and "captionlens[viewer]" in result.output
+
+
+def test_max_words_per_pass_takes_auto_or_a_positive_whole_number():
+    parser = next(info.parser for name, _, info in options_of(ALL["explain-split"]) if name == "max_words_per_pass")
+    assert parser("auto") == "auto" and parser(" AUTO ") == "auto" and parser("3") == 3
+    for text in ("0", "-2", "1.5", "many", ""):
+        with pytest.raises(ValueError):
+            parser(text)

@@ -1,6 +1,8 @@
 """The explanation engine's acceptance tests, on both architectures: conservation, the explainer's
 forward equals the model's, gradients equal autograd, no accumulation across words or images, and
 planted models whose answers are known."""
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -255,6 +257,35 @@ def test_gradcam_never_backpropagates_into_the_encoder(monkeypatch):
         module.register_full_backward_hook(lambda *args: pytest.fail("backward reached the encoder"))
     again = explain(cap, image(), CAPTION, method="gradcam")
     assert torch.equal(reference.image, again.image) and torch.equal(reference.preceding, again.preceding)
+
+
+def test_auto_words_per_pass_is_sized_from_the_traced_forward_and_changes_no_map(monkeypatch):
+    from captionlens.explain import engine
+
+    cap = captioner("gridtd")
+    whole = explain(cap, image(), CAPTION, method="lrp")
+    passes = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(engine.torch.autograd, "grad", lambda *a, **k: passes.append(len(a[2])) or grad(*a, **k))
+    largest = {}
+    trace = engine.trace
+    monkeypatch.setattr(sys.modules["captionlens.explain.lrp"], "trace",
+                        lambda *a, **k: largest.setdefault("trace", trace(*a, **k)))
+    monkeypatch.setattr(engine, "AUTO_PASS_MEMORY", 0)  # below one word: one word a pass
+    for budget_words in (3, 1):
+        passes.clear(); largest.clear()
+        explain(cap, image(), CAPTION, method="lrp", max_words_per_pass="auto")  # measures the forward
+        saved = largest["trace"].largest_saved
+        assert saved >= 4 * 64 * 64 * 4  # at least the first convolution's output of the 64-px image
+        monkeypatch.setattr(engine, "AUTO_PASS_MEMORY", int(budget_words * engine.WORD_COST * saved) + 1)
+        assert engine.auto_words_per_pass(saved) == budget_words
+        passes.clear(); largest.clear()
+        split = explain(cap, image(), CAPTION, method="lrp", max_words_per_pass="auto")
+        assert max(passes) == budget_words and sum(passes) == len(CAPTION)
+        for name in ("image", "grid", "preceding", "score"):
+            assert torch.allclose(getattr(whole, name), getattr(split, name), atol=1e-10), name
+    with pytest.raises(ValueError, match="max_words_per_pass"):
+        explain(cap, image(), CAPTION, method="lrp", max_words_per_pass="many")
 
 
 def test_bfloat16_maps_follow_float32_and_the_copy_follows_the_weights():

@@ -74,7 +74,7 @@ def build_captioner(
 def explain_image(captioner: Captioner, image: ImageInput, out: str | Path, methods: Sequence[str],
                   caption: str | Sequence[str] | None = None, words: Sequence[int] | None = None,
                   include_end: bool = False, lrp: dict | None = None, beam_size: int = 3, precision: str = "fp32",
-                  max_words_per_pass: int | None = None, max_words: int | None = MAX_WORDS,
+                  max_words_per_pass: int | str | None = None, max_words: int | None = MAX_WORDS,
                   progress: bool = False) -> Path:
     """Explain one image's caption (the model's own by default) with several methods and write
     caption.txt, explanation.json, ``<method>.npz`` and ``.npy`` heatmaps, ``heatmaps/<method>/*.png``

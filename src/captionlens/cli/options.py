@@ -39,6 +39,16 @@ def whole(low: int | None = 1, high: int | None = None):
     return parse
 
 
+def whole_or_auto(low: int = 1):
+    """A parser of "auto" or whole numbers ≥ low (``--max-words-per-pass``)."""
+    count = whole(low)
+
+    def parse(text) -> int | str:
+        return "auto" if str(text).strip().lower() == "auto" else count(text)
+
+    return parse
+
+
 def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
     """A parser of finite numbers in [low, high] (open ends where asked)."""
 
@@ -119,7 +129,7 @@ BeamOption = Annotated[int, typer.Option(help="Beam size of the captions (1 = gr
 LimitOption = Annotated[Optional[int], typer.Option(help="Use only the first N images.", parser=whole(1))]
 SeedOption = Annotated[int, typer.Option(help="Random seed.", parser=whole(0))]
 PrecisionOption = Annotated[PrecisionChoice, typer.Option(help="fp32 (the reference), bf16 (about 2x faster on CPUs with bfloat16 units; maps correlate >= 0.99) or auto (bf16 on a GPU or a CPU with AMX/AVX512-BF16, else fp32; the explanation records which ran).")]
-WordsPerPassOption = Annotated[Optional[int], typer.Option(help="At most this many words share one backward pass (bounds memory for long captions).", parser=whole(1))]
+WordsPerPassOption = Annotated[Optional[str], typer.Option(help="At most this many words share one backward pass (bounds memory for long captions), or auto: as many as fit in 256 MiB (4 for VGG16 at 224 px).", parser=whole_or_auto(1))]
 MaxWordsOption = Annotated[int, typer.Option(help="Most words of one caption explained (each costs time and memory); raise it if you mean it.", parser=whole(1))]
 
 

@@ -37,7 +37,7 @@ def explained_positions(words: Sequence[str], mode: str, synonyms: Synonyms | No
 
 
 def fill(captioner: Captioner, store: ExplanationStore, records: Sequence[ImageRecord], captions: Sequence[Caption],
-         pixels, methods: dict[str, dict], max_words_per_pass: int | None = None) -> None:
+         pixels, methods: dict[str, dict], max_words_per_pass: int | str | None = None) -> None:
     """Write the explanations of one batch of images (their ``captions`` already in the store) by each
     method that the store does not yet hold completely for every one of them. ``pixels``: the
     images decoded at the model's input size, uint8 [B, 3, S, S]; ``methods``: each method's
@@ -71,7 +71,7 @@ def explain_split(captioner: Captioner, data: DataBundle, store_path: str | Path
                   methods: Sequence[str] = DEFAULT_METHODS, words: str = "all", batch_size: int = 8,
                   limit: int | None = None, beam_size: int = 3, workers: int = 0,
                   parameters: dict[str, dict] | None = None, progress: bool = True, precision: str = "fp32",
-                  max_words_per_pass: int | None = None) -> ExplanationStore:
+                  max_words_per_pass: int | str | None = None) -> ExplanationStore:
     """Caption the split's images (beam search) and explain every word (or every object word) by each
     method into the store at ``store_path``; this rank's share of the batches under torchrun.
 

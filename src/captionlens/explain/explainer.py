@@ -99,7 +99,7 @@ def _model_in(captioner: Captioner, precision: str) -> torch.nn.Module:
 
 def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: Sequence[CaptionLike],
                   method: str = "lrp", words: Sequence[int] | Sequence[Sequence[int]] | None = None,
-                  include_end: bool = False, precision: str = "fp32", max_words_per_pass: int | None = None,
+                  include_end: bool = False, precision: str = "fp32", max_words_per_pass: int | str | None = None,
                   max_words: int | None = MAX_WORDS, **parameters) -> list[Explanation]:
     """Explain several images at once (one forward, one batched backward): one Explanation each.
 
@@ -110,7 +110,8 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
     correlate ≥ 0.99 with float32's, see benchmarks/scale.py; float32 stays the reference);
     ``precision="auto"`` picks bf16 where the model's device computes it natively (a GPU, or a CPU
     with AMX or AVX512-BF16), fp32 elsewhere, and records which ran;
-    ``max_words_per_pass`` bounds how many words share one backward (memory); more than ``max_words``
+    ``max_words_per_pass`` bounds how many words share one backward (memory; ``"auto"``: as many as fit
+    in 256 MiB by the traced forward's largest activation, 4 words for VGG16 at 224 px); more than ``max_words``
     words of one caption (100) is an error unless raised (None: no bound)."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -126,7 +127,7 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
 
 def explain_pixels(captioner: Captioner, pixels: torch.Tensor, captions: Sequence[CaptionLike], method: str = "lrp",
                    words: Sequence[int] | Sequence[Sequence[int]] | None = None, include_end: bool = False,
-                   precision: str = "fp32", max_words_per_pass: int | None = None, max_words: int | None = MAX_WORDS,
+                   precision: str = "fp32", max_words_per_pass: int | str | None = None, max_words: int | None = MAX_WORDS,
                    **parameters) -> list[Explanation]:
     """``explain_batch`` on inputs already preprocessed for the model: ``pixels`` [B, 3, H, W]
     (normalised) — for inputs no image file can hold, such as the shifted inputs of the input
@@ -200,7 +201,7 @@ def _pad_columns(preceding: torch.Tensor, columns: int) -> torch.Tensor:
 
 def explain(captioner: Captioner, image: ImageInput, caption: CaptionLike, method: str = "lrp",
             words: Sequence[int] | None = None, include_end: bool = False, precision: str = "fp32",
-            max_words_per_pass: int | None = None, max_words: int | None = MAX_WORDS, **parameters) -> Explanation:
+            max_words_per_pass: int | str | None = None, max_words: int | None = MAX_WORDS, **parameters) -> Explanation:
     """Explain every word (or the positions in ``words``) of ``caption`` for ``image``. An empty
     caption (e.g. the model's own, when it says ``<end>`` first) is an error, as at the command line."""
     explanation = explain_batch(captioner, [image], [caption], method, words, include_end, precision,
