@@ -367,22 +367,3 @@ def test_cp_rule_for_many_queries_holds_the_weights_constant():
         expected[h, n, d] += weights[h, q, n] * values[h, n, d] / (z[h, q, d] + eps * sign(z[h, q, d])) * r_out[h, q, d]
     assert torch.allclose(got, expected, atol=1e-12)
     assert relevance_in(_EpsilonWeightedSum, z, eps, (weights, values, z), r_out, index=0) is None  # weights: nothing
-
-
-@pytest.mark.parametrize("kernel, stride, padding, ceil_mode", [(2, 2, 0, False), (3, 2, 1, False), (3, 2, 0, True)])
-def test_max_pooling_scatters_every_words_relevance_onto_the_winners_as_its_own_backward(kernel, stride, padding,
-                                                                                        ceil_mode):
-    """winner_takes_all (one scatter for all words) equals the pooling's own backward run word by word,
-    overlapping windows and ceil mode included."""
-    from captionlens.explain.rules import winner_takes_all
-
-    pool = nn.MaxPool2d(kernel, stride, padding, ceil_mode=ceil_mode)
-    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(kernel + padding), requires_grad=True)
-    plain = pool(x)
-    routed = winner_takes_all(pool, (x,), plain)
-    assert torch.equal(routed, plain)
-    seeds = torch.randn(5, *plain.shape, generator=torch.Generator().manual_seed(1))
-    (batched,) = torch.autograd.grad(routed, x, seeds, is_grads_batched=True, retain_graph=True)
-    for word, seed in enumerate(seeds):
-        (alone,) = torch.autograd.grad(plain, x, seed, retain_graph=True)
-        assert torch.equal(batched[word], alone)

@@ -1,6 +1,7 @@
 """Intervals and the three-way verdicts built on them: a finding "holds" only when the intervals say
-so, "does not hold" only when they say the opposite, and is "inconclusive" when they overlap — so a
-rerun with another seed can move a verdict to or from inconclusive, never flip it.
+so, "does not hold" only when they say the opposite, and is "inconclusive" when they overlap. The
+intervals cover the sampling of images for one trained model; a model trained with another seed is
+another model, and its verdicts can differ (the demo's two seeds: docs/demo-results.md).
 """
 from __future__ import annotations
 

@@ -30,7 +30,9 @@ def results_markdown(results: dict, seconds: float, quick: bool) -> str:
               "Each verdict compares 95% intervals (bootstrap over images or mentions; Wilson for rates; the paired "
               "Wilcoxon test for ablation; Student-t over fine-tuning seeds): **holds** when they are separated in "
               "the papers' direction, **does not hold** when separated the other way, **inconclusive** when they "
-              "overlap. A rerun with another seed may move a verdict to or from inconclusive, never flip it.", ""]
+              "overlap. The intervals cover the sampling of images and mentions for these trained models: a "
+              "captioner trained with another seed is another model, whose verdicts can differ — even reverse "
+              "where it has not learned to look (attention correctness near the uniform map's).", ""]
     for arch in archs:
         lines += [f"**{arch}**", "", "| finding | holds here? | our numbers |", "|---|---|---|"]
         for claim, verdict, numbers in findings(results, arch):

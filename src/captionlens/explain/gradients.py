@@ -21,7 +21,6 @@ from torch.autograd import Function
 from ..models.captioner import CaptionModel
 from .engine import Backward, Targets, Trace, batched_backward, trace
 from .methods import MethodOutput, register_method, upsample, words_first
-from .rules import winner_takes_all
 
 
 class _GuidedReLU(Function):
@@ -52,19 +51,11 @@ def guided_relu_hooks(model: CaptionModel):
             for m in model.encoder.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
 
 
-def max_pool_hooks(model: CaptionModel):
-    """The encoder's max-pools backpropagate by a scatter onto their winners (``winner_takes_all``):
-    the exact gradient, batched over the explained words in one call."""
-    return [(m, lambda module, inputs, output: winner_takes_all(module, inputs, output))
-            for m in model.encoder.modules() if isinstance(m, nn.MaxPool2d)]
-
-
 def gradients(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,
               guided: bool = False, to_pixels: bool = True) -> tuple[Trace, Backward, torch.Tensor]:
     """The gradients of every explained logit at pixels (unless ``to_pixels=False``), grid and
     embeddings (one batched backward)."""
-    hooks = (guided_relu_hooks(model) if guided else []) + (max_pool_hooks(model) if to_pixels else [])
-    traced = trace(model, pixels, token_ids, hooks, to_pixels)
+    traced = trace(model, pixels, token_ids, guided_relu_hooks(model) if guided else [], to_pixels)
     logits = traced.output.logits
     return traced, batched_backward(traced, targets.seeds(logits)), targets.scores(logits).detach()
 

@@ -47,9 +47,7 @@ Softmax attention (``AttentionScores`` → ``AttentionWeights`` → ``WeightedSu
 Batch-norm gets no rule of its own: an explanation folds it into the preceding convolution (or
 makes it a per-channel linear layer, ε-rule) first — see ``canonize.py``. ReLU and ReLU6 pass
 relevance unchanged (an inactive unit's output is 0, so the next rule gives it none);
-max-pooling passes relevance to each window's winner (winner-take-all, its gradient), written as one
-scatter of the words' relevance onto the winners' saved indices (``winner_takes_all``) — the same
-numbers as the ordinary backward, which vmap would otherwise run several times slower than a loop.
+max-pooling needs no rule: its ordinary backward passes relevance to the pooling winner.
 """
 from __future__ import annotations
 
@@ -213,16 +211,6 @@ class _NoRelevance(_RelevanceFunction):
     @classmethod
     def relevance(cls, ctx, relevance):
         return tuple(torch.zeros_like(x) for x in ctx.saved_tensors)
-
-
-class _WinnerTakesAll(_RelevanceFunction):
-    @classmethod
-    def relevance(cls, ctx, relevance):
-        x, winners = ctx.saved_tensors  # x [B, C, H, W]; winners [B, C, h', w']: flat index into H·W
-        spread = relevance.new_zeros(*relevance.shape[:-2], x.shape[-2] * x.shape[-1])
-        flat = relevance.reshape(*relevance.shape[:-2], -1)
-        spread = spread.scatter_add(-1, winners.reshape(*winners.shape[:-2], -1), flat)  # overlapping windows add up
-        return spread.reshape(*relevance.shape[:-2], *x.shape[-2:]), None
 
 
 class _PassThrough(_RelevanceFunction):
@@ -409,18 +397,6 @@ def pass_through(module: nn.Module, inputs, output, p: LRPParameters, **_) -> to
     return _PassThrough.apply(output, None, inputs[0])
 
 
-def winner_takes_all(module: nn.MaxPool2d, inputs, output, p: LRPParameters | None = None, **_):
-    """Max-pooling's backward (relevance or gradient) to each window's maximum, batched over the
-    explained words: the pooling's indices are recomputed (a cheap forward) and the backward is a
-    scatter onto them. A pool that returns its indices itself is left to its ordinary backward."""
-    if module.return_indices or not output.requires_grad:
-        return output
-    with torch.no_grad():
-        _, winners = F.max_pool2d(inputs[0], module.kernel_size, module.stride, module.padding, module.dilation,
-                                  module.ceil_mode, return_indices=True)
-    return _WinnerTakesAll.apply(output, None, inputs[0], winners)
-
-
 def epsilon_pool(module: nn.Module, inputs, output, p: LRPParameters, **_) -> torch.Tensor:
     matrix = pooling_matrix(module, *inputs[0].shape[-2:], inputs[0])
     return _EpsilonPool.apply(output, p.epsilon, inputs[0], matrix, output.detach())
@@ -452,7 +428,6 @@ RULES = {
     # input, so an inactive unit gets exactly 0 anyway and the ReLU's own mask would be wasted work.
     nn.ReLU: pass_through,
     nn.ReLU6: pass_through,  # the clipped part is treated as the ReLU's: relevance passes (as Zennit's Pass)
-    nn.MaxPool2d: winner_takes_all,
     nn.AvgPool2d: epsilon_pool,
     nn.AdaptiveAvgPool2d: epsilon_pool,
     ChannelAffine: epsilon_channel_affine,
@@ -460,14 +435,14 @@ RULES = {
     Gate: no_relevance,  # gates are coefficients: they receive nothing
     AttentionWeights: attention_weights,  # nothing either, unless attention_rule="attnlrp"
 }
-# (Eval-mode) dropout passes relevance correctly with its ordinary backward;
+# Max-pooling (winner-take-all) and (eval-mode) dropout pass relevance correctly with their ordinary backward;
 # the embedding's output is where the linguistic relevance is read; the attention's tanh only feeds
 # the attention scores, which get no relevance.
 # Zero padding passes relevance correctly too (padded zeros receive none; its backward crops).
 # Constant padding (the input-invariance test's shift-absorbing layer) crops the same way: what
 # the rule gives the padded constants is not an input's and is dropped.
 # Learned positions are read where they enter the model, like the word embeddings.
-NEUTRAL = (nn.Dropout, nn.Identity, nn.Embedding, nn.Tanh, nn.Sequential, nn.ModuleDict,
+NEUTRAL = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Embedding, nn.Tanh, nn.Sequential, nn.ModuleDict,
            nn.ModuleList, nn.ZeroPad2d, nn.ConstantPad2d, TFSamePad, LearnedPositions)
 
 
