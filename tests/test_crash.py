@@ -12,6 +12,7 @@ import time
 import warnings
 
 import numpy as np
+import pytest
 
 import captionlens as cl
 from captionlens.data.bundle import open_data
@@ -85,19 +86,27 @@ def test_encoder_pretraining_killed_never_leaves_a_half_trained_encoder(tmp_path
     assert not list(tmp_path.glob(".encoder.safetensors.*"))
 
 
-def test_training_killed_leaves_a_loadable_run_or_none_and_resumes(tmp_path):
+@pytest.mark.parametrize("arch", ["adaptive", "vit-gpt2"])
+def test_training_killed_leaves_a_loadable_run_or_none_and_resumes(tmp_path, arch):
+    """A decoder on the cached shapes features, and a Hugging Face captioner trained from the pixels."""
     data = tmp_path / "data"
     assert run(["-m", "captionlens", "data", "shapes", "--out", str(data), "--train", "300", "--val", "30",
                 "--test", "4"]).returncode == 0
-    encoder = tmp_path / "encoder.safetensors"
-    assert run(["-m", "captionlens", "pretrain-encoder", "--out", str(encoder), "--images", "16",
-                "--epochs", "1"]).returncode == 0
+    if arch == "vit-gpt2":
+        pytest.importorskip("transformers")  # the hf extra, part of the test extra
+        sizes = ["--hidden-size", "32", "--encoder-layers", "1", "--layers", "1", "--heads", "2"]
+        window = (5.0, 10.0)  # importing transformers takes seconds before training starts
+    else:
+        encoder = tmp_path / "encoder.safetensors"
+        assert run(["-m", "captionlens", "pretrain-encoder", "--out", str(encoder), "--images", "16",
+                    "--epochs", "1"]).returncode == 0
+        sizes = ["--hidden-size", "32", "--embed-size", "16", "--encoder-weights", str(encoder)]
+        window = (2.0, 5.0)
     out = tmp_path / "run"
-    command = ["-m", "captionlens", "train", "--data", str(data), "--arch", "adaptive", "--out", str(out),
-               "--epochs", "6", "--hidden-size", "32", "--embed-size", "16", "--batch-size", "16", "--patience", "6",
-               "--encoder-weights", str(encoder), "--workers", "0"]
+    command = ["-m", "captionlens", "train", "--data", str(data), "--arch", arch, "--out", str(out),
+               "--epochs", "6", "--batch-size", "16", "--patience", "6", "--workers", "0", *sizes]
     for _ in range(KILLS):
-        kill_during([*command, *(["--resume"] if (out / "training_state.json").is_file() else [])], 2.0, 5.0)
+        kill_during([*command, *(["--resume"] if (out / "training_state.json").is_file() else [])], *window)
         if (out / "manifest.json").is_file():
             try:
                 cl.load(out)  # a saved model is a whole, verified one ...
