@@ -56,7 +56,7 @@ class Trace:
     positions: list[torch.Tensor]  # outputs of LearnedPositions modules, [B, n, D] each (none for the LSTMs)
     fed: int = 0  # the fed tokens S: embeddings before them are a prompt's (a Hugging Face captioner's)
     special: list[torch.Tensor] = field(default_factory=list)  # learned tokens joined to the input (CLS)
-    largest_saved: int = 0  # bytes of the largest activation the forward saved for the backward
+    largest_saved: int = 0  # bytes of the largest activation the forward saved (measured for "auto" passes)
 
     def embedding_values(self) -> torch.Tensor:
         """The embeddings of the fed tokens [B, S, E], whichever way the decoder looked them up."""
@@ -100,9 +100,11 @@ def trace(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor,
             largest[0] = max(largest[0], saved.numel() * saved.element_size())
         return saved
 
+    # measured only where max_words_per_pass="auto" reads it: a hook on every saved tensor is not free
+    measuring = (torch.autograd.graph.saved_tensors_hooks(measure, lambda saved: saved)
+                 if _WORDS_PER_PASS.get() == "auto" else contextlib.nullcontext())
     pixels = pixels.detach().requires_grad_(to_pixels)
-    with forward_hooks([*extra_hooks, *readers]), torch.enable_grad(), \
-            torch.autograd.graph.saved_tensors_hooks(measure, lambda saved: saved):
+    with forward_hooks([*extra_hooks, *readers]), torch.enable_grad(), measuring:
         if to_pixels:
             output = model.run_with_grid(pixels, token_ids, on_grid)
         else:
@@ -177,11 +179,9 @@ AUTO_PASS_MEMORY = 256 * 2**20
 WORD_COST = 4.2
 
 
-def auto_words_per_pass(largest_saved: int, budget: int | None = None) -> int:
-    """How many words share one backward so that their memory stays within ``budget`` bytes
-    (``AUTO_PASS_MEMORY`` unless given)."""
-    budget = AUTO_PASS_MEMORY if budget is None else budget
-    return max(1, int(budget // max(1.0, WORD_COST * largest_saved)))
+def auto_words_per_pass(largest_saved: int) -> int:
+    """How many words share one backward so that their memory stays within ``AUTO_PASS_MEMORY``."""
+    return max(1, int(AUTO_PASS_MEMORY // max(1.0, WORD_COST * largest_saved)))
 
 
 @contextlib.contextmanager

@@ -115,7 +115,6 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
     words of one caption (100) is an error unless raised (None: no bound)."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    precision = resolve_precision(precision, captioner.device)
     resolved_parameters(method, precision, **parameters)  # unknown parameters fail before any image is read
     pictures = [load_image(image) for image in images]
     explanations = explain_pixels(captioner, captioner.preprocess(pictures), captions, method, words, include_end,
