@@ -259,6 +259,31 @@ def test_gradcam_never_backpropagates_into_the_encoder(monkeypatch):
     assert torch.equal(reference.image, again.image) and torch.equal(reference.preceding, again.preceding)
 
 
+@pytest.mark.parametrize("arch", ["gridtd", "sat", "transformer"])
+def test_words_as_a_batch_and_convolutions_word_by_word_give_the_same_maps(monkeypatch, arch):
+    """``engine.words_backward``'s two backwards (torch.func.vmap, is_grads_batched) are one linear map."""
+    from captionlens.explain import engine
+
+    cap = captioner(arch)
+    backward, used = engine.words_backward, []
+
+    def forced(kernels_see_words):
+        def words_backward(*args, **options):
+            used.append(options.pop("kernels_see_words"))
+            return backward(*args, **options, kernels_see_words=kernels_see_words)
+        return words_backward
+    for method in ("lrp", "guided_backprop", "gradient_x_input"):
+        maps = []
+        for kernels_see_words in (True, False):
+            used.clear()
+            monkeypatch.setattr(engine, "words_backward", forced(kernels_see_words))
+            maps.append(explain(cap, image(), CAPTION, method=method))
+            assert used == [method == "lrp"]  # the backward each method uses by default
+        for name in ("image", "grid", "preceding"):
+            reference = getattr(maps[1], name)
+            assert torch.allclose(getattr(maps[0], name), reference, atol=1e-6 * float(reference.abs().max())), name
+
+
 def test_auto_words_per_pass_is_sized_from_the_traced_forward_and_changes_no_map(monkeypatch):
     from captionlens.explain import engine
 

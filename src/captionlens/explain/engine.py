@@ -198,22 +198,32 @@ def words_per_pass(limit: int | str | None) -> Iterator[None]:
         _WORDS_PER_PASS.reset(token)
 
 
-def words_backward(output: torch.Tensor, inputs: list[torch.Tensor], seeds: torch.Tensor, retain: bool) -> tuple:
-    """The backward of ``output`` to ``inputs`` for each of the K seeds [K, *output.shape] at once:
-    ``torch.func.vmap`` over ``torch.autograd.grad``, so the kernels see the words as a batch
-    dimension (one transposed convolution, one max-pool backward, one matrix product per layer for
-    all K words) while the forward's saved activations are shared. ``is_grads_batched=True`` vmaps
-    with PyTorch's older batching, which has no rule for convolutions and matrix products and runs
-    them word by word, stacking the results (measured: 4.57 s vs 4.03 s for LRP of 15 words at
-    the papers' size). ``retain=False`` frees the graph as the backward goes (the last pass)."""
+def words_backward(output: torch.Tensor, inputs: list[torch.Tensor], seeds: torch.Tensor, retain: bool,
+                   kernels_see_words: bool = True) -> tuple:
+    """The backward of ``output`` to ``inputs`` for each of the K seeds [K, *output.shape] at once,
+    the forward's saved activations shared; ``retain=False`` frees the graph as it goes (the last pass).
+
+    ``kernels_see_words=True``: ``torch.func.vmap`` over ``torch.autograd.grad``, so the kernels see the
+    words as a batch dimension (one transposed convolution, max-pool backward and matrix product per
+    layer for all K words). ``False``: ``is_grads_batched=True``, PyTorch's older vmap, which has no
+    batching rule for convolutions and runs their backward word by word. Which is faster depends on
+    the kernels (``benchmarks/explain_speed.py`` measures both side by side): on a 2-core CPU at the
+    papers' size, LRP's rules (written as transposed convolutions) take 0.81–0.89× the time as a batch,
+    while autograd's own convolution backward (the gradient methods) takes 1.10–1.22× — oneDNN's
+    batch-1 backward at 224×224 beats its batch-15 one."""
+    if not kernels_see_words:
+        return torch.autograd.grad(output, inputs, seeds, is_grads_batched=True, allow_unused=True,
+                                   retain_graph=retain)
+
     def backward(seed):  # called once, on the K seeds as one batched tensor
         return torch.autograd.grad(output, inputs, seed, allow_unused=True, retain_graph=retain)
     return torch.func.vmap(backward)(seeds)
 
 
-def batched_backward(traced: Trace, seeds: torch.Tensor) -> Backward:
+def batched_backward(traced: Trace, seeds: torch.Tensor, kernels_see_words: bool = True) -> Backward:
     """All K seeds back through one forward graph in batched calls of at most ``words_per_pass``
-    seeds (all K at once by default), to the pixels only when the trace kept their graph."""
+    seeds (all K at once by default), to the pixels only when the trace kept their graph;
+    ``kernels_see_words`` as in ``words_backward``."""
     to_pixels = traced.pixels.requires_grad
     inputs = [traced.pixels, traced.grid] if to_pixels else [traced.grid]
     inputs += [*traced.positions, *traced.embeddings, *traced.special]
@@ -223,7 +233,8 @@ def batched_backward(traced: Trace, seeds: torch.Tensor) -> Backward:
     chunks = []
     for start in range(0, seeds.shape[0], step):
         last = start + step >= seeds.shape[0]
-        chunks.append(words_backward(traced.output.logits, reached, seeds[start: start + step], retain=not last))
+        chunks.append(words_backward(traced.output.logits, reached, seeds[start: start + step], retain=not last,
+                                     kernels_see_words=kernels_see_words))
     found = iter([None if parts[0] is None else torch.cat(parts) for parts in zip(*chunks)])
     grads = [next(found) if x.requires_grad else None for x in inputs]
     grads = [torch.zeros((seeds.shape[0], *x.shape), device=x.device, dtype=x.dtype) if g is None else g

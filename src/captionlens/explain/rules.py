@@ -5,7 +5,8 @@ of gradient: given the relevance ``R`` of the module's output it returns the rel
 Running ``torch.autograd.grad`` through a model whose modules carry these rules is therefore LRP, and
 every application of a module (one per time step) keeps its own inputs in the autograd graph — never
 a single stored input per module. Every backward is linear in ``R`` and made of plain tensor
-operations, so many relevance seeds flow back as one batch (``is_grads_batched``, i.e. vmap).
+operations, so many relevance seeds flow back as one batch (``torch.func.vmap`` over the backward:
+every kernel sees the words as a batch dimension; see ``engine.words_backward``).
 
 Relevance of a rule's inputs, with ``z`` the module's output and ``stab(z) = z + ε·sign(z)``
 (sign(0) = 1):
