@@ -32,7 +32,7 @@ def whole(low: int | None = 1, high: int | None = None):
         except (TypeError, ValueError):
             raise ValueError(f"{text!r} is not a whole number") from None
         if (low is not None and value < low) or (high is not None and value > high):
-            raise ValueError(f"{value} does not {range_text(low, high, name='it')}")
+            raise ValueError(f"{value} is out of range: it must {range_text(low, high, name='it')}")
         return value
 
     parse.checked = ("int", low, high)
@@ -61,7 +61,7 @@ def number(low: float | None = None, high: float | None = None, low_open: bool =
             raise ValueError(f"{value} is not a finite number")
         if (low is not None and (value < low or (low_open and value == low))) or \
                 (high is not None and (value > high or (high_open and value == high))):
-            raise ValueError(f"{value:g} does not {range_text(low, high, low_open, high_open, name='it')}")
+            raise ValueError(f"{value:g} is out of range: it must {range_text(low, high, low_open, high_open, name='it')}")
         return value
 
     parse.checked = ("float", low, high)
