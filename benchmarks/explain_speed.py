@@ -74,14 +74,15 @@ def pearson_per_word(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 @contextlib.contextmanager
 def batching(kernels_see_words: bool):
     """Explanations computed inside this block with ``engine.words_backward(..., kernels_see_words)``,
-    whichever the method would use."""
-    current = engine.words_backward
+    whichever the method would use; yields the list of what the method asked for."""
+    current, asked = engine.words_backward, []
+
     def words_backward(*args, **options):
-        options.pop("kernels_see_words", None)
+        asked.append(options.pop("kernels_see_words", True))
         return current(*args, **options, kernels_see_words=kernels_see_words)
     engine.words_backward = words_backward
     try:
-        yield
+        yield asked
     finally:
         engine.words_backward = current
 
@@ -135,13 +136,17 @@ def main() -> None:
     print("words as a batch the kernels see (torch.func.vmap) vs convolutions word by word (is_grads_batched), fp32")
     batched_times = {}
     for method in PIXEL_METHODS:
+        asked = []
+
         def run(kernels_see_words, method=method):
-            with batching(kernels_see_words):
-                return cl.explain(cap, image, caption, method=method)
+            with batching(kernels_see_words) as asking:
+                explanation = cl.explain(cap, image, caption, method=method)
+            asked[:] = asking
+            return explanation
         batched, looped, as_batch, word_by_word = side_by_side(lambda: run(True), lambda: run(False), args.repeats)
         batched_times[method] = batched
         difference = float((as_batch.image - word_by_word.image).abs().max() / word_by_word.image.abs().max())
-        used = "batch" if method == "lrp" else "word by word"
+        used = "batch" if all(asked) else "word by word" if not any(asked) else "both"
         print(f"  {method:18s} batch {batched:7.2f} s vs word by word {looped:7.2f} s  ratio {batched / looped:5.2f}  "
               f"(target ≤ 0.6)  max |difference| / max |map| {difference:.1e}  (captionlens uses: {used})")
     print(f"  LRP / gradient pass, both as a batch {batched_times['lrp'] / batched_times['gradient_x_input']:7.2f}x   "

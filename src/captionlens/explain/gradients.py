@@ -54,8 +54,8 @@ def guided_relu_hooks(model: CaptionModel):
 def gradients(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,
               guided: bool = False, to_pixels: bool = True) -> tuple[Trace, Backward, torch.Tensor]:
     """The gradients of every explained logit at pixels (unless ``to_pixels=False``), grid and
-    embeddings (one batched backward; autograd's convolution backward word by word, which is faster
-    on CPUs than as a batch of words — see ``engine.words_backward``)."""
+    embeddings (one batched backward; autograd's convolution backward word by word, which measured
+    faster on CPU than as a batch of words — see ``engine.words_backward``)."""
     traced = trace(model, pixels, token_ids, guided_relu_hooks(model) if guided else [], to_pixels)
     logits = traced.output.logits
     back = batched_backward(traced, targets.seeds(logits), kernels_see_words=False)
