@@ -17,8 +17,9 @@ maps relative to the largest |map|. Targets (issue 29): ≤ 0.6× with identical
 gradient pass with both as a batch. captionlens uses whichever measured faster: the batch for LRP,
 word by word for the gradient methods.
 
-Then, per pixel method, bfloat16 against float32 side by side (interleaved, median of --repeats), with
-each word's Pearson correlation and LRP's conservation error (|pixels + words − logit| / the largest
+Then, per pixel method, bfloat16 (all of the model, and the image encoder only: "bf16-vision") against
+float32 side by side (interleaved, median of --repeats), with each word's Pearson correlation and LRP's
+conservation error (|pixels + words − logit| / the largest
 logit, with biases zeroed and ε → 0, where LRP conserves). Target (issue 29): bf16 ≤ 0.4× fp32 with
 every word's map correlating ≥ 0.999. Beside it, in brackets, how far fp32's own maps move when the
 image gets noise of 1e-3: a model whose maps change with that (a deep network with random weights, such
@@ -43,6 +44,7 @@ from captionlens.explain import engine, native_bf16
 from captionlens.models import ARCHITECTURES, ENCODERS
 
 PIXEL_METHODS = ("lrp", "gradient_x_input", "guided_backprop", "guided_gradcam")
+REDUCED = ("bf16", "bf16-vision")  # the reduced precisions, each against fp32
 
 
 def timed(function, repeats: int) -> float:
@@ -55,16 +57,16 @@ def timed(function, repeats: int) -> float:
     return statistics.median(times)
 
 
-def side_by_side(first, second, repeats: int) -> tuple[float, float, object, object]:
-    """Median seconds of two functions run alternately (after one warm-up each), and their last results."""
-    results = [first(), second()]
-    times: list[list[float]] = [[], []]
+def side_by_side(functions, repeats: int) -> tuple[list[float], list]:
+    """Median seconds of the functions run in turn (after one warm-up each), and their last results."""
+    results = [function() for function in functions]
+    times: list[list[float]] = [[] for _ in functions]
     for _ in range(repeats):
-        for i, function in enumerate((first, second)):
+        for i, function in enumerate(functions):
             began = time.perf_counter()
             results[i] = function()
             times[i].append(time.perf_counter() - began)
-    return statistics.median(times[0]), statistics.median(times[1]), results[0], results[1]
+    return [statistics.median(t) for t in times], results
 
 
 def pearson_per_word(a: torch.Tensor, b: torch.Tensor) -> list[float]:
@@ -96,7 +98,7 @@ def conservation_errors(cap, image, caption) -> dict[str, float]:
             if name.endswith("bias"):
                 parameter.zero_()
     errors = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", *REDUCED):
         e = cl.explain(conserving, image, caption, method="lrp", epsilon=1e-9, precision=precision)
         total = e.image.sum(dim=(1, 2)) + e.preceding.sum(dim=1)
         errors[precision] = float((total - e.score).abs().max() / e.score.abs().max())
@@ -143,7 +145,7 @@ def main() -> None:
                 explanation = cl.explain(cap, image, caption, method=method)
             asked[:] = asking
             return explanation
-        batched, looped, as_batch, word_by_word = side_by_side(lambda: run(True), lambda: run(False), args.repeats)
+        (batched, looped), (as_batch, word_by_word) = side_by_side([lambda: run(True), lambda: run(False)], args.repeats)
         batched_times[method] = batched
         difference = float((as_batch.image - word_by_word.image).abs().max() / word_by_word.image.abs().max())
         used = "batch" if all(asked) else "word by word" if not any(asked) else "both"
@@ -152,22 +154,22 @@ def main() -> None:
     print(f"  LRP / gradient pass, both as a batch {batched_times['lrp'] / batched_times['gradient_x_input']:7.2f}x   "
           f"(target ≤ 1.1)")
 
-    print(f"bfloat16 vs float32 (native bf16 here: {native_bf16()})")
+    print(f"bfloat16 vs float32 (native bf16 here: {native_bf16()}): bf16 all of the model, bf16-vision the image "
+          "encoder only")
     nudged = (image + 1e-3 * torch.randn(image.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     for method in PIXEL_METHODS:
-        fast, full, half, single = side_by_side(
-            lambda method=method: cl.explain(cap, image, caption, method=method, precision="bf16"),
-            lambda method=method: cl.explain(cap, image, caption, method=method), args.repeats)
-        correlation = min(pearson_per_word(half.image, single.image))
-        line = (f"  {method:18s} bf16 {fast:7.2f} s vs fp32 {full:7.2f} s  ratio {fast / full:5.2f}  (target ≤ 0.4)  "
-                f"lowest per-word Pearson {correlation:.4f} (target ≥ 0.999)")
+        times, results = side_by_side([lambda method=method, precision=precision: cl.explain(
+            cap, image, caption, method=method, precision=precision) for precision in REDUCED + ("fp32",)], args.repeats)
+        full, single = times[-1], results[-1]
         stability = min(pearson_per_word(cl.explain(cap, nudged, caption, method=method).image, single.image))
-        line += f"  [fp32 itself, image ± 1e-3 noise: {stability:.4f}]"
+        print(f"  {method:18s} fp32 {full:7.2f} s  [fp32 itself, image ± 1e-3 noise: lowest Pearson {stability:.4f}]")
+        for precision, fast, half in zip(REDUCED, times, results):
+            correlation = min(pearson_per_word(half.image, single.image))
+            print(f"    {precision:12s} {fast:7.2f} s  ratio {fast / full:5.2f}  (target ≤ 0.4)  "
+                  f"lowest per-word Pearson {correlation:.4f} (target ≥ 0.999)")
         if method == "lrp":
             errors = conservation_errors(cap, image, caption)
-            line += f"  conservation error (biases 0, ε → 0) bf16 {errors['bf16']:.1e}, fp32 {errors['fp32']:.1e}"
-        print(line)
-
+            print("    conservation error (biases 0, ε → 0) " + ", ".join(f"{p} {e:.1e}" for p, e in errors.items()))
 
 if __name__ == "__main__":
     main()

@@ -313,13 +313,20 @@ def test_auto_words_per_pass_is_sized_from_the_traced_forward_and_changes_no_map
         explain(cap, image(), CAPTION, method="lrp", max_words_per_pass="many")
 
 
-def test_bfloat16_maps_follow_float32_and_the_copy_follows_the_weights():
+@pytest.mark.parametrize("precision", ["bf16", "bf16-vision"])
+def test_bfloat16_maps_follow_float32_and_the_copy_follows_the_weights(precision):
+    from captionlens.explain import explainer
+
     cap = captioner("gridtd", zero_biases=True)
     cap.model.float()
     full = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9)
-    fast = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9, precision="bf16")
-    assert fast.image.dtype == torch.float32 and fast.parameters["precision"] == "bf16"
+    fast = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9, precision=precision)
+    assert fast.image.dtype == torch.float32 and fast.parameters["precision"] == precision
     assert full.parameters["precision"] == "fp32"
+    converted = cap._reduced_precision[1]  # the copy that ran: each part in the dtype its precision names
+    assert {p.dtype for p in converted.vision_module().parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in converted.decoder.parameters()} == {explainer.PRECISIONS[precision].language}
+    assert {p.dtype for p in cap.model.parameters()} == {torch.float32}  # the captioner itself untouched
     for row in range(len(CAPTION)):
         pair = torch.stack([full.image[row].flatten(), fast.image[row].flatten()]).double()
         assert torch.corrcoef(pair)[0, 1] > 0.99
@@ -327,10 +334,21 @@ def test_bfloat16_maps_follow_float32_and_the_copy_follows_the_weights():
     assert torch.allclose(total, fast.score, rtol=0, atol=0.02 * float(fast.score.abs().max()))  # within 2%
     with torch.no_grad():
         cap.model.decoder.fc.weight.mul_(2.0)  # the bf16 copy must not go stale
-    doubled = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9, precision="bf16")
+    doubled = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9, precision=precision)
     assert torch.allclose(doubled.score, 2 * fast.score, rtol=0.02)
     with pytest.raises(ValueError, match="precision"):
         explain(cap, image(), CAPTION, method="lrp", precision="fp8")
+
+
+def test_a_float32_decoder_keeps_the_words_of_a_bfloat16_image_encoder_in_float32():
+    """bf16-vision rounds only the image encoder: the preceding words' relevance, computed by the
+    decoder alone from the grid, follows fp32's more closely than all-bf16's does."""
+    cap = captioner("transformer")
+    cap.model.float()
+    full = explain(cap, image(), CAPTION, method="lrp")
+    errors = {precision: float((explain(cap, image(), CAPTION, method="lrp", precision=precision).preceding
+                                - full.preceding).abs().max()) for precision in ("bf16", "bf16-vision")}
+    assert errors["bf16-vision"] < errors["bf16"] / 4, errors
 
 
 def test_precision_auto_is_bf16_only_where_the_hardware_computes_it_and_records_what_ran(monkeypatch):
@@ -346,12 +364,13 @@ def test_precision_auto_is_bf16_only_where_the_hardware_computes_it_and_records_
     for flag in ("avx512_bf16", "amx_bf16"):
         monkeypatch.setattr(explainer, "cpu_flags", lambda flag=flag: frozenset({"avx2", flag}))
         fast = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9, precision="auto")
-        assert fast.parameters["precision"] == "bf16"
+        assert fast.parameters["precision"] == "bf16-vision"
         assert torch.equal(fast.image, explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9,
-                                               precision="bf16").image)
-    assert explainer.resolve_precision("fp32") == "fp32" and explainer.resolve_precision("bf16") == "bf16"
+                                               precision="bf16-vision").image)
+    for precision in ("fp32", "bf16", "bf16-vision"):
+        assert explainer.resolve_precision(precision) == precision
     assert not explainer.native_bf16("meta")  # neither a CUDA GPU nor a CPU: no native bf16 claimed
-    with pytest.raises(ValueError, match="fp32, bf16, auto"):
+    with pytest.raises(ValueError, match="fp32, bf16, bf16-vision, auto"):
         explainer.resolve_precision("fp16")
 
 

@@ -127,6 +127,21 @@ def test_every_family_loads_captions_and_explains_with_every_method(folders, fam
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_explains_with_its_vision_model_in_bfloat16(folders, family):
+    """precision="bf16-vision": the vision model computes in bfloat16, its outputs (a Hugging Face
+    output of several tensors) reach the float32 language model in float32, the relevance goes back."""
+    cap = captioner(folders, family)
+    full = cl.explain(cap, picture(), CAPTION, method="lrp")
+    fast = cl.explain(cap, picture(), CAPTION, method="lrp", precision="bf16-vision")
+    converted = cap._reduced_precision[1]
+    assert {p.dtype for p in converted.vision_module().parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in converted.language_model().parameters()} == {torch.float32}
+    assert fast.parameters["precision"] == "bf16-vision" and fast.image.dtype == torch.float32
+    for row in range(len(CAPTION)):
+        assert torch.corrcoef(torch.stack([full.image[row].flatten(), fast.image[row].flatten()]).double())[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_the_audit_passes_on_every_family(folders, family):
     """Biases zeroed, ε → 0: what reaches the pixels, the words, the prompt and the learned constants
     (positions, CLS) is the logit, module by module and operation by operation."""

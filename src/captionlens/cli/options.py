@@ -128,7 +128,7 @@ WorkersOption = Annotated[int, typer.Option(help="Processes that decode images i
 BeamOption = Annotated[int, typer.Option(help="Beam size of the captions (1 = greedy; paper: 3).", parser=whole(1, 100))]
 LimitOption = Annotated[Optional[int], typer.Option(help="Use only the first N images.", parser=whole(1))]
 SeedOption = Annotated[int, typer.Option(help="Random seed.", parser=whole(0))]
-PrecisionOption = Annotated[PrecisionChoice, typer.Option(help="fp32 (the reference), bf16 (about 2x faster on CPUs with bfloat16 units; maps correlate >= 0.99) or auto (bf16 on a GPU or a CPU with AMX/AVX512-BF16, else fp32; the explanation records which ran).")]
+PrecisionOption = Annotated[PrecisionChoice, typer.Option(help="fp32 (the reference), bf16-vision (the image encoder in bfloat16, the decoder in float32: about 2x faster on CPUs with bfloat16 units; LRP maps correlate 0.9989-0.9999 with fp32's at the papers' size), bf16 (all of the model in bfloat16: as fast, maps 0.985-0.9994; halves a large language model's memory) or auto (bf16-vision on a GPU or a CPU with AMX/AVX512-BF16, else fp32; the explanation records which ran).")]
 WordsPerPassOption = Annotated[Optional[str], typer.Option(help="At most this many words share one backward pass (bounds memory for long captions), or auto: as many as fit in 256 MiB (4 for VGG16 at 224 px).", parser=whole_or_auto(1))]
 MaxWordsOption = Annotated[int, typer.Option(help="Most words of one caption explained (each costs time and memory); raise it if you mean it.", parser=whole(1))]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -217,7 +218,11 @@ def words_backward(output: torch.Tensor, inputs: list[torch.Tensor], seeds: torc
 
     def backward(seed):  # called once, on the K seeds as one batched tensor
         return torch.autograd.grad(output, inputs, seed, allow_unused=True, retain_graph=retain)
-    return torch.func.vmap(backward)(seeds)
+    with warnings.catch_warnings():  # an operation without a batching rule (LLaVA's masked_scatter) runs
+        # word by word, exactly; PyTorch's note about its speed is for PyTorch, not for our users
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
+                                "the batching rule", category=UserWarning)
+        return torch.func.vmap(backward)(seeds)
 
 
 def batched_backward(traced: Trace, seeds: torch.Tensor, kernels_see_words: bool = True) -> Backward:
