@@ -90,8 +90,8 @@ def batching(kernels_see_words: bool):
 
 
 def conservation_errors(cap, image, caption) -> dict[str, float]:
-    """LRP's conservation error |pixels + words − logit| / the largest logit, in fp32 and bf16, where
-    LRP conserves: on a copy with every bias zeroed, ε → 0."""
+    """LRP's conservation error |pixels + words (+ learned positions) − logit| / the largest logit, in
+    each precision, where LRP conserves: on a copy with every bias zeroed, ε → 0."""
     conserving = cap.with_model(copy.deepcopy(cap.model))
     with torch.no_grad():
         for name, parameter in conserving.model.named_parameters():
@@ -100,7 +100,7 @@ def conservation_errors(cap, image, caption) -> dict[str, float]:
     errors = {}
     for precision in ("fp32", *REDUCED):
         e = cl.explain(conserving, image, caption, method="lrp", epsilon=1e-9, precision=precision)
-        total = e.image.sum(dim=(1, 2)) + e.preceding.sum(dim=1)
+        total = e.image.sum(dim=(1, 2)) + e.preceding.sum(dim=1) + sum(e.extra.values(), 0)  # learned positions
         errors[precision] = float((total - e.score).abs().max() / e.score.abs().max())
     return errors
 

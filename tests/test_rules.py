@@ -113,9 +113,11 @@ def _conv_loop(x, conv, r_out, contribution):
 
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (2.0, 1.0)])
 @pytest.mark.parametrize("stride,groups", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_alpha_beta_rule_convolution(alpha, beta, stride, groups):
-    """Plain and grouped (groups = channels: depthwise) convolutions."""
-    conv = nn.Conv2d(2, 2 * groups if groups > 1 else 3, 3, stride=stride, padding=1, groups=groups)
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_alpha_beta_rule_convolution(alpha, beta, stride, groups, kernel):
+    """Plain and grouped (groups = channels: depthwise) convolutions; 1×1 ones of stride 1 run as
+    matrix products, which the loop checks as well, as one word and as several under both vmaps."""
+    conv = nn.Conv2d(2, 2 * groups if groups > 1 else 3, kernel, stride=stride, padding=kernel // 2, groups=groups)
     x = torch.randn(2, 2, 5, 5)  # signed inputs: both (x w)^+ parts count
     out = conv(x)
     r_out = torch.randn_like(out)
@@ -130,6 +132,13 @@ def test_alpha_beta_rule_convolution(alpha, beta, stride, groups):
 
     expected = _conv_loop(x, conv, r_out, contribution)
     assert torch.allclose(got, expected.detach(), atol=1e-9)
+    leaf = x.clone().requires_grad_(True)  # three words' seeds at once, both ways the engine batches them
+    words = _AlphaBetaConv.apply(out.detach(), (conv, alpha, beta), leaf)
+    seeds = torch.stack([r_out, 2 * r_out, -r_out])
+    (legacy,) = torch.autograd.grad(words, [leaf], seeds, is_grads_batched=True, retain_graph=True)
+    (batch,) = torch.func.vmap(lambda seed: torch.autograd.grad(words, [leaf], seed, retain_graph=True))(seeds)
+    for several in (legacy, batch):
+        assert torch.allclose(several, torch.stack([expected, 2 * expected, -expected]).detach(), atol=1e-9)
 
 
 def test_zb_rule_first_layer():
