@@ -323,10 +323,12 @@ def test_bfloat16_maps_follow_float32_and_the_copy_follows_the_weights(precision
     fast = explain(cap, image(), CAPTION, method="lrp", epsilon=1e-9, precision=precision)
     assert fast.image.dtype == torch.float32 and fast.parameters["precision"] == precision
     assert full.parameters["precision"] == "fp32"
-    converted = cap._reduced_precision[1]  # the copy that ran: each part in the dtype its precision names
+    converted = cap._reduced_precision[precision][1]  # the copy that ran: each part in the dtype its precision names
     assert {p.dtype for p in converted.vision_module().parameters()} == {torch.bfloat16}
     assert {p.dtype for p in converted.decoder.parameters()} == {explainer.PRECISIONS[precision].language}
     assert {p.dtype for p in cap.model.parameters()} == {torch.float32}  # the captioner itself untouched
+    explain(cap, image(), CAPTION, precision="bf16" if precision == "bf16-vision" else "bf16-vision")
+    assert cap._reduced_precision[precision][1] is converted  # each precision keeps its copy: none converted twice
     for row in range(len(CAPTION)):
         pair = torch.stack([full.image[row].flatten(), fast.image[row].flatten()]).double()
         assert torch.corrcoef(pair)[0, 1] > 0.99

@@ -133,7 +133,7 @@ def test_every_family_explains_with_its_vision_model_in_bfloat16(folders, family
     cap = captioner(folders, family)
     full = cl.explain(cap, picture(), CAPTION, method="lrp")
     fast = cl.explain(cap, picture(), CAPTION, method="lrp", precision="bf16-vision")
-    converted = cap._reduced_precision[1]
+    converted = cap._reduced_precision["bf16-vision"][1]
     assert {p.dtype for p in converted.vision_module().parameters()} == {torch.bfloat16}
     assert {p.dtype for p in converted.language_model().parameters()} == {torch.float32}
     assert fast.parameters["precision"] == "bf16-vision" and fast.image.dtype == torch.float32

@@ -104,21 +104,22 @@ def resolved_parameters(method: str, precision: str = "fp32", **given) -> dict:
 
 
 def _model_in(captioner: Captioner, precision: str) -> torch.nn.Module:
-    """The captioner's network in ``precision``: itself for fp32; otherwise a converted copy, kept until
-    the weights change (the reduced-precision fast path for CPUs with bfloat16 units, e.g. AMX)."""
+    """The captioner's network in ``precision``: itself for fp32; otherwise a converted copy, one per
+    precision, kept until the weights change (the reduced-precision fast path for CPUs with bfloat16
+    units, e.g. AMX): asking for bf16 and bf16-vision in turn converts the model once each, not each time."""
     model = captioner.model
     if precision == "fp32":
         return model
-    key = (precision, tuple((p.data_ptr(), p._version) for p in model.parameters()))
-    cached = getattr(captioner, "_reduced_precision", None)
-    if cached is None or cached[0] != key:
+    weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    copies = getattr(captioner, "_reduced_precision", {})
+    if precision not in copies or copies[precision][0] != weights:
         dtypes = PRECISIONS[precision]
         converted = copy.deepcopy(model).to(dtypes.language).eval()
         if dtypes.vision != dtypes.language:
             _convert_vision(converted.vision_module(), dtypes.vision, dtypes.language)
-        cached = (key, converted)
-        captioner._reduced_precision = cached
-    return cached[1]
+        # a new dict: a captioner shallow-copied by with_model must not see this one's copies change
+        captioner._reduced_precision = copies = {**copies, precision: (weights, converted)}
+    return copies[precision][1]
 
 
 def _convert_vision(vision: torch.nn.Module, inside: torch.dtype, outside: torch.dtype) -> None:
