@@ -127,10 +127,18 @@ def test_every_family_loads_captions_and_explains_with_every_method(folders, fam
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_explains_with_its_vision_model_in_bfloat16(folders, family):
+def test_every_family_explains_with_its_vision_model_in_bfloat16(folders, family, monkeypatch):
     """precision="bf16-vision": the vision model computes in bfloat16, its outputs (a Hugging Face
-    output of several tensors) reach the float32 language model in float32, the relevance goes back."""
+    output of several tensors) reach the float32 language model in float32, the relevance goes back.
+    precision="auto" on bfloat16 hardware runs all of a Hugging Face captioner in bf16 (its language
+    model holds much of the work)."""
+    from captionlens.explain import explainer
+
     cap = captioner(folders, family)
+    monkeypatch.setattr(explainer, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert cl.explain(cap, picture(), CAPTION[:2], method="lrp", precision="auto").parameters["precision"] == "bf16"
+    monkeypatch.setattr(explainer, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert cl.explain(cap, picture(), CAPTION[:2], method="lrp", precision="auto").parameters["precision"] == "fp32"
     full = cl.explain(cap, picture(), CAPTION, method="lrp")
     fast = cl.explain(cap, picture(), CAPTION, method="lrp", precision="bf16-vision")
     converted = cap._reduced_precision["bf16-vision"][1]

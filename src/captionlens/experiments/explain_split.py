@@ -84,7 +84,7 @@ def explain_split(captioner: Captioner, data: DataBundle, store_path: str | Path
     records = data.split(split)[:limit]
     if not records:
         raise ValueError(f"the {split!r} split of {data.name} has no images")
-    precision = resolve_precision(precision, captioner.device)
+    precision = resolve_precision(precision, captioner.device, captioner.model)
     chosen = {m: resolved_parameters(m, precision, **(parameters or {}).get(m, {})) for m in methods}
     store = open_store(captioner, store_path, split, words, chosen, ranks)
     batches = [records[i: i + batch_size] for i in range(0, len(records), batch_size)]

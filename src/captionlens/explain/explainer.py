@@ -57,7 +57,7 @@ PRECISIONS = {
                              "the image encoder, where the FLOPs are, in bfloat16; the decoder in float32, where "
                              "bfloat16's rounding through attention and LayerNorm costs the maps most"),
 }
-PRECISION_CHOICES = (*PRECISIONS, "auto")  # "auto": bf16-vision where the hardware computes bf16 natively, else fp32
+PRECISION_CHOICES = (*PRECISIONS, "auto")  # "auto": the model's auto_precision where bf16 is native, else fp32
 BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})  # /proc/cpuinfo flags of x86 bfloat16 units
 
 
@@ -80,15 +80,17 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     return device.type == "cpu" and bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
-def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
-    """A name of ``PRECISIONS`` as asked; "auto" becomes bf16-vision where ``device`` computes bfloat16
-    natively (``native_bf16``), else fp32 — an option to choose, never the silent default (fp32 is the
-    reference). bf16-vision rather than bf16: as fast within the timing noise, and the maps follow fp32's
-    closer (docs/benchmarks.md)."""
+def resolve_precision(precision: str, device: str | torch.device = "cpu", model: torch.nn.Module | None = None) -> str:
+    """A name of ``PRECISIONS`` as asked; "auto" becomes ``model.auto_precision`` where ``device``
+    computes bfloat16 natively (``native_bf16``), else fp32 — an option to choose, never the silent
+    default (fp32 is the reference). captionlens's own architectures choose bf16-vision (their CNN holds
+    nearly all of the work: as fast as bf16 within the timing noise, the maps closer to fp32's), Hugging
+    Face captioners bf16 (their language model holds much of it: 0.43× fp32's time against bf16-vision's
+    0.65× on ViT-GPT2); docs/benchmarks.md. Without a model, bf16-vision."""
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, not {precision!r}")
     if precision == "auto":
-        return "bf16-vision" if native_bf16(device) else "fp32"
+        return getattr(model, "auto_precision", "bf16-vision") if native_bf16(device) else "fp32"
     return precision
 
 
@@ -148,8 +150,9 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
     bfloat16 and the decoder in float32, "bf16" all of the model in bfloat16 — both about 2× faster on
     CPUs with bf16 units, bf16-vision's LRP maps the closer to fp32's (lowest per-word Pearson 0.9999
     grid-TD, 0.9989 transformer, against bf16's 0.9994 and 0.985: docs/benchmarks.md);
-    ``precision="auto"`` picks bf16-vision where the model's device computes bfloat16 natively (a GPU,
-    or a CPU with AMX or AVX512-BF16), fp32 elsewhere, and records which ran;
+    ``precision="auto"`` picks the model's ``auto_precision`` (bf16-vision; bf16 for a Hugging Face
+    captioner) where its device computes bfloat16 natively (a GPU, or a CPU with AMX or AVX512-BF16),
+    fp32 elsewhere, and records which ran;
     ``max_words_per_pass`` bounds how many words share one backward (memory; ``"auto"``: as many as fit
     in 256 MiB by the traced forward's largest activation, 4 words for VGG16 at 224 px); more than ``max_words``
     words of one caption (100) is an error unless raised (None: no bound)."""
@@ -171,7 +174,7 @@ def explain_pixels(captioner: Captioner, pixels: torch.Tensor, captions: Sequenc
     """``explain_batch`` on inputs already preprocessed for the model: ``pixels`` [B, 3, H, W]
     (normalised) — for inputs no image file can hold, such as the shifted inputs of the input
     invariance test (``experiments/sanity.py``)."""
-    precision = resolve_precision(precision, captioner.device)
+    precision = resolve_precision(precision, captioner.device, captioner.model)
     recorded = resolved_parameters(method, precision, **parameters)  # unknown parameters are an error
     if len(pixels) != len(captions):
         raise ValueError(f"{len(pixels)} inputs but {len(captions)} captions")

@@ -147,6 +147,9 @@ class HFCaptionModel(nn.Module):
     their relevance is reported apart (``Explanation.extra["prompt"]``)."""
 
     relevance_by_operation = True  # LRP's rules attach to its operations (explain/operations.py)
+    # what precision="auto" runs where bfloat16 is native: all of it in bf16, since the language model holds
+    # much of the work (ViT-GPT2: 0.43x fp32's time, the vision model alone in bf16 only 0.65x)
+    auto_precision = "bf16"
 
     def __init__(self, hf: nn.Module, image_size: int, mean, std, start_id: int, end_id: int, pad_id: int,
                  prompt_ids: Sequence[int] = ()) -> None:
