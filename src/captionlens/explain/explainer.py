@@ -149,7 +149,7 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
     ``precision`` (``PRECISIONS``): "fp32", the reference; "bf16-vision" runs the image encoder in
     bfloat16 and the decoder in float32, "bf16" all of the model in bfloat16 — both about 2× faster on
     CPUs with bf16 units, bf16-vision's LRP maps the closer to fp32's (lowest per-word Pearson 0.9999
-    grid-TD, 0.9989 transformer, against bf16's 0.9994 and 0.985: docs/benchmarks.md);
+    grid-TD, 0.9988 transformer, against bf16's 0.9994 and 0.985: docs/benchmarks.md);
     ``precision="auto"`` picks the model's ``auto_precision`` (bf16-vision; bf16 for a Hugging Face
     captioner) where its device computes bfloat16 natively (a GPU, or a CPU with AMX or AVX512-BF16),
     fp32 elsewhere, and records which ran;

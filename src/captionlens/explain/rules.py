@@ -238,8 +238,9 @@ def _conv_transpose(share: torch.Tensor, weight: torch.Tensor, module: nn.Conv2d
     """The adjoint of ``module``'s convolution applied to ``share`` (shapes of the input). Written as
     a transposed convolution, which vmap batches over the explained words in one call (the
     convolution's own backward would be looped word by word); a 1×1 one as the matrix product
-    ``Wᵀ share``, 1.1–17× faster than oneDNN's 1×1 transposed convolution on a 2-core CPU (fp32 and
-    bf16: benchmarks/explain_speed.py, Show-Attend-Tell's ResNet-101)."""
+    ``Wᵀ share``: in the αβ rule for 15 words on a 2-core CPU, 1.1–2.2× faster than oneDNN's 1×1
+    transposed convolution at ResNet-101's 16×16 and 64×64 layers (fp32 and bf16), 0.7–0.9× as fast
+    at its 8×8 ones (docs/benchmarks.md, "1×1 convolutions as matrix products")."""
     if _pointwise(module, weight):  # share [.., C_out, h, w] -> [.., C_in, h, w]
         return _per_pixel(weight.flatten(1).T.contiguous(), share)  # bf16 matmul: 2.4× slower on the transposed view
     produced = [(o - 1) * s - 2 * p + d * (k - 1) + 1 for o, s, p, d, k in zip(
