@@ -342,6 +342,26 @@ def test_bfloat16_maps_follow_float32_and_the_copy_follows_the_weights(precision
         explain(cap, image(), CAPTION, method="lrp", precision="fp8")
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_method_runs_with_the_image_encoder_in_bfloat16(arch):
+    """bf16-vision for each architecture and method (attention, Grad-CAM's graph-less encoder and the
+    pixel methods alike): the maps fp32's shape, finite, and following fp32's."""
+    cap = captioner(arch)
+    cap.model.float()
+    for method in methods_for(cap.model):
+        full = explain(cap, image(), CAPTION, method=method)
+        fast = explain(cap, image(), CAPTION, method=method, precision="bf16-vision")
+        assert fast.parameters["precision"] == "bf16-vision" and fast.image.dtype == torch.float32
+        for name in ("image", "grid", "preceding", "score"):
+            ours, reference = getattr(fast, name), getattr(full, name)
+            assert ours.shape == reference.shape and torch.isfinite(ours).all(), (method, name)
+            if reference.abs().max() == 0:  # attention gives the preceding words nothing
+                assert ours.abs().max() == 0, (method, name)
+            else:  # gradient × input, the least stable, correlates 0.978 with fp32's here
+                pair = torch.stack([ours.flatten(), reference.flatten()]).double()
+                assert torch.corrcoef(pair)[0, 1] > 0.95, (method, name)
+
+
 def test_a_float32_decoder_keeps_the_words_of_a_bfloat16_image_encoder_in_float32():
     """bf16-vision rounds only the image encoder: the preceding words' relevance, computed by the
     decoder alone from the grid, follows fp32's more closely than all-bf16's does."""

@@ -64,9 +64,10 @@ def rollout(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, 
         grid = model.encoder(pixels)  # [B, C, h, w]
         out = model.decoder(grid, token_ids)
     batch, steps, cells = pixels.shape[0], token_ids.shape[1], grid.shape[2] * grid.shape[3]
-    eye = lambda n: torch.eye(n, dtype=pixels.dtype, device=pixels.device).expand(batch, n, n)  # noqa: E731
+    dtype = out.logits.dtype  # the decoder's, whose weights these are (bf16-vision: not the pixels')
+    eye = lambda n: torch.eye(n, dtype=dtype, device=pixels.device).expand(batch, n, n)  # noqa: E731
     from_cells = eye(cells)  # E [B, L, L]
-    words, looked = eye(steps), pixels.new_zeros(batch, steps, cells)  # W [B, S, S], C [B, S, L]
+    words, looked = eye(steps), pixels.new_zeros(batch, steps, cells, dtype=dtype)  # W [B, S, S], C [B, S, L]
     for kind, alpha in weights:
         if kind == "encoder":
             from_cells = (alpha + eye(cells)) / 2 @ from_cells
@@ -76,7 +77,7 @@ def rollout(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, 
         else:  # cross
             words, looked = words / 2, (looked + alpha @ from_cells) / 2
     rows = torch.arange(batch, device=pixels.device).unsqueeze(1)
-    valid = targets.valid.unsqueeze(2).to(pixels.dtype)
+    valid = targets.valid.unsqueeze(2).to(dtype)
     grid_maps = (looked[rows, targets.steps] * valid).reshape(batch, -1, *grid.shape[2:])  # [B, K, h, w]
     preceding = words[rows, targets.steps] * valid  # [B, K, S]
     return MethodOutput(upsample(grid_maps, tuple(pixels.shape[2:])), grid_maps, preceding,
