@@ -278,10 +278,32 @@ def test_words_as_a_batch_and_convolutions_word_by_word_give_the_same_maps(monke
             used.clear()
             monkeypatch.setattr(engine, "words_backward", forced(kernels_see_words))
             maps.append(explain(cap, image(), CAPTION, method=method))
-            assert used == [method == "lrp"]  # the backward each method uses by default
+            assert used == [True]  # what each method uses on a 32×32 image: the batch
         for name in ("image", "grid", "preceding"):
             reference = getattr(maps[1], name)
             assert torch.allclose(getattr(maps[0], name), reference, atol=1e-6 * float(reference.abs().max())), name
+
+
+def test_the_gradient_methods_go_word_by_word_only_on_large_images(monkeypatch):
+    """Autograd's convolution backward measured faster word by word above 128×128 pixels (and as a
+    batch below), LRP's rules as a batch at every size: ``gradients.WORDS_AS_A_BATCH_UP_TO``."""
+    from captionlens.explain import engine, gradients
+
+    backward, used = engine.words_backward, []
+
+    def recording(*args, **options):
+        used.append(options["kernels_see_words"])
+        return backward(*args, **options)
+    monkeypatch.setattr(engine, "words_backward", recording)
+    assert 128 * 128 <= gradients.WORDS_AS_A_BATCH_UP_TO < 144 * 144  # the two sides below: one each way
+    for side in (128, 144):
+        cap = cl.build_captioner("gridtd", encoder="shapes", vocab=WORDS, hidden_size=8, embed_size=8, seed=0,
+                                 encoder_options={"image_size": side})
+        picture = torch.rand(3, side, side, generator=torch.Generator().manual_seed(0))
+        for method in ("lrp", "gradient_x_input", "guided_backprop", "guided_gradcam"):
+            used.clear()
+            explain(cap, picture, CAPTION, method=method)
+            assert used == [method == "lrp" or side * side <= gradients.WORDS_AS_A_BATCH_UP_TO], (side, method)
 
 
 def test_auto_words_per_pass_is_sized_from_the_traced_forward_and_changes_no_map(monkeypatch):

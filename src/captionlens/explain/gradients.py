@@ -51,14 +51,23 @@ def guided_relu_hooks(model: CaptionModel):
             for m in model.encoder.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
 
 
+# Autograd's convolution backward runs faster with the words as a batch on small images and word by
+# word on large ones (2-core CPU, 15 words, VGG16: batch / word by word 0.80x at 64 px, 0.90x at 96,
+# 0.95-0.98x at 128, 0.98-1.01x at 160, 1.02-1.05x at 192, 1.02-1.29x at 224; ResNet-101 at 256:
+# 0.98-1.18x; docs/benchmarks.md): the batch up to this many pixels, word by word above.
+WORDS_AS_A_BATCH_UP_TO = 128 * 128
+
+
 def gradients(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,
               guided: bool = False, to_pixels: bool = True) -> tuple[Trace, Backward, torch.Tensor]:
     """The gradients of every explained logit at pixels (unless ``to_pixels=False``), grid and
-    embeddings (one batched backward; autograd's convolution backward word by word, which measured
-    faster on CPU than as a batch of words — see ``engine.words_backward``)."""
+    embeddings: one batched backward, autograd's convolution backward seeing the words as a batch for
+    images of at most ``WORDS_AS_A_BATCH_UP_TO`` pixels and word by word for larger ones, whichever
+    measured faster (``engine.words_backward``)."""
     traced = trace(model, pixels, token_ids, guided_relu_hooks(model) if guided else [], to_pixels)
     logits = traced.output.logits
-    back = batched_backward(traced, targets.seeds(logits), kernels_see_words=False)
+    as_a_batch = pixels.shape[-2] * pixels.shape[-1] <= WORDS_AS_A_BATCH_UP_TO
+    back = batched_backward(traced, targets.seeds(logits), kernels_see_words=as_a_batch)
     return traced, back, targets.scores(logits).detach()
 
 
