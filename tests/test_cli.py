@@ -178,6 +178,19 @@ def test_explain_writes_json_heatmaps_and_figure(tiny_run, tmp_path):
         assert np.array_equal(np.load(folder / "lrp.npy"), heatmaps["image"])
 
 
+def test_explain_runs_and_records_each_precision(tiny_run, tmp_path):
+    run, images = tiny_run
+    for precision in ("bf16-vision", "bf16"):
+        result = runner.invoke(app, ["explain", "--model", str(run), str(images[0]), "--out", str(tmp_path / precision),
+                                     "--methods", "lrp", "--caption", "a red circle", "--precision", precision])
+        assert result.exit_code == 0, result.output
+        report = json.loads((tmp_path / precision / images[0].stem / "explanation.json").read_text())
+        assert report["methods"]["lrp"]["parameters"]["precision"] == precision
+    result = runner.invoke(app, ["explain", "--model", str(run), str(images[0]), "--out", str(tmp_path / "fp8"),
+                                 "--precision", "fp8"])
+    assert result.exit_code != 0 and "bf16-vision" in result.output  # the choices are named
+
+
 def test_explain_rejects_bad_input(tiny_run, tmp_path):
     run, images = tiny_run
     result = runner.invoke(app, ["explain", "--model", str(run), str(images[0]), "--out", str(tmp_path),
