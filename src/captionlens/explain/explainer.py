@@ -47,15 +47,14 @@ class Precision:
 
     vision: torch.dtype
     language: torch.dtype
-    description: str
 
 
 PRECISIONS = {
-    "fp32": Precision(torch.float32, torch.float32, "float32 throughout: the reference"),
-    "bf16": Precision(torch.bfloat16, torch.bfloat16, "bfloat16 throughout (a large language model's memory halved)"),
-    "bf16-vision": Precision(torch.bfloat16, torch.float32,
-                             "the image encoder, where the FLOPs are, in bfloat16; the decoder in float32, where "
-                             "bfloat16's rounding through attention and LayerNorm costs the maps most"),
+    "fp32": Precision(torch.float32, torch.float32),  # the reference
+    "bf16": Precision(torch.bfloat16, torch.bfloat16),  # all of it (a large language model's memory halved)
+    # the image encoder, where the FLOPs are, in bfloat16; the decoder in float32, where bfloat16's
+    # rounding through attention and LayerNorm costs the maps most
+    "bf16-vision": Precision(torch.bfloat16, torch.float32),
 }
 PRECISION_CHOICES = (*PRECISIONS, "auto")  # "auto": the model's auto_precision where bf16 is native, else fp32
 BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})  # /proc/cpuinfo flags of x86 bfloat16 units
