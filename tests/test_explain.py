@@ -284,9 +284,10 @@ def test_words_as_a_batch_and_convolutions_word_by_word_give_the_same_maps(monke
             assert torch.allclose(getattr(maps[0], name), reference, atol=1e-6 * float(reference.abs().max())), name
 
 
-def test_the_gradient_methods_go_word_by_word_only_on_large_images(monkeypatch):
-    """Autograd's convolution backward measured faster word by word above 128×128 pixels (and as a
-    batch below), LRP's rules as a batch at every size: ``gradients.WORDS_AS_A_BATCH_UP_TO``."""
+def test_the_gradient_methods_go_word_by_word_only_on_large_images_in_fp32(monkeypatch):
+    """Autograd's float32 convolution backward measured faster word by word above 128×128 pixels (and
+    as a batch below), its bfloat16 channels-last one and LRP's rules as a batch at every size:
+    ``gradients.words_as_a_batch``."""
     from captionlens.explain import engine, gradients
 
     backward, used = engine.words_backward, []
@@ -296,14 +297,15 @@ def test_the_gradient_methods_go_word_by_word_only_on_large_images(monkeypatch):
         return backward(*args, **options)
     monkeypatch.setattr(engine, "words_backward", recording)
     assert 128 * 128 <= gradients.WORDS_AS_A_BATCH_UP_TO < 144 * 144  # the two sides below: one each way
-    for side in (128, 144):
+    for side, precision in ((128, "fp32"), (144, "fp32"), (144, "bf16-vision")):
         cap = cl.build_captioner("gridtd", encoder="shapes", vocab=WORDS, hidden_size=8, embed_size=8, seed=0,
                                  encoder_options={"image_size": side})
         picture = torch.rand(3, side, side, generator=torch.Generator().manual_seed(0))
         for method in ("lrp", "gradient_x_input", "guided_backprop", "guided_gradcam"):
             used.clear()
-            explain(cap, picture, CAPTION, method=method)
-            assert used == [method == "lrp" or side * side <= gradients.WORDS_AS_A_BATCH_UP_TO], (side, method)
+            explain(cap, picture, CAPTION, method=method, precision=precision)
+            small = side * side <= gradients.WORDS_AS_A_BATCH_UP_TO
+            assert used == [method == "lrp" or small or precision != "fp32"], (side, precision, method)
 
 
 def test_auto_words_per_pass_is_sized_from_the_traced_forward_and_changes_no_map(monkeypatch):
@@ -349,6 +351,9 @@ def test_bfloat16_maps_follow_float32_and_the_copy_follows_the_weights(precision
     assert {p.dtype for p in converted.vision_module().parameters()} == {torch.bfloat16}
     assert {p.dtype for p in converted.decoder.parameters()} == {explainer.PRECISIONS[precision].language}
     assert {p.dtype for p in cap.model.parameters()} == {torch.float32}  # the captioner itself untouched
+    convolutions = [m.weight for m in converted.vision_module().modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions if w.shape[-1] > 1)
+    assert all(m.weight.is_contiguous() for m in cap.model.modules() if isinstance(m, nn.Conv2d))  # fp32 as it was
     explain(cap, image(), CAPTION, precision="bf16" if precision == "bf16-vision" else "bf16-vision")
     assert cap._reduced_precision[precision][1] is converted  # each precision keeps its copy: none converted twice
     for row in range(len(CAPTION)):
@@ -382,6 +387,21 @@ def test_every_method_runs_with_the_image_encoder_in_bfloat16(arch):
             else:  # gradient × input, the least stable, correlates 0.978 with fp32's here
                 pair = torch.stack([ours.flatten(), reference.flatten()]).double()
                 assert torch.corrcoef(pair)[0, 1] > 0.95, (method, name)
+
+
+@pytest.mark.parametrize("method", ["lrp", "gradient_x_input", "guided_gradcam"])
+def test_max_pooling_spread_as_one_product_changes_no_map(monkeypatch, method):
+    """The 2×2 max-poolings' backward as one broadcast product (``rules.winner_takes_all``) gives
+    every map bit for bit what the poolings' own backward gives, VGG16's five poolings included."""
+    from captionlens.explain import gradients, rules
+
+    cap = captioner("gridtd", encoder="vgg16")
+    spread = explain(cap, image(), CAPTION, method=method)
+    monkeypatch.setitem(rules.RULES, nn.MaxPool2d, lambda *args, **options: None)  # each its own backward
+    monkeypatch.setattr(gradients, "max_pool_hooks", lambda model: [])
+    ordinary = explain(cap, image(), CAPTION, method=method)
+    for name in ("image", "grid", "preceding"):
+        assert torch.equal(getattr(spread, name), getattr(ordinary, name)), name
 
 
 def test_a_float32_decoder_keeps_the_words_of_a_bfloat16_image_encoder_in_float32():

@@ -9,7 +9,7 @@ from torch import nn
 from captionlens.explain.rules import (_AlphaBetaConv, _EpsilonChannelAffine, _EpsilonLayerNorm, _EpsilonLinear,
                                        _EpsilonPool, _EpsilonReduce, _EpsilonSum, _EpsilonWeightedSum, _GateProduct,
                                        _EpsilonMatmul, _SoftmaxTaylor, _UniformElementwise, _UniformProduct, _ZBoxConv,
-                                       epsilon_mean, pooling_matrix)
+                                       epsilon_mean, pooling_matrix, winner_takes_all)
 from captionlens.explain.lrp import rule_hooks
 from captionlens.explain.rules import LRPParameters
 from captionlens.models.layers import GridMean, LSTMCell, LSTMState
@@ -238,6 +238,44 @@ def test_epsilon_rule_average_pooling(pool):
                 * r_out[b, c, p, q]
     assert torch.allclose(got, expected, atol=1e-12)
     assert torch.allclose(z, torch.einsum("bcn,mn->bcm", x.flatten(2), pooling_matrix(pool, n, n, x)).view_as(z))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("kernel", [2, (2, 3)])
+def test_max_pooling_passes_each_window_relevance_to_its_first_maximum(layout, kernel):
+    """Winner-take-all, R_i = R_j for the first maximum i of window j (in reading order, as the
+    pooling's own backward picks it), 0 for the others: against that loop, on inputs with ties, in
+    both layouts, as one word and as several under both vmaps."""
+    pool = nn.MaxPool2d(kernel)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    x = torch.randint(0, 3, (2, 4, 6, 6)).double().contiguous(memory_format=layout)  # many ties
+    leaf = x.clone().requires_grad_(True)
+    out = pool(leaf)
+    r_out = torch.randn_like(out)
+    words = winner_takes_all(pool, (leaf,), out)
+    expected = torch.zeros_like(x)
+    for b, c, p, q in itertools.product(range(2), range(4), range(6 // kh), range(6 // kw)):
+        window = [(y, w) for y in range(p * kh, p * kh + kh) for w in range(q * kw, q * kw + kw)]
+        first = max(window, key=lambda cell: (x[b, c, cell[0], cell[1]], -window.index(cell)))
+        expected[b, c, first[0], first[1]] = r_out[b, c, p, q]
+    (got,) = torch.autograd.grad(words, [leaf], r_out, retain_graph=True)
+    (ordinary,) = torch.autograd.grad(out, [leaf], r_out, retain_graph=True)
+    assert torch.equal(got, expected) and torch.equal(ordinary, expected)
+    seeds = torch.stack([r_out, 2 * r_out, -r_out])
+    (legacy,) = torch.autograd.grad(words, [leaf], seeds, is_grads_batched=True, retain_graph=True)
+    (batch,) = torch.func.vmap(lambda seed: torch.autograd.grad(words, [leaf], seed, retain_graph=True))(seeds)
+    for several in (legacy, batch):
+        assert torch.equal(several, torch.stack([expected, 2 * expected, -expected]))
+    assert got.is_contiguous(memory_format=layout)  # the layout kept: no copy for the next rule
+
+
+@pytest.mark.parametrize("pool,size", [(nn.MaxPool2d(3, stride=2, padding=1), 6), (nn.MaxPool2d(3, stride=2), 7),
+                                       (nn.MaxPool2d(2), 5)])
+def test_max_pooling_that_does_not_tile_its_input_keeps_its_ordinary_backward(pool, size):
+    """Overlapping windows (ResNet's 3×3/2) or rows no window covers: no rule output (None), so the
+    pooling's own backward passes relevance to the winners."""
+    x = torch.randn(1, 2, size, size, requires_grad=True)
+    assert winner_takes_all(pool, (x,), pool(x)) is None
 
 
 def test_epsilon_rule_channel_affine_and_reduce():

@@ -205,14 +205,14 @@ def words_backward(output: torch.Tensor, inputs: list[torch.Tensor], seeds: torc
     the forward's saved activations shared; ``retain=False`` frees the graph as it goes (the last pass).
 
     ``kernels_see_words=True``: ``torch.func.vmap`` over ``torch.autograd.grad``, so the kernels see the
-    words as a batch dimension (one transposed convolution, max-pool backward and matrix product per
+    words as a batch dimension (one transposed convolution, max-pool spreading and matrix product per
     layer for all K words). ``False``: ``is_grads_batched=True``, PyTorch's older vmap, which has no
     batching rule for convolutions and runs their backward word by word. Which is faster depends on
     the kernels (``benchmarks/explain_speed.py`` measures both side by side): on a 2-core CPU at the
     papers' size, LRP's rules (written as transposed convolutions and matrix products) take 0.82–0.97×
     the time as a batch, while autograd's own convolution backward (the gradient methods) takes
-    1.00–1.29× — oneDNN's batch-1 backward at 224×224 beats its batch-15 one — and 0.80× at 64×64
-    (``gradients.WORDS_AS_A_BATCH_UP_TO``)."""
+    1.00–1.29× in float32 — oneDNN's batch-1 backward at 224×224 beats its batch-15 one — and 0.80× at
+    64×64, and 0.88–0.96× at 224×224 in bfloat16 channels last (``gradients.words_as_a_batch``)."""
     if not kernels_see_words:
         return torch.autograd.grad(output, inputs, seeds, is_grads_batched=True, allow_unused=True,
                                    retain_graph=retain)

@@ -116,22 +116,29 @@ def _model_in(captioner: Captioner, precision: str) -> torch.nn.Module:
     if precision not in copies or copies[precision][0] != weights:
         dtypes = PRECISIONS[precision]
         converted = copy.deepcopy(model).to(dtypes.language).eval()
-        if dtypes.vision != dtypes.language:
-            _convert_vision(converted.vision_module(), dtypes.vision, dtypes.language)
+        _convert_vision(converted.vision_module(), dtypes.vision, dtypes.language)
         # a new dict: a captioner shallow-copied by with_model must not see this one's copies change
         captioner._reduced_precision = copies = {**copies, precision: (weights, converted)}
     return copies[precision][1]
 
 
 def _convert_vision(vision: torch.nn.Module, inside: torch.dtype, outside: torch.dtype) -> None:
-    """``vision`` computes in ``inside``: its floating-point inputs are cast to it and its outputs
-    (a tensor, or a Hugging Face output of several) back to ``outside``, the rest of the model's dtype.
-    Autograd casts the gradient or relevance flowing back through each cast the other way."""
-    def cast(dtype: torch.dtype):
-        return lambda tree: tree_map(lambda x: x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x, tree)
+    """``vision`` computes in ``inside``, in the channels-last layout: its floating-point inputs are
+    cast to it (images [B, C, H, W] laid out [B, H, W, C] in memory, with its convolutions' weights)
+    and its outputs (a tensor, or a Hugging Face output of several) back to ``outside``, the rest of
+    the model's dtype. Autograd casts the gradient or relevance flowing back through each cast the
+    other way. Channels last is the layout oneDNN's bfloat16 convolutions compute in (in any other,
+    each convolution reorders its operands and result: LRP for VGG16 0.58× faster in it on an AMX
+    CPU, docs/benchmarks.md); in float32 it sums in another order and is left out (the reference)."""
+    def cast(dtype: torch.dtype, layout: torch.memory_format):
+        def one(x):
+            if not (torch.is_tensor(x) and x.is_floating_point()):
+                return x
+            return x.to(dtype, memory_format=layout if x.dim() == 4 else torch.preserve_format)
+        return lambda tree: tree_map(one, tree)
 
-    to_inside, to_outside = cast(inside), cast(outside)
-    vision.to(inside)
+    to_inside, to_outside = cast(inside, torch.channels_last), cast(outside, torch.preserve_format)
+    vision.to(inside, memory_format=torch.channels_last)
     vision.register_forward_pre_hook(lambda module, args, kwargs: (to_inside(args), to_inside(kwargs)), with_kwargs=True)
     vision.register_forward_hook(lambda module, args, output: to_outside(output))
 

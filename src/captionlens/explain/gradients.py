@@ -21,6 +21,7 @@ from torch.autograd import Function
 from ..models.captioner import CaptionModel
 from .engine import Backward, Targets, Trace, batched_backward, trace
 from .methods import MethodOutput, register_method, upsample, words_first
+from .rules import winner_takes_all
 
 
 class _GuidedReLU(Function):
@@ -51,23 +52,35 @@ def guided_relu_hooks(model: CaptionModel):
             for m in model.encoder.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
 
 
-# Autograd's convolution backward runs faster with the words as a batch on small images and word by
-# word on large ones (2-core CPU, 15 words, VGG16: batch / word by word 0.80x at 64 px, 0.90x at 96,
-# 0.95-0.98x at 128, 0.98-1.01x at 160, 1.02-1.05x at 192, 1.02-1.29x at 224; ResNet-101 at 256:
-# 0.98-1.18x; docs/benchmarks.md): the batch up to this many pixels, word by word above.
+def max_pool_hooks(model: CaptionModel):
+    """The encoder's max-poolings backward as one broadcast product for all words where their windows
+    tile the input (``rules.winner_takes_all``: the same gradient, faster channels-last)."""
+    return [(m, lambda module, inputs, output: winner_takes_all(module, inputs, output, None))
+            for m in model.encoder.modules() if isinstance(m, nn.MaxPool2d)]
+
+
+# Autograd's float32 convolution backward runs faster with the words as a batch on small images and
+# word by word on large ones (2-core CPU, 15 words, VGG16: batch / word by word 0.80x at 64 px, 0.90x at
+# 96, 0.95-0.98x at 128, 0.98-1.01x at 160, 1.02-1.05x at 192, 1.02-1.29x at 224; ResNet-101 at 256:
+# 0.98-1.18x; docs/benchmarks.md): the batch up to this many pixels, word by word above. A bfloat16
+# encoder (channels last) takes the batch at every size: 0.88x and 0.96x at 224 px on an AMX CPU.
 WORDS_AS_A_BATCH_UP_TO = 128 * 128
+
+
+def words_as_a_batch(pixels: torch.Tensor) -> bool:
+    """Whether the gradient methods' backward sees the words as a batch for these inputs (else word by word)."""
+    return pixels.dtype == torch.bfloat16 or pixels.shape[-2] * pixels.shape[-1] <= WORDS_AS_A_BATCH_UP_TO
 
 
 def gradients(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,
               guided: bool = False, to_pixels: bool = True) -> tuple[Trace, Backward, torch.Tensor]:
     """The gradients of every explained logit at pixels (unless ``to_pixels=False``), grid and
-    embeddings: one batched backward, autograd's convolution backward seeing the words as a batch for
-    images of at most ``WORDS_AS_A_BATCH_UP_TO`` pixels and word by word for larger ones, whichever
-    measured faster (``engine.words_backward``)."""
-    traced = trace(model, pixels, token_ids, guided_relu_hooks(model) if guided else [], to_pixels)
+    embeddings: one batched backward, autograd's convolution backward seeing the words as a batch or
+    word by word, whichever measured faster for these pixels (``words_as_a_batch``, ``engine.words_backward``)."""
+    hooks = (guided_relu_hooks(model) if guided else []) + max_pool_hooks(model)
+    traced = trace(model, pixels, token_ids, hooks, to_pixels)
     logits = traced.output.logits
-    as_a_batch = pixels.shape[-2] * pixels.shape[-1] <= WORDS_AS_A_BATCH_UP_TO
-    back = batched_backward(traced, targets.seeds(logits), kernels_see_words=as_a_batch)
+    back = batched_backward(traced, targets.seeds(logits), kernels_see_words=words_as_a_batch(pixels))
     return traced, back, targets.scores(logits).detach()
 
 

@@ -48,7 +48,7 @@ Softmax attention (``AttentionScores`` → ``AttentionWeights`` → ``WeightedSu
 Batch-norm gets no rule of its own: an explanation folds it into the preceding convolution (or
 makes it a per-channel linear layer, ε-rule) first — see ``canonize.py``. ReLU and ReLU6 pass
 relevance unchanged (an inactive unit's output is 0, so the next rule gives it none);
-max-pooling needs no rule: its ordinary backward passes relevance to the pooling winner.
+max-pooling is winner-take-all: each window's relevance to its maximum, as its ordinary backward.
 """
 from __future__ import annotations
 
@@ -312,6 +312,21 @@ class _EpsilonPool(_RelevanceFunction):
         return x * (share @ matrix).reshape(x.shape), None, None
 
 
+class _WinnerTakesAll(_RelevanceFunction):
+    @classmethod
+    def relevance(cls, ctx, relevance):
+        _, winners = ctx.saved_tensors  # the input x [B, C, H, W]; 1 at each window's winner, 0 elsewhere
+        (kh, kw), channels_last = ctx.settings
+        *batch, channels, h, w = relevance.shape  # [.., C, h, w] with h = H / kh, w = W / kw
+        if channels_last:  # laid out [.., h, w, C] in memory: spread and mask there (the result channels last)
+            spread = relevance.movedim(-3, -1).reshape(*batch, h, 1, w, 1, channels)
+            mask = winners.movedim(-3, -1).reshape(*winners.shape[:-3], h, kh, w, kw, channels)
+            return (spread * mask).reshape(*batch, h * kh, w * kw, channels).movedim(-1, -3), None
+        spread = relevance.reshape(*batch, channels, h, 1, w, 1)
+        mask = winners.reshape(*winners.shape[:-2], h, kh, w, kw)
+        return (spread * mask).reshape(*batch, channels, h * kh, w * kw), None
+
+
 def pooling_matrix(module: nn.Module, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
     """The matrix ``P`` [h'·w', h·w] of a linear pooling (average, adaptive average): the pooling
     applied to each basis image."""
@@ -425,6 +440,28 @@ def epsilon_pool(module: nn.Module, inputs, output, p: LRPParameters, **_) -> to
     return _EpsilonPool.apply(output, p.epsilon, inputs[0], matrix, output.detach())
 
 
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def winner_takes_all(module: nn.MaxPool2d, inputs, output, p: LRPParameters | None = None, **_) -> torch.Tensor | None:
+    """Max-pooling whose windows tile the input (kernel = stride, no padding: VGG's 2×2) passes each
+    window's relevance — or gradient: the two are the same here — to the window's first maximum,
+    the winner the pooling's own backward picks, as one broadcast product for all words (that
+    backward's scatter is 3–4× slower in the channels-last layout of a bfloat16 encoder). Any other
+    pooling: None, and its ordinary backward passes relevance to its winners."""
+    x = inputs[0]
+    kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+    if (kernel != stride or _pair(module.padding) != (0, 0) or _pair(module.dilation) != (1, 1) or module.return_indices
+            or x.dim() != 4 or x.shape[-2] % kernel[0] or x.shape[-1] % kernel[1]):
+        return None
+    _, first = F.max_pool2d(x.detach(), kernel, stride, return_indices=True)  # [B, C, h, w]: flat index in H·W
+    winners = torch.zeros(x.shape, dtype=x.dtype, device=x.device).flatten(-2).scatter_(-1, first.flatten(-2), 1)
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return _WinnerTakesAll.apply(output, (kernel, channels_last), x, winners.view(x.shape).contiguous(memory_format=layout))
+
+
 def convolution(module: nn.Conv2d, inputs, output, p: LRPParameters, first: bool = False,
                 bounds: tuple[torch.Tensor, torch.Tensor] | None = None, **_) -> torch.Tensor:
     if first and p.first_layer == "zb":
@@ -452,20 +489,21 @@ RULES = {
     nn.ReLU: pass_through,
     nn.ReLU6: pass_through,  # the clipped part is treated as the ReLU's: relevance passes (as Zennit's Pass)
     nn.AvgPool2d: epsilon_pool,
+    nn.MaxPool2d: winner_takes_all,
     nn.AdaptiveAvgPool2d: epsilon_pool,
     ChannelAffine: epsilon_channel_affine,
     Reduce: epsilon_reduce,
     Gate: no_relevance,  # gates are coefficients: they receive nothing
     AttentionWeights: attention_weights,  # nothing either, unless attention_rule="attnlrp"
 }
-# Max-pooling (winner-take-all) and (eval-mode) dropout pass relevance correctly with their ordinary backward;
-# the embedding's output is where the linguistic relevance is read; the attention's tanh only feeds
+# (Eval-mode) dropout passes relevance correctly with its ordinary backward, as overlapping max-pooling does
+# (winner_takes_all leaves it to it); the embedding's output is where the linguistic relevance is read; the attention's tanh only feeds
 # the attention scores, which get no relevance.
 # Zero padding passes relevance correctly too (padded zeros receive none; its backward crops).
 # Constant padding (the input-invariance test's shift-absorbing layer) crops the same way: what
 # the rule gives the padded constants is not an input's and is dropped.
 # Learned positions are read where they enter the model, like the word embeddings.
-NEUTRAL = (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Embedding, nn.Tanh, nn.Sequential, nn.ModuleDict,
+NEUTRAL = (nn.Dropout, nn.Identity, nn.Embedding, nn.Tanh, nn.Sequential, nn.ModuleDict,
            nn.ModuleList, nn.ZeroPad2d, nn.ConstantPad2d, TFSamePad, LearnedPositions)
 
 
