@@ -18,6 +18,7 @@ from ..models.captioner import Caption, Captioner
 from .engine import Targets, words_per_pass
 from .explanation import Explanation
 from .methods import method_info
+from .rules import with_values_of
 
 CaptionLike = Caption | Sequence[str] | str
 MAX_WORDS = 100  # words explained per caption unless told otherwise (1500 once ran 10 minutes at 1.7 GB)
@@ -123,13 +124,20 @@ def _model_in(captioner: Captioner, precision: str) -> torch.nn.Module:
 
 
 def _convert_vision(vision: torch.nn.Module, inside: torch.dtype, outside: torch.dtype) -> None:
-    """``vision`` computes in ``inside``, in the channels-last layout: its floating-point inputs are
-    cast to it (images [B, C, H, W] laid out [B, H, W, C] in memory, with its convolutions' weights)
-    and its outputs (a tensor, or a Hugging Face output of several) back to ``outside``, the rest of
-    the model's dtype. Autograd casts the gradient or relevance flowing back through each cast the
-    other way. Channels last is the layout oneDNN's bfloat16 convolutions compute in (in any other,
-    each convolution reorders its operands and result: LRP for VGG16 0.58× faster in it on an AMX
-    CPU, docs/benchmarks.md); in float32 it sums in another order and is left out (the reference)."""
+    """``vision``'s graph is computed in ``inside``, in the channels-last layout: its floating-point
+    inputs are cast to it (images [B, C, H, W] laid out [B, H, W, C] in memory, with its convolutions'
+    weights) and its outputs (a tensor, or a Hugging Face output of several) back to ``outside``, the
+    rest of the model's dtype. Autograd casts the gradient or relevance flowing back through each
+    cast the other way. Channels last is the layout oneDNN's bfloat16 convolutions compute in (in any
+    other, each convolution reorders its operands and result); float32 sums in another order there
+    and is left as it is (the reference).
+
+    Where ``inside`` is narrower than ``outside`` (bf16-vision), the rest of the model reads the
+    values of a copy of ``vision`` run in ``outside`` without a graph, the gradient or relevance of
+    those values flowing into ``output``'s graph unchanged (``rules.with_values_of``): the decoder
+    computes from float32 features, and only the encoder's backward rounds to bfloat16 (the lowest
+    per-word Pearson of the transformer's LRP with fp32's 0.9988 → 0.9999, for one more forward of
+    the encoder; docs/benchmarks.md)."""
     def cast(dtype: torch.dtype, layout: torch.memory_format):
         def one(x):
             if not (torch.is_tensor(x) and x.is_floating_point()):
@@ -137,10 +145,28 @@ def _convert_vision(vision: torch.nn.Module, inside: torch.dtype, outside: torch
             return x.to(dtype, memory_format=layout if x.dim() == 4 else torch.preserve_format)
         return lambda tree: tree_map(one, tree)
 
+    def exact_values(exact: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_tensor(output) and output.is_floating_point()):
+            return output
+        return with_values_of(exact, output)
+
     to_inside, to_outside = cast(inside, torch.channels_last), cast(outside, torch.preserve_format)
+    exact = copy.deepcopy(vision).to(outside) if inside != outside else None  # outside the module tree: no hooks
+    computed: list = []  # the exact copy's output, from the pre-hook (its inputs uncast) to the hook
+
+    def before(module, args, kwargs):
+        if exact is not None:
+            with torch.no_grad():
+                computed.append(exact(*args, **kwargs))
+        return to_inside(args), to_inside(kwargs)
+
+    def after(module, args, output):
+        output = to_outside(output)
+        return tree_map(exact_values, computed.pop(), output) if exact is not None else output
+
     vision.to(inside, memory_format=torch.channels_last)
-    vision.register_forward_pre_hook(lambda module, args, kwargs: (to_inside(args), to_inside(kwargs)), with_kwargs=True)
-    vision.register_forward_hook(lambda module, args, output: to_outside(output))
+    vision.register_forward_pre_hook(before, with_kwargs=True)
+    vision.register_forward_hook(after)
 
 
 def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: Sequence[CaptionLike],
@@ -212,8 +238,9 @@ def explain_pixels(captioner: Captioner, pixels: torch.Tensor, captions: Sequenc
         for j, position in enumerate(positions):
             steps[b, j], tokens[b, j], valid[b, j] = position, ids[position + 1], True
     model = _model_in(captioner, precision).eval()
-    # fp32 runs the model as it is (float64 for the oracle tests); the others their vision module's dtype
-    dtype = next(model.parameters()).dtype if precision == "fp32" else PRECISIONS[precision].vision
+    # fp32 runs the model as it is (float64 for the oracle tests); the others take the pixels in their
+    # language dtype (bf16-vision's exact encoder forward reads them uncast), their vision module casts
+    dtype = next(model.parameters()).dtype if precision == "fp32" else PRECISIONS[precision].language
     pixels = pixels.to(device=device, dtype=dtype)
     with words_per_pass(max_words_per_pass):
         output = method_info(method).function(model, pixels, token_ids, Targets(steps, tokens, valid), **parameters)

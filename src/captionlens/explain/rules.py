@@ -220,6 +220,12 @@ class _PassThrough(_RelevanceFunction):
         return (relevance,)
 
 
+def with_values_of(values: torch.Tensor, flowing: torch.Tensor) -> torch.Tensor:
+    """A tensor equal to ``values`` whose gradient or relevance goes, unchanged, to ``flowing`` (the
+    same shape: the same quantity computed another way, e.g. in another precision)."""
+    return _PassThrough.apply(values, None, flowing)
+
+
 def _pointwise(module: nn.Conv2d, weight: torch.Tensor) -> bool:
     """A 1×1 convolution of stride 1 without padding or groups (most of a ResNet bottleneck's, the
     EfficientNets' projections): a matrix product over the channels at every pixel."""
