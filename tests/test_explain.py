@@ -405,11 +405,13 @@ def test_max_pooling_spread_as_one_product_changes_no_map(monkeypatch, method):
 
 
 @pytest.mark.parametrize("method", ["lrp", "gradient_x_input"])
-def test_bf16_vision_decodes_float32_features_and_rounds_only_the_encoders_backward(method):
+@pytest.mark.parametrize("encoder", ["shapes", "resnet50"])
+def test_bf16_vision_decodes_float32_features_and_rounds_only_the_encoders_backward(method, encoder):
     """bf16-vision's decoder reads the image encoder's float32 values (a copy run without a graph),
     its relevance or gradient flowing into the bfloat16 encoder's graph: the score and the preceding
-    words' share, computed by the decoder alone, are fp32's; the pixel maps follow fp32's."""
-    cap = captioner("transformer")
+    words' share, computed by the decoder alone, are fp32's; the pixel maps follow fp32's. (A ResNet:
+    batch-norm folded first, which probes the encoder in bfloat16.)"""
+    cap = captioner("transformer", encoder)
     cap.model.float()
     full = explain(cap, image(), CAPTION, method=method)
     vision = explain(cap, image(), CAPTION, method=method, precision="bf16-vision")
@@ -418,7 +420,8 @@ def test_bf16_vision_decodes_float32_features_and_rounds_only_the_encoders_backw
     assert torch.allclose(vision.preceding, full.preceding, rtol=1e-4, atol=1e-5 * float(full.preceding.abs().max()))
     assert (vision.preceding - full.preceding).abs().max() < (everything.preceding - full.preceding).abs().max() / 100
     pair = torch.stack([vision.image.flatten(), full.image.flatten()]).double()
-    assert torch.corrcoef(pair)[0, 1] > (0.99 if method == "lrp" else 0.95)  # gradient × input: 0.978
+    # gradient × input, the least stable: 0.978 here, and 0.92 through a ResNet of random weights
+    assert torch.corrcoef(pair)[0, 1] > (0.99 if method == "lrp" else 0.95 if encoder == "shapes" else 0.85)
 
 
 def test_precision_auto_is_bf16_only_where_the_hardware_computes_it_and_records_what_ran(monkeypatch):

@@ -84,9 +84,9 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu", model:
     """A name of ``PRECISIONS`` as asked; "auto" becomes ``model.auto_precision`` where ``device``
     computes bfloat16 natively (``native_bf16``), else fp32 — an option to choose, never the silent
     default (fp32 is the reference). captionlens's own architectures choose bf16-vision (their CNN holds
-    nearly all of the work: as fast as bf16 within the timing noise, the maps closer to fp32's), Hugging
-    Face captioners bf16 (their language model holds much of it: 0.43× fp32's time against bf16-vision's
-    0.65× on ViT-GPT2); docs/benchmarks.md. Without a model, bf16-vision."""
+    nearly all of the work: 0.32–0.38× fp32's time against bf16's 0.26× on an AMX CPU, the maps much
+    closer to fp32's), Hugging Face captioners bf16 (their language model holds much of the work:
+    on ViT-GPT2 bf16-vision leaves it in float32); docs/benchmarks.md. Without a model, bf16-vision."""
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, not {precision!r}")
     if precision == "auto":
@@ -157,7 +157,7 @@ def _convert_vision(vision: torch.nn.Module, inside: torch.dtype, outside: torch
     def before(module, args, kwargs):
         if exact is not None:
             with torch.no_grad():
-                computed.append(exact(*args, **kwargs))
+                computed.append(exact(*to_outside(args), **to_outside(kwargs)))  # (a probe may come in bf16)
         return to_inside(args), to_inside(kwargs)
 
     def after(module, args, output):
@@ -178,10 +178,11 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
     ``words`` selects caption positions (0-based) to explain — all words by default, one list for
     every image or one list per image; ``include_end`` also explains the <end> token.
     ``parameters`` go to the method (LRP: epsilon, alpha, beta, first_layer; Grad-CAM: relu).
-    ``precision`` (``PRECISIONS``): "fp32", the reference; "bf16-vision" runs the image encoder in
-    bfloat16 and the decoder in float32, "bf16" all of the model in bfloat16 — both about 2× faster on
-    CPUs with bf16 units, bf16-vision's LRP maps the closer to fp32's (lowest per-word Pearson 0.9999
-    grid-TD, 0.9988 transformer, against bf16's 0.9994 and 0.985: docs/benchmarks.md);
+    ``precision`` (``PRECISIONS``): "fp32", the reference; "bf16-vision" runs the image encoder's graph
+    in bfloat16 (channels last) and the decoder in float32 on the encoder's float32 values, "bf16" all
+    of the model in bfloat16 — on an AMX CPU at the papers' size 0.32–0.38× and 0.26× of fp32's time,
+    bf16-vision's LRP maps the closer to fp32's (lowest per-word Pearson 0.9999 for grid-TD and the
+    transformer, against bf16's 0.9997 and 0.977: docs/benchmarks.md);
     ``precision="auto"`` picks the model's ``auto_precision`` (bf16-vision; bf16 for a Hugging Face
     captioner) where its device computes bfloat16 natively (a GPU, or a CPU with AMX or AVX512-BF16),
     fp32 elsewhere, and records which ran;
