@@ -63,13 +63,16 @@ def max_pool_hooks(model: CaptionModel):
 # word by word on large ones (2-core CPU, 15 words, VGG16: batch / word by word 0.80x at 64 px, 0.90x at
 # 96, 0.95-0.98x at 128, 0.98-1.01x at 160, 1.02-1.05x at 192, 1.02-1.29x at 224; ResNet-101 at 256:
 # 0.98-1.18x; docs/benchmarks.md): the batch up to this many pixels, word by word above. A bfloat16
-# encoder (channels last) takes the batch at every size: 0.88x and 0.96x at 224 px on an AMX CPU.
+# encoder (channels last) takes the batch at every size: on an AMX CPU 0.88x and 0.96x at 224 px
+# (VGG16), 0.67x at 256 px (ResNet-101, whose batch-norm backward is_grads_batched loops word by word).
 WORDS_AS_A_BATCH_UP_TO = 128 * 128
 
 
-def words_as_a_batch(pixels: torch.Tensor) -> bool:
-    """Whether the gradient methods' backward sees the words as a batch for these inputs (else word by word)."""
-    return pixels.dtype == torch.bfloat16 or pixels.shape[-2] * pixels.shape[-1] <= WORDS_AS_A_BATCH_UP_TO
+def words_as_a_batch(model: CaptionModel, pixels: torch.Tensor) -> bool:
+    """Whether the gradient methods' backward sees the words as a batch for ``model`` on these
+    inputs (else word by word): a bfloat16 image encoder always, a float32 one on small images."""
+    vision = next(model.vision_module().parameters(), pixels)
+    return vision.dtype == torch.bfloat16 or pixels.shape[-2] * pixels.shape[-1] <= WORDS_AS_A_BATCH_UP_TO
 
 
 def gradients(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,
@@ -80,7 +83,7 @@ def gradients(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor
     hooks = (guided_relu_hooks(model) if guided else []) + max_pool_hooks(model)
     traced = trace(model, pixels, token_ids, hooks, to_pixels)
     logits = traced.output.logits
-    back = batched_backward(traced, targets.seeds(logits), kernels_see_words=words_as_a_batch(pixels))
+    back = batched_backward(traced, targets.seeds(logits), kernels_see_words=words_as_a_batch(model, pixels))
     return traced, back, targets.scores(logits).detach()
 
 
