@@ -124,13 +124,13 @@ def _model_in(captioner: Captioner, precision: str) -> torch.nn.Module:
 
 
 def _convert_vision(vision: torch.nn.Module, inside: torch.dtype, outside: torch.dtype) -> None:
-    """``vision``'s graph is computed in ``inside``, in the channels-last layout: its floating-point
-    inputs are cast to it (images [B, C, H, W] laid out [B, H, W, C] in memory, with its convolutions'
-    weights) and its outputs (a tensor, or a Hugging Face output of several) back to ``outside``, the
-    rest of the model's dtype. Autograd casts the gradient or relevance flowing back through each
-    cast the other way. Channels last is the layout oneDNN's bfloat16 convolutions compute in (in any
-    other, each convolution reorders its operands and result); float32 sums in another order there
-    and is left as it is (the reference).
+    """``vision``'s graph is computed in ``inside``, in its ``reduced_precision_layout`` (channels last
+    for VGG-style encoders, ``models.encoders.Encoder``; the usual layout elsewhere): its floating-point
+    inputs are cast to it (channels last: images [B, C, H, W] laid out [B, H, W, C] in memory, with its
+    convolutions' weights) and its outputs (a tensor, or a Hugging Face output of several) back to
+    ``outside``, the rest of the model's dtype. Autograd casts the gradient or relevance flowing back
+    through each cast the other way. float32 keeps the usual layout: channels last sums in another
+    order (fp32 is the reference).
 
     Where ``inside`` is narrower than ``outside`` (bf16-vision), the rest of the model reads the
     values of a copy of ``vision`` run in ``outside`` without a graph, the gradient or relevance of
@@ -150,7 +150,8 @@ def _convert_vision(vision: torch.nn.Module, inside: torch.dtype, outside: torch
             return output
         return with_values_of(exact, output)
 
-    to_inside, to_outside = cast(inside, torch.channels_last), cast(outside, torch.preserve_format)
+    layout = getattr(vision, "reduced_precision_layout", torch.contiguous_format)
+    to_inside, to_outside = cast(inside, layout), cast(outside, torch.preserve_format)
     exact = copy.deepcopy(vision).to(outside) if inside != outside else None  # outside the module tree: no hooks
     computed: list = []  # the exact copy's output, from the pre-hook (its inputs uncast) to the hook
 
@@ -164,7 +165,7 @@ def _convert_vision(vision: torch.nn.Module, inside: torch.dtype, outside: torch
         output = to_outside(output)
         return tree_map(exact_values, computed.pop(), output) if exact is not None else output
 
-    vision.to(inside, memory_format=torch.channels_last)
+    vision.to(inside, memory_format=layout)
     vision.register_forward_pre_hook(before, with_kwargs=True)
     vision.register_forward_hook(after)
 

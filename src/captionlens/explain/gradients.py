@@ -63,8 +63,8 @@ def max_pool_hooks(model: CaptionModel):
 # word by word on large ones (2-core CPU, 15 words, VGG16: batch / word by word 0.80x at 64 px, 0.90x at
 # 96, 0.95-0.98x at 128, 0.98-1.01x at 160, 1.02-1.05x at 192, 1.02-1.29x at 224; ResNet-101 at 256:
 # 0.98-1.18x; docs/benchmarks.md): the batch up to this many pixels, word by word above. A bfloat16
-# encoder (channels last) takes the batch at every size: on an AMX CPU 0.88x and 0.96x at 224 px
-# (VGG16), 0.67x at 256 px (ResNet-101, whose batch-norm backward is_grads_batched loops word by word).
+# encoder takes the batch at every size: on an AMX CPU 0.88x and 0.96x at 224 px (VGG16, channels
+# last), 0.94x at 256 px (ResNet-101).
 WORDS_AS_A_BATCH_UP_TO = 128 * 128
 
 
