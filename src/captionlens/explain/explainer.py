@@ -84,8 +84,8 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu", model:
     """A name of ``PRECISIONS`` as asked; "auto" becomes ``model.auto_precision`` where ``device``
     computes bfloat16 natively (``native_bf16``), else fp32 — an option to choose, never the silent
     default (fp32 is the reference). captionlens's own architectures choose bf16-vision (their CNN holds
-    nearly all of the work: 0.32–0.38× fp32's time against bf16's 0.26× on an AMX CPU, the maps much
-    closer to fp32's), Hugging Face captioners bf16 (their language model holds much of the work:
+    nearly all of the work: LRP 0.33× fp32's time against bf16's 0.26–0.28× on an AMX CPU, the maps
+    much closer to fp32's), Hugging Face captioners bf16 (their language model holds much of the work:
     on ViT-GPT2 bf16-vision leaves it in float32); docs/benchmarks.md. Without a model, bf16-vision."""
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, not {precision!r}")
@@ -180,8 +180,8 @@ def explain_batch(captioner: Captioner, images: Sequence[ImageInput], captions: 
     every image or one list per image; ``include_end`` also explains the <end> token.
     ``parameters`` go to the method (LRP: epsilon, alpha, beta, first_layer; Grad-CAM: relu).
     ``precision`` (``PRECISIONS``): "fp32", the reference; "bf16-vision" runs the image encoder's graph
-    in bfloat16 (channels last) and the decoder in float32 on the encoder's float32 values, "bf16" all
-    of the model in bfloat16 — on an AMX CPU at the papers' size 0.32–0.38× and 0.26× of fp32's time,
+    in bfloat16 and the decoder in float32 on the encoder's float32 values, "bf16" all of the model in
+    bfloat16 — on an AMX CPU at the papers' size 0.30–0.35× and 0.18–0.30× of fp32's time,
     bf16-vision's LRP maps the closer to fp32's (lowest per-word Pearson 0.9999 for grid-TD and the
     transformer, against bf16's 0.9997 and 0.977: docs/benchmarks.md);
     ``precision="auto"`` picks the model's ``auto_precision`` (bf16-vision; bf16 for a Hugging Face
