@@ -189,6 +189,7 @@ def server(captioner, tiny_shapes):
 def test_in_a_real_browser_upload_click_a_word_see_the_heatmap(server, tiny_shapes, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait
@@ -202,7 +203,8 @@ def test_in_a_real_browser_upload_click_a_word_see_the_heatmap(server, tiny_shap
     browser = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
         browser.get(server)
-        wait = WebDriverWait(browser, 30)
+        # an element the page replaces while a condition reads it (the word buttons, per image) is looked up again
+        wait = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,))
         image = sorted((tiny_shapes / "images").glob("*.png"))[0]
         browser.find_element(By.ID, "upload").send_keys(str(image))
         buttons = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#words button"))
