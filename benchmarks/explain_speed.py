@@ -15,8 +15,8 @@ kernels see (``torch.func.vmap`` over ``torch.autograd.grad``) against convoluti
 (``is_grads_batched=True``, PyTorch's legacy vmap), interleaved, with the largest difference of the
 maps relative to the largest |map|. Targets (issue 29): ≤ 0.6× with identical maps, LRP ≤ 1.1× the
 gradient pass with both as a batch. captionlens uses whichever measured faster: the batch for LRP,
-and for the gradient methods the batch up to 128×128 pixels, word by word above (run it with
-``--image-size 64`` to see the other side).
+and for the gradient methods the batch up to 128×128 pixels, word by word above in float32 (run it
+with ``--image-size 64`` to see the other side), the batch at every size in bfloat16.
 
 Then, per pixel method, bfloat16 (all of the model, and the image encoder only: "bf16-vision") against
 float32 side by side (interleaved, median of --repeats), with each word's Pearson correlation and LRP's

@@ -286,7 +286,7 @@ def test_words_as_a_batch_and_convolutions_word_by_word_give_the_same_maps(monke
 
 def test_the_gradient_methods_go_word_by_word_only_on_large_images_in_fp32(monkeypatch):
     """Autograd's float32 convolution backward measured faster word by word above 128×128 pixels (and
-    as a batch below), its bfloat16 channels-last one and LRP's rules as a batch at every size:
+    as a batch below), its bfloat16 one and LRP's rules as a batch at every size:
     ``gradients.words_as_a_batch``."""
     from captionlens.explain import engine, gradients
 
@@ -422,6 +422,10 @@ def test_bf16_vision_decodes_float32_features_and_rounds_only_the_encoders_backw
     pair = torch.stack([vision.image.flatten(), full.image.flatten()]).double()
     # gradient × input, the least stable: 0.978 here, and 0.92 through a ResNet of random weights
     assert torch.corrcoef(pair)[0, 1] > (0.99 if method == "lrp" else 0.95 if encoder == "shapes" else 0.85)
+    layout = torch.channels_last if encoder == "shapes" else torch.contiguous_format  # the encoder's, as measured
+    convolutions = [m.weight for m in cap._reduced_precision["bf16-vision"][1].vision_module().modules()
+                    if isinstance(m, nn.Conv2d) and m.weight.shape[-1] > 1]
+    assert convolutions and all(w.is_contiguous(memory_format=layout) for w in convolutions)
 
 
 def test_precision_auto_is_bf16_only_where_the_hardware_computes_it_and_records_what_ran(monkeypatch):

@@ -53,8 +53,8 @@ class Precision:
 PRECISIONS = {
     "fp32": Precision(torch.float32, torch.float32),  # the reference
     "bf16": Precision(torch.bfloat16, torch.bfloat16),  # all of it (a large language model's memory halved)
-    # the image encoder, where the FLOPs are, in bfloat16; the decoder in float32, where bfloat16's
-    # rounding through attention and LayerNorm costs the maps most
+    # the image encoder's graph, where the FLOPs are, in bfloat16; the decoder in float32 (reading the
+    # encoder's float32 values: _convert_vision), where bfloat16's rounding costs the maps most
     "bf16-vision": Precision(torch.bfloat16, torch.float32),
 }
 PRECISION_CHOICES = (*PRECISIONS, "auto")  # "auto": the model's auto_precision where bf16 is native, else fp32

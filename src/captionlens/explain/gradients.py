@@ -55,8 +55,7 @@ def guided_relu_hooks(model: CaptionModel):
 def max_pool_hooks(model: CaptionModel):
     """The encoder's max-poolings backward as one broadcast product for all words where their windows
     tile the input (``rules.winner_takes_all``: the same gradient, faster channels-last)."""
-    return [(m, lambda module, inputs, output: winner_takes_all(module, inputs, output, None))
-            for m in model.encoder.modules() if isinstance(m, nn.MaxPool2d)]
+    return [(m, winner_takes_all) for m in model.encoder.modules() if isinstance(m, nn.MaxPool2d)]
 
 
 # Autograd's float32 convolution backward runs faster with the words as a batch on small images and

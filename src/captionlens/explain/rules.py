@@ -502,9 +502,9 @@ RULES = {
     Gate: no_relevance,  # gates are coefficients: they receive nothing
     AttentionWeights: attention_weights,  # nothing either, unless attention_rule="attnlrp"
 }
-# (Eval-mode) dropout passes relevance correctly with its ordinary backward, as overlapping max-pooling does
-# (winner_takes_all leaves it to it); the embedding's output is where the linguistic relevance is read; the attention's tanh only feeds
-# the attention scores, which get no relevance.
+# (Eval-mode) dropout passes relevance correctly with its ordinary backward, as overlapping max-pooling
+# does (winner_takes_all leaves it to it); the embedding's output is where the linguistic relevance is
+# read; the attention's tanh only feeds the attention scores, which get no relevance.
 # Zero padding passes relevance correctly too (padded zeros receive none; its backward crops).
 # Constant padding (the input-invariance test's shift-absorbing layer) crops the same way: what
 # the rule gives the padded constants is not an input's and is dropped.
