@@ -451,6 +451,25 @@ def test_precision_auto_is_bf16_only_where_the_hardware_computes_it_and_records_
         explainer.resolve_precision("fp16")
 
 
+@pytest.mark.parametrize("setting, first, expected", [
+    (None, "import captionlens", True),  # importing captionlens first asks PyTorch for huge pages
+    ("0", "import captionlens", False),  # the user's own setting wins
+    (None, "import torch; torch.ones(3) * 2; import captionlens", False),  # too late: torch has allocated
+])
+def test_importing_captionlens_first_gives_pytorch_huge_page_buffers(setting, first, expected):
+    """PyTorch reads THP_MEM_ALLOC_ENABLE at its first allocation: captionlens sets it (unless the user
+    did) before importing torch, and ``huge_page_buffers`` probes what the allocator does."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    program = f"{first}; from captionlens.explain import huge_page_buffers; print(huge_page_buffers())"
+    found = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
+    assert found.stdout.split() == [str(expected)]
+
+
 def test_explaining_an_empty_caption_is_an_error_as_at_the_command_line():
     """cl.explain of a caption without words raises, naming what to do, instead of returning an
     empty Explanation; asking for no positions of a real caption still returns one of no words."""

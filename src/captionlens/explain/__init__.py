@@ -10,10 +10,10 @@ The methods register themselves (``methods.register_method``) in ``lrp.py``, ``g
 """
 from . import attention, gradients, lrp  # noqa: F401  (registers the methods)
 from .explainer import (MAX_WORDS, PRECISION_CHOICES, PRECISIONS, explain, explain_batch, explain_pixels,
-                        method_parameters, native_bf16, resolve_precision, resolved_parameters)
+                        huge_page_buffers, method_parameters, native_bf16, resolve_precision, resolved_parameters)
 from .explanation import Explanation
 from .methods import METHOD_INFO, METHODS, MethodInfo, method_info, methods_for
 
 __all__ = ["MAX_WORDS", "METHOD_INFO", "METHODS", "PRECISION_CHOICES", "PRECISIONS", "Explanation", "MethodInfo", "explain", "explain_batch",
-           "explain_pixels", "method_info", "method_parameters", "methods_for", "native_bf16", "resolve_precision",
+           "explain_pixels", "huge_page_buffers", "method_info", "method_parameters", "methods_for", "native_bf16", "resolve_precision",
            "resolved_parameters"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,19 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and bool(cpu_flags() & BF16_CPU_FLAGS)
+
+
+@functools.cache
+def huge_page_buffers() -> bool:
+    """Whether PyTorch's CPU allocator of this process asks for transparent huge pages for large buffers
+    (``THP_MEM_ALLOC_ENABLE=1`` was set before its first allocation, as importing captionlens first
+    does): such buffers are then page-aligned rather than 64-byte aligned, which is what is probed.
+    Where the kernel has them (``/sys/kernel/mm/transparent_hugepage/enabled`` not "never"), a buffer
+    is faulted in 2 MiB at a time instead of 4 KiB (docs/benchmarks.md, "Page faults")."""
+    if not sys.platform.startswith("linux"):  # PyTorch knows THP only on Linux (macOS pages big buffers anyway)
+        return False
+    probes = [torch.empty((1 << 21) + 64 * i, dtype=torch.uint8) for i in range(1, 4)]
+    return all(probe.data_ptr() % 4096 == 0 for probe in probes)
 
 
 def resolve_precision(precision: str, device: str | torch.device = "cpu", model: torch.nn.Module | None = None) -> str:

@@ -288,9 +288,9 @@ class _AlphaBetaConv(_RelevanceFunction):
                 parts = spread.split(x.shape[-3], dim=-3)
             else:  # grouped (depthwise): side-by-side weights would mix the groups
                 parts = [_conv_transpose(share, ws, module, x.shape) for _, ws in pairs[sign]]
-            for part, (xs, _) in zip(parts, pairs[sign]):
-                term = part * (xs if factor == 1 else factor * xs)
-                result = term if result is None else result + term
+            for part, (xs, _) in zip(parts, pairs[sign]):  # in place: the spread is this rule's own buffer
+                term = part.mul_(xs if factor == 1 else factor * xs)
+                result = term if result is None else result.add_(term)
         return (result,)
 
 
