@@ -48,6 +48,21 @@ PIXEL_METHODS = ("lrp", "gradient_x_input", "guided_backprop", "guided_gradcam")
 REDUCED = ("bf16", "bf16-vision")  # the reduced precisions, each against fp32
 
 
+def papers_size(arch: str = "gridtd", encoder: str = "vgg16", image_size: int = 224):
+    """What the benchmarks here measure at the papers' size: a captioner (hidden/embedding 512, a
+    vocabulary of 10 000 words, random weights, Kaiming-initialised convolutions: PyTorch's default init
+    starves VGG16's pixels of relevance), a random image [3, S, S] and the vocabulary (a caption is its
+    first words)."""
+    vocab = [f"word{i}" for i in range(10_000 - 4)]
+    cap = cl.build_captioner(arch, encoder=encoder, vocab=vocab, hidden_size=512, embed_size=512, seed=0,
+                             encoder_options={"image_size": image_size})
+    for module in cap.model.encoder.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    image = torch.rand(3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    return cap, image, vocab
+
+
 def timed(function, repeats: int) -> float:
     function()  # warm-up
     times = []
@@ -125,13 +140,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    vocab = [f"word{i}" for i in range(10_000 - 4)]
-    cap = cl.build_captioner(args.arch, encoder=args.encoder, vocab=vocab, hidden_size=512, embed_size=512, seed=0,
-                             encoder_options={"image_size": args.image_size})
-    for module in cap.model.encoder.modules():  # PyTorch's default init starves VGG16's pixels of relevance
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    image = torch.rand(3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
+    cap, image, vocab = papers_size(args.arch, args.encoder, args.image_size)
     caption = vocab[: args.words]
 
     lrp = timed(lambda: cl.explain(cap, image, caption, method="lrp"), args.repeats)

@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 PRECISIONS = ("fp32", "bf16", "bf16-vision")
 
@@ -28,20 +29,15 @@ CHILD = textwrap.dedent("""
     import json, resource, statistics, sys, time
     import captionlens as cl
     import torch
-    from torch import nn
     from captionlens.explain import huge_page_buffers
 
-    arch, encoder, size, words, method, repeats, threads = sys.argv[1:]
-    size, words, repeats = int(size), int(words), int(repeats)
+    benchmarks, arch, encoder, size, words, method, repeats, threads = sys.argv[1:]
+    sys.path.insert(0, benchmarks)
+    from explain_speed import papers_size
+
     torch.set_num_threads(int(threads))
-    vocab = [f"word{i}" for i in range(10_000 - 4)]
-    cap = cl.build_captioner(arch, encoder=encoder, vocab=vocab, hidden_size=512, embed_size=512, seed=0,
-                             encoder_options={"image_size": size})
-    for module in cap.model.encoder.modules():  # as explain_speed.py: Kaiming-initialised convolutions
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))
-    caption = vocab[:words]
+    cap, image, vocab = papers_size(arch, encoder, int(size))
+    caption, repeats = vocab[:int(words)], int(repeats)
     result = {"huge_pages": huge_page_buffers()}
     for precision in %r:
         cl.explain(cap, image, caption, method=method, precision=precision)  # warm-up
@@ -63,7 +59,7 @@ CHILD = textwrap.dedent("""
 
 def child(setting: str, args) -> dict:
     env = os.environ | {"THP_MEM_ALLOC_ENABLE": setting}
-    done = subprocess.run([sys.executable, "-c", CHILD, args.arch, args.encoder, str(args.image_size),
+    done = subprocess.run([sys.executable, "-c", CHILD, str(Path(__file__).parent), args.arch, args.encoder, str(args.image_size),
                            str(args.words), args.method, str(args.repeats), str(args.threads)],
                           env=env, capture_output=True, text=True)
     if done.returncode != 0:

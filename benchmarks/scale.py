@@ -111,17 +111,13 @@ def throughput(root: Path, images: int) -> None:
     print(f"  throughput 2 processes / 1 process: {seconds[1] / seconds[2]:.2f}x   (target ≥ 1.6)")
 
 
-PAPER_SIZE = """
-    import time, torch
+PAPER_SIZE = f"""
+    import sys, time, torch
     import captionlens as cl
-    from torch import nn
     torch.manual_seed(0)
-    vocab = [f"word{i}" for i in range(10_000 - 4)]
-    cap = cl.build_captioner("gridtd", encoder="vgg16", vocab=vocab, hidden_size=512, embed_size=512, seed=0)
-    for module in cap.model.encoder.modules():  # PyTorch's default init starves VGG16's pixels of relevance
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    image = torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(0))
+    sys.path.insert(0, {str(Path(__file__).parent)!r})
+    from explain_speed import papers_size
+    cap, image, vocab = papers_size()
 
     def cpu_seconds(function, repeats=3):
         function()

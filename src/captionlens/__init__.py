@@ -10,7 +10,7 @@ import os as _os
 # Before torch is imported: PyTorch's CPU allocator reads THP_MEM_ALLOC_ENABLE once, at its first
 # allocation, and with it asks Linux for transparent huge pages (madvise) for buffers of 2 MB and more.
 # Explaining a caption allocates and frees gigabytes of relevance and gradients, and on 4 KiB pages every
-# first touch of a fresh buffer is a page fault: ResNet-101's 15-word LRP took 570 000 faults and 2.3 s
+# first touch of a fresh buffer is a page fault: ResNet-101's 15-word LRP took 561 000 faults and 1.3 s
 # of kernel time a call (docs/benchmarks.md, "Page faults"). Export THP_MEM_ALLOC_ENABLE=0 to keep
 # PyTorch's default; ``captionlens.explain.huge_page_buffers()`` tells which this process got.
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
