@@ -23,6 +23,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+from captionlens import METHODS
+from captionlens.models import ARCHITECTURES, ENCODERS
+
 PRECISIONS = ("fp32", "bf16", "bf16-vision")
 
 CHILD = textwrap.dedent("""
@@ -79,11 +82,11 @@ def kernel_setting() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="gridtd")
-    parser.add_argument("--encoder", default="vgg16")
+    parser.add_argument("--arch", default="gridtd", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--encoder", default="vgg16", choices=sorted(ENCODERS))
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--words", type=int, default=15)
-    parser.add_argument("--method", default="lrp")
+    parser.add_argument("--method", default="lrp", choices=sorted(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="children per setting, alternating")
     parser.add_argument("--threads", type=int, default=2)
