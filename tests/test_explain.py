@@ -128,6 +128,41 @@ def test_guided_backprop_equals_the_classic_relu_hook_implementation(arch):
     assert torch.allclose(ggc.image, guided.image * upsampled, atol=1e-6)
 
 
+def test_the_gradient_methods_fold_batch_norms_without_changing_a_gradient():
+    """The gradient methods run with each batch-norm folded into its convolution
+    (``canonize.batch_norms_folded``): still autograd's gradients through the norms, here with statistics
+    far from the identity, and the norms are back in place afterwards."""
+    cap = cl.build_captioner("sat", encoder="resnet50", vocab=WORDS, hidden_size=16, embed_size=12, seed=0,
+                             encoder_options={"image_size": 64, "grid_size": 2})
+    generator = torch.Generator().manual_seed(0)
+    norms = [m for m in cap.model.encoder.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.running_mean.copy_(0.2 * torch.randn(norm.num_features, generator=generator))
+            norm.running_var.copy_(0.5 + 1.5 * torch.rand(norm.num_features, generator=generator))
+            norm.weight.copy_(1 + 0.3 * torch.randn(norm.num_features, generator=generator))
+            norm.bias.copy_(0.1 * torch.randn(norm.num_features, generator=generator))
+    cap.model.double()
+    img, words = torch.rand(3, 64, 64, generator=generator), CAPTION[:4]
+    pixels, _, _, rows = _autograd_reference(cap, img, words)
+    gxi = explain(cap, img, words, method="gradient_x_input")
+    for t, (g_pixels, _, _) in enumerate(rows):
+        expected = (g_pixels * pixels).sum(0)
+        assert (gxi.image[t] - expected).abs().max() <= 1e-9 * expected.abs().max()
+    handles = [m.register_full_backward_hook(lambda m, gi, go: (gi[0].clamp(min=0),))
+               for m in cap.model.encoder.modules() if isinstance(m, nn.ReLU)]
+    try:
+        _, _, _, guided_rows = _autograd_reference(cap, img, words)
+    finally:
+        for h in handles:
+            h.remove()
+    guided = explain(cap, img, words, method="guided_backprop")
+    for t, (g_pixels, _, _) in enumerate(guided_rows):
+        expected = g_pixels.sum(0)
+        assert expected.abs().max() > 0 and (guided.image[t] - expected).abs().max() <= 1e-9 * expected.abs().max()
+    assert [m for m in cap.model.encoder.modules() if isinstance(m, nn.BatchNorm2d)] == norms
+
+
 # ---------------------------------------------------------------------------------- independence
 @pytest.mark.parametrize(("method", "arch"), [(m, a) for a in ARCHS for m in methods_for(captioner(a).model)])
 def test_words_and_images_are_explained_independently(method, arch):

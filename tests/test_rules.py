@@ -297,10 +297,12 @@ def test_epsilon_rule_channel_affine_and_reduce():
 
 def test_batch_norm_folding_against_its_equation():
     """w'_o = w_o γ_o / √(σ²_o + eps), b'_o = (b_o − μ_o) γ_o / √(σ²_o + eps) + β_o: the folded
-    convolution computes conv + batch-norm, and is undone afterwards."""
-    from captionlens.explain.canonize import _folded
+    convolution computes conv + batch-norm in place of both (the norm an identity), and is undone afterwards."""
+    from captionlens.explain.canonize import batch_norms_folded
 
     conv, bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4).eval()
+    model = nn.Module()
+    model.encoder = nn.Sequential(conv, bn, nn.ReLU())
     with torch.no_grad():
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 2)
@@ -309,12 +311,15 @@ def test_batch_norm_folding_against_its_equation():
     x = torch.randn(2, 3, 5, 5)
     reference = bn(conv(x))
     weight, bias = conv.weight.clone(), conv.bias.clone()
-    with _folded([(conv, bn)]):
+    with batch_norms_folded(model):
+        assert isinstance(model.encoder[1], nn.Identity)
         for o in range(4):
             factor = bn.weight[o] / torch.sqrt(bn.running_var[o] + bn.eps)
             assert torch.allclose(conv.weight[o], weight[o] * factor)
             assert torch.allclose(conv.bias[o], (bias[o] - bn.running_mean[o]) * factor + bn.bias[o])
-        assert torch.allclose(conv(x), reference, atol=1e-12)
+        assert torch.allclose(conv(x), reference, atol=1e-6)
+        assert torch.allclose(model.encoder(x), reference.relu(), atol=1e-6)
+    assert model.encoder[1] is bn
     assert torch.equal(conv.weight, weight) and torch.equal(conv.bias, bias)
 
 

@@ -142,9 +142,18 @@ def conv_batch_norm_pairs(encoder: nn.Module) -> list[tuple[nn.Conv2d, nn.Module
 
 
 @contextlib.contextmanager
-def _folded(pairs: list[tuple[nn.Conv2d, nn.Module]]) -> Iterator[set[int]]:
-    """Fold each batch-norm into its convolution for the block; yields the ids of the folded norms."""
-    saved = []
+def batch_norms_folded(model: nn.Module) -> Iterator[None]:
+    """For the block, each batch-norm of ``model.encoder`` that takes exactly a convolution's output is
+    folded into that convolution and replaced by an identity: the same function (to float rounding),
+    with one layer and its backward fewer. LRP's canonizer starts with it; the gradient methods run in
+    it too (ResNet-101: 104 batch-norm backwards a word fewer, and under vmap their copies)."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is None or not any(isinstance(m, BATCH_NORMS) for m in encoder.modules()):
+        yield
+        return
+    pairs = conv_batch_norm_pairs(encoder)
+    folded = {id(bn) for _, bn in pairs}
+    saved, swapped = [], []
     try:
         for conv, bn in pairs:
             scale, shift = _batch_norm_affine(bn)
@@ -152,8 +161,15 @@ def _folded(pairs: list[tuple[nn.Conv2d, nn.Module]]) -> Iterator[set[int]]:
             bias = conv.bias.detach() * scale + shift if conv.bias is not None else shift
             conv.weight = nn.Parameter(conv.weight.detach() * scale.view(-1, 1, 1, 1), conv.weight.requires_grad)
             conv.bias = nn.Parameter(bias, False)
-        yield {id(bn) for _, bn in pairs}
+        for parent in list(encoder.modules()):
+            for name, child in list(parent.named_children()):
+                if id(child) in folded:
+                    setattr(parent, name, nn.Identity())
+                    swapped.append((parent, name, child))
+        yield
     finally:
+        for parent, name, child in reversed(swapped):
+            setattr(parent, name, child)
         for conv, weight, bias in reversed(saved):
             conv.weight, conv.bias = weight, bias
 
@@ -284,27 +300,19 @@ def canonized(model: nn.Module, around: Callable | None = None, parameters=None)
         with by_operation(model, parameters, around) as ready:
             yield ready
         return
-    encoder = getattr(model, "encoder", None)
-    pairs = conv_batch_norm_pairs(encoder) if encoder is not None and any(
-        isinstance(m, BATCH_NORMS) for m in encoder.modules()) else []
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     wrapped: list[nn.Module] = []
     stack = None
-    with _folded(pairs) as folded:
+    with batch_norms_folded(model):
         try:
             replacements: dict[int, nn.Module] = {}
             for parent in list(model.modules()):
                 for name, child in list(parent.named_children()):
-                    if id(child) in folded:
-                        replacement = nn.Identity()
-                    elif type(child) in CANONIZERS:
+                    if type(child) in CANONIZERS:
                         if id(child) not in replacements:
                             replacements[id(child)] = CANONIZERS[type(child)](child)
-                        replacement = replacements[id(child)]
-                    else:
-                        continue
-                    setattr(parent, name, replacement)
-                    swapped.append((parent, name, child))
+                        setattr(parent, name, replacements[id(child)])
+                        swapped.append((parent, name, child))
             route = any(type(child) not in BATCH_NORMS for _, _, child in swapped)
             if route:
                 model.canonical_ops = CanonicalOps()

@@ -19,6 +19,7 @@ from torch import nn
 from torch.autograd import Function
 
 from ..models.captioner import CaptionModel
+from .canonize import batch_norms_folded
 from .engine import Backward, Targets, Trace, batched_backward, trace
 from .methods import MethodOutput, register_method, upsample, words_first
 from .rules import winner_takes_all
@@ -78,11 +79,14 @@ def gradients(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor
               guided: bool = False, to_pixels: bool = True) -> tuple[Trace, Backward, torch.Tensor]:
     """The gradients of every explained logit at pixels (unless ``to_pixels=False``), grid and
     embeddings: one batched backward, autograd's convolution backward seeing the words as a batch or
-    word by word, whichever measured faster for these pixels (``words_as_a_batch``, ``engine.words_backward``)."""
+    word by word, whichever measured faster for these pixels (``words_as_a_batch``, ``engine.words_backward``).
+    The encoder's batch-norms are folded into their convolutions meanwhile: the same gradients (to float
+    rounding) without the norms' backward (``canonize.batch_norms_folded``)."""
     hooks = (guided_relu_hooks(model) if guided else []) + max_pool_hooks(model)
-    traced = trace(model, pixels, token_ids, hooks, to_pixels)
-    logits = traced.output.logits
-    back = batched_backward(traced, targets.seeds(logits), kernels_see_words=words_as_a_batch(model, pixels))
+    with batch_norms_folded(model):
+        traced = trace(model, pixels, token_ids, hooks, to_pixels)
+        logits = traced.output.logits
+        back = batched_backward(traced, targets.seeds(logits), kernels_see_words=words_as_a_batch(model, pixels))
     return traced, back, targets.scores(logits).detach()
 
 

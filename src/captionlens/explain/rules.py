@@ -110,8 +110,8 @@ class _EpsilonSum(_RelevanceFunction):
     @classmethod
     def relevance(cls, ctx, relevance):
         out, *terms = ctx.saved_tensors
-        share = relevance / stabilize(out, ctx.settings)
-        return (None, *(term * share for term in terms))
+        denominator = stabilize(out, ctx.settings)  # each term's fraction once, not once per explained word
+        return (None, *(relevance * (term / denominator) for term in terms))
 
 
 class _EpsilonWeightedSum(_RelevanceFunction):
@@ -148,8 +148,9 @@ class _UniformElementwise(_RelevanceFunction):
     @classmethod
     def relevance(cls, ctx, relevance):
         a, b = ctx.saved_tensors  # z = a ⊙ b, both depending on the input: half the relevance each
-        share = relevance / stabilize(2 * a * b, ctx.settings)
-        return _unbroadcast(a * b * share, a.shape), _unbroadcast(a * b * share, b.shape)
+        product = a * b
+        half = relevance * (product / stabilize(2 * product, ctx.settings))
+        return _unbroadcast(half, a.shape), _unbroadcast(half, b.shape)
 
 
 def _unbroadcast(relevance: torch.Tensor, shape) -> torch.Tensor:
@@ -193,7 +194,7 @@ class _EpsilonChannelAffine(_RelevanceFunction):
     @classmethod
     def relevance(cls, ctx, relevance):
         x, scale, out = ctx.saved_tensors  # x [B, C, ...], scale [C] shaped to broadcast
-        return x * scale * relevance / stabilize(out, ctx.settings), None, None
+        return relevance * (x * scale / stabilize(out, ctx.settings)), None, None
 
 
 class _EpsilonReduce(_RelevanceFunction):
