@@ -321,8 +321,8 @@ def test_words_as_a_batch_and_convolutions_word_by_word_give_the_same_maps(monke
 
 def test_the_gradient_methods_go_word_by_word_only_on_large_images_in_fp32(monkeypatch):
     """Autograd's float32 convolution backward measured faster word by word above 128×128 pixels (and
-    as a batch below), its bfloat16 one and LRP's rules as a batch at every size:
-    ``gradients.words_as_a_batch``."""
+    as a batch below; an encoder's own ``gradients_as_a_batch_up_to`` where it declares one), its
+    bfloat16 one and LRP's rules as a batch at every size: ``gradients.words_as_a_batch``."""
     from captionlens.explain import engine, gradients
 
     backward, used = engine.words_backward, []
@@ -341,6 +341,11 @@ def test_the_gradient_methods_go_word_by_word_only_on_large_images_in_fp32(monke
             explain(cap, picture, CAPTION, method=method, precision=precision)
             small = side * side <= gradients.WORDS_AS_A_BATCH_UP_TO
             assert used == [method == "lrp" or small or precision != "fp32"], (side, precision, method)
+    # an encoder may declare its own limit (batch-norm folded, the ResNets measured faster as a batch at 256 px)
+    for encoder, largest in (("resnet50", 256), ("efficientnet_lite0", 224)):
+        model = cl.build_captioner("sat", encoder=encoder, vocab=WORDS, hidden_size=8, embed_size=8, seed=0).model
+        assert gradients.words_as_a_batch(model, torch.zeros(1, 3, largest, largest))
+        assert not gradients.words_as_a_batch(model, torch.zeros(1, 3, largest + 32, largest + 32))
 
 
 def test_auto_words_per_pass_is_sized_from_the_traced_forward_and_changes_no_map(monkeypatch):

@@ -211,8 +211,9 @@ def words_backward(output: torch.Tensor, inputs: list[torch.Tensor], seeds: torc
     the kernels (``benchmarks/explain_speed.py`` measures both side by side): on a 2-core CPU at the
     papers' size, LRP's rules (written as transposed convolutions and matrix products) take 0.82–0.97×
     the time as a batch, while autograd's own convolution backward (the gradient methods) takes
-    1.00–1.29× in float32 — oneDNN's batch-1 backward at 224×224 beats its batch-15 one — and 0.80× at
-    64×64, and 0.88–0.96× in bfloat16 (``gradients.words_as_a_batch``)."""
+    1.00–1.29× in float32 on VGG16 — oneDNN's batch-1 backward at 224×224 beats its batch-15 one — and
+    0.80× at 64×64, 0.80–0.90× on ResNet-101 at 256×256, and 0.88–0.96× in bfloat16
+    (``gradients.words_as_a_batch``)."""
     if not kernels_see_words:
         return torch.autograd.grad(output, inputs, seeds, is_grads_batched=True, allow_unused=True,
                                    retain_graph=retain)

@@ -61,18 +61,22 @@ def max_pool_hooks(model: CaptionModel):
 
 # Autograd's float32 convolution backward runs faster with the words as a batch on small images and
 # word by word on large ones (2-core CPU, 15 words, VGG16: batch / word by word 0.80x at 64 px, 0.90x at
-# 96, 0.95-0.98x at 128, 0.98-1.01x at 160, 1.02-1.05x at 192, 1.02-1.29x at 224; ResNet-101 at 256:
-# 0.98-1.18x; docs/benchmarks.md): the batch up to this many pixels, word by word above. A bfloat16
-# encoder takes the batch at every size: on an AMX CPU 0.88x and 0.96x at 224 px (VGG16, channels
-# last), 0.94x at 256 px (ResNet-101).
+# 96, 0.95-0.98x at 128, 0.98-1.01x at 160, 1.02-1.05x at 192, 1.02-1.29x at 224; docs/benchmarks.md):
+# the batch up to this many pixels, word by word above, unless the encoder declares its own
+# ``gradients_as_a_batch_up_to`` (the ResNets: 256 × 256, EfficientNet-Lite0: 224 × 224, measured). A
+# bfloat16 encoder takes the batch at every size: on an AMX CPU 0.88x and 0.96x at 224 px (VGG16,
+# channels last), 0.94x at 256 px (ResNet-101).
 WORDS_AS_A_BATCH_UP_TO = 128 * 128
 
 
 def words_as_a_batch(model: CaptionModel, pixels: torch.Tensor) -> bool:
     """Whether the gradient methods' backward sees the words as a batch for ``model`` on these
-    inputs (else word by word): a bfloat16 image encoder always, a float32 one on small images."""
-    vision = next(model.vision_module().parameters(), pixels)
-    return vision.dtype == torch.bfloat16 or pixels.shape[-2] * pixels.shape[-1] <= WORDS_AS_A_BATCH_UP_TO
+    inputs (else word by word): a bfloat16 image encoder always, a float32 one on images up to its
+    ``gradients_as_a_batch_up_to`` pixels (``WORDS_AS_A_BATCH_UP_TO`` unless it declares one)."""
+    vision = model.vision_module()
+    parameter = next(vision.parameters(), pixels)
+    limit = getattr(vision, "gradients_as_a_batch_up_to", WORDS_AS_A_BATCH_UP_TO)
+    return parameter.dtype == torch.bfloat16 or pixels.shape[-2] * pixels.shape[-1] <= limit
 
 
 def gradients(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets,
