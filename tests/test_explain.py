@@ -108,17 +108,22 @@ def test_gradient_methods_equal_autograd(arch):
         assert torch.allclose(gxi.preceding[t], (g_embeddings * embeddings).sum(-1), atol=1e-5)
 
 
+def _classic_guided_backprop(cap, img, words):
+    """``_autograd_reference``'s rows with the classic guided backprop: every ReLU's backward clamped at 0."""
+    handles = [m.register_full_backward_hook(lambda m, gi, go: (gi[0].clamp(min=0),))
+               for m in cap.model.encoder.modules() if isinstance(m, nn.ReLU)]
+    try:
+        return _autograd_reference(cap, img, words)[3]
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_guided_backprop_equals_the_classic_relu_hook_implementation(arch):
     cap = captioner(arch)
     img, words = image(3), CAPTION[:4]
-    handles = [m.register_full_backward_hook(lambda m, gi, go: (gi[0].clamp(min=0),))
-               for m in cap.model.encoder.modules() if isinstance(m, nn.ReLU)]
-    try:
-        pixels, grid, _, rows = _autograd_reference(cap, img, words)
-    finally:
-        for h in handles:
-            h.remove()
+    rows = _classic_guided_backprop(cap, img, words)
     guided = explain(cap, img, words, method="guided_backprop")
     ggc = explain(cap, img, words, method="guided_gradcam")
     cam = explain(cap, img, words, method="gradcam", relu=True)
@@ -149,13 +154,7 @@ def test_the_gradient_methods_fold_batch_norms_without_changing_a_gradient():
     for t, (g_pixels, _, _) in enumerate(rows):
         expected = (g_pixels * pixels).sum(0)
         assert (gxi.image[t] - expected).abs().max() <= 1e-9 * expected.abs().max()
-    handles = [m.register_full_backward_hook(lambda m, gi, go: (gi[0].clamp(min=0),))
-               for m in cap.model.encoder.modules() if isinstance(m, nn.ReLU)]
-    try:
-        _, _, _, guided_rows = _autograd_reference(cap, img, words)
-    finally:
-        for h in handles:
-            h.remove()
+    guided_rows = _classic_guided_backprop(cap, img, words)
     guided = explain(cap, img, words, method="guided_backprop")
     for t, (g_pixels, _, _) in enumerate(guided_rows):
         expected = g_pixels.sum(0)
@@ -427,6 +426,23 @@ def test_every_method_runs_with_the_image_encoder_in_bfloat16(arch):
             else:  # gradient × input, the least stable, correlates 0.978 with fp32's here
                 pair = torch.stack([ours.flatten(), reference.flatten()]).double()
                 assert torch.corrcoef(pair)[0, 1] > 0.95, (method, name)
+
+
+def test_bf16_vision_runs_methods_that_stop_at_the_grid_in_fp32():
+    """Grad-CAM and the model's attention read nothing of the encoder but its output, which bf16-vision
+    computes in float32 for a float32 decoder: they get fp32's maps bit for bit, from the fp32 model
+    (no bfloat16 copy made, no bfloat16 encoder forward), and record the precision asked for."""
+    cap = captioner("sat")
+    cap.model.float()
+    for method in ("gradcam", "attention"):
+        full = explain(cap, image(), CAPTION, method=method)
+        vision = explain(cap, image(), CAPTION, method=method, precision="bf16-vision")
+        assert vision.parameters["precision"] == "bf16-vision"
+        for name in ("image", "grid", "preceding", "score"):
+            assert torch.equal(getattr(vision, name), getattr(full, name)), (method, name)
+    assert "bf16-vision" not in getattr(cap, "_reduced_precision", {})
+    explain(cap, image(), CAPTION, method="guided_backprop", precision="bf16-vision")  # it enters the encoder
+    assert "bf16-vision" in cap._reduced_precision
 
 
 @pytest.mark.parametrize("method", ["lrp", "gradient_x_input", "guided_gradcam"])

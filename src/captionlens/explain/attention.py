@@ -27,7 +27,7 @@ from .methods import MethodOutput, register_method, upsample
 
 
 @register_method("attention", title="attention", citation="the model's own α_t (Xu et al. 2015; Lu et al. 2017)",
-                 order=0, non_negative=lambda parameters: True)
+                 order=0, non_negative=lambda parameters: True, enters_vision=False)
 @torch.no_grad()
 def attention(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets) -> MethodOutput:
     grids = []

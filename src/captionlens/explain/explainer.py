@@ -253,14 +253,18 @@ def explain_pixels(captioner: Captioner, pixels: torch.Tensor, captions: Sequenc
         token_ids[b, : len(ids) - 1] = torch.tensor(ids[:-1])
         for j, position in enumerate(positions):
             steps[b, j], tokens[b, j], valid[b, j] = position, ids[position + 1], True
-    model = _model_in(captioner, precision).eval()
+    info = method_info(method)
+    # bf16-vision's decoder computes in float32 from the float32 encoder's values: a method that uses
+    # nothing of the encoder but its output gets fp32's numbers, without the bfloat16 encoder's forward
+    runs_in = "fp32" if precision == "bf16-vision" and not info.enters_vision else precision
+    model = _model_in(captioner, runs_in).eval()
     # fp32 runs the model as it is (float64 for the oracle tests); the others take the pixels in their
     # language dtype (bf16-vision's exact encoder forward reads them uncast), their vision module casts
-    dtype = next(model.parameters()).dtype if precision == "fp32" else PRECISIONS[precision].language
+    dtype = next(model.parameters()).dtype if runs_in == "fp32" else PRECISIONS[runs_in].language
     pixels = pixels.to(device=device, dtype=dtype)
     with words_per_pass(max_words_per_pass):
-        output = method_info(method).function(model, pixels, token_ids, Targets(steps, tokens, valid), **parameters)
-    result = (lambda t: t.detach().cpu()) if precision == "fp32" else (lambda t: t.detach().float().cpu())
+        output = info.function(model, pixels, token_ids, Targets(steps, tokens, valid), **parameters)
+    result = (lambda t: t.detach().cpu()) if runs_in == "fp32" else (lambda t: t.detach().float().cpu())
     explanations = []
     for b, (w, positions) in enumerate(zip(word_lists, selected)):
         n, count = len(w), len(positions)

@@ -110,7 +110,7 @@ def _image_size(traced: Trace) -> tuple[int, int]:
 
 
 @register_method("gradcam", title="Grad-CAM", citation="Selvaraju et al. 2017 (signed unless relu=True)", order=2,
-                 non_negative=lambda parameters: bool(parameters.get("relu")), linguistic_rank=1)
+                 non_negative=lambda parameters: bool(parameters.get("relu")), linguistic_rank=1, enters_vision=False)
 def gradcam(model: CaptionModel, pixels: torch.Tensor, token_ids: torch.Tensor, targets: Targets, *,
             relu: bool = False) -> MethodOutput:
     traced, back, score = gradients(model, pixels, token_ids, targets, to_pixels=False)  # the grid is enough

@@ -39,6 +39,7 @@ class MethodInfo:
     non_negative: Callable[[dict], bool]  # whether its maps are ≥ 0 by construction, given its parameters
     linguistic_rank: int | None  # which method's preceding-word relevance a figure shows (lowest first); None: none
     applies: Callable[[nn.Module], bool]  # whether it is defined for a model
+    enters_vision: bool  # whether it reads the image encoder beyond its output (a backward through it, its attention)
 
     @property
     def parameters(self) -> dict[str, object]:
@@ -52,13 +53,18 @@ METHODS: dict[str, Method] = {}  # name -> function (the public shortcut)
 
 
 def register_method(name: str, *, title: str, citation: str, order: int, non_negative=lambda parameters: False,
-                    linguistic_rank: int | None = None, applies=lambda model: True) -> Callable[[Method], Method]:
+                    linguistic_rank: int | None = None, applies=lambda model: True,
+                    enters_vision: bool = True) -> Callable[[Method], Method]:
     """Register an explanation method: a function ``(model, pixels, token_ids, targets, *, parameters)``
-    returning a ``MethodOutput``, with what the rest of captionlens needs to know about it."""
+    returning a ``MethodOutput``, with what the rest of captionlens needs to know about it.
+    ``enters_vision=False``: the method uses nothing of the image encoder but its output (Grad-CAM's
+    gradient stops at the grid), so ``precision="bf16-vision"`` (a float32 decoder reading float32
+    features) gives it fp32's numbers, and it runs the fp32 model."""
     def decorator(function: Method) -> Method:
         if name in METHOD_INFO:
             raise ValueError(f"method {name!r} is registered twice")
-        METHOD_INFO[name] = MethodInfo(name, function, title, citation, order, non_negative, linguistic_rank, applies)
+        METHOD_INFO[name] = MethodInfo(name, function, title, citation, order, non_negative, linguistic_rank, applies,
+                                        enters_vision)
         METHODS[name] = function
         return function
 
