@@ -669,3 +669,18 @@ def test_workbench_visual_share_per_word_class(bench):
     shares = [visual_share(stored[m]) for m in sample["object"]]
     assert result["object"]["median"] == pytest.approx(float(np.median(shares)))
     assert (bench.out / "visual_share.md").is_file()
+
+
+def test_the_demo_scales_the_papers_min_count_to_its_test_images():
+    """The papers count an object word frequent when predicted more than 50 times among Flickr30K's
+    1000 test images; the demo's experiments caption 200 (60 in --quick) and scale it, so that whether
+    a word qualifies does not hinge on the CPU the demo trained on — hallucination, mAP and
+    fine-tuning alike."""
+    from captionlens.demo import FULL
+    from captionlens.experiments.hallucination import demo_min_count
+    from captionlens.experiments.registry import EXPERIMENTS
+
+    assert demo_min_count(False) == 50 * FULL.experiment_images // 1000
+    for name in ("hallucination", "map", "finetune"):
+        assert EXPERIMENTS[name].demo(False, 0)["min_count"] == demo_min_count(False), name
+        assert EXPERIMENTS[name].demo(True, 0)["min_count"] == demo_min_count(True), name

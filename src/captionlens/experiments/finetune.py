@@ -39,6 +39,7 @@ from ..explain import explain_batch
 from ..models import Captioner
 from ..pipeline import pad_captions
 from .context import Predictions
+from .hallucination import demo_min_count
 from .intervals import NOT_MEASURED, above, below, shown, t_interval
 from .registry import Experiment, Finding, Option, Rows, register_experiment
 
@@ -292,7 +293,8 @@ def _show_table(rows, bench, options: dict) -> None:
                     "BLEU-4/ROUGE-L/CIDEr.", "bool")),
     columns=COLUMNS, findings=finetune_findings, section=finetune_section, show=_show_table,
     demo=lambda quick, seed: {"seeds": (0,) if quick else (0, 1, 2), "steps": 2 if quick else 10,
-                              "batch_size": 16, "min_count": 5 if quick else 50, "train_limit": 20 if quick else 100}))
+                              "batch_size": 16, "min_count": demo_min_count(quick),
+                              "train_limit": 20 if quick else 100}))
 def run_finetune(bench, modes=MODES, seeds=(0, 1, 2), steps: int = 60, learning_rate: float = 1e-4,
                  lam: float = 0.5, batch_size: int = 32, min_count: int = 50, train_limit: int | None = 500,
                  save: bool = False, full_metrics: bool = False) -> list[dict]:
