@@ -153,7 +153,7 @@ def batch_norms_folded(model: nn.Module) -> Iterator[None]:
         return
     pairs = conv_batch_norm_pairs(encoder)
     folded = {id(bn) for _, bn in pairs}
-    saved, swapped = [], []
+    saved = []
     try:
         for conv, bn in pairs:
             scale, shift = _batch_norm_affine(bn)
@@ -161,17 +161,33 @@ def batch_norms_folded(model: nn.Module) -> Iterator[None]:
             bias = conv.bias.detach() * scale + shift if conv.bias is not None else shift
             conv.weight = nn.Parameter(conv.weight.detach() * scale.view(-1, 1, 1, 1), conv.weight.requires_grad)
             conv.bias = nn.Parameter(bias, False)
-        for parent in list(encoder.modules()):
+        with children_replaced(encoder, lambda child: nn.Identity() if id(child) in folded else None):
+            yield
+    finally:
+        for conv, weight, bias in reversed(saved):
+            conv.weight, conv.bias = weight, bias
+
+
+@contextlib.contextmanager
+def children_replaced(root: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]
+                      ) -> Iterator[list[tuple[nn.Module, str, nn.Module]]]:
+    """For the block, every module below ``root`` for which ``replacement`` gives a module is swapped
+    for it in its parent (a module met at two places gets one replacement); yields the swaps as
+    (parent, name, original) and puts every original back afterwards, also when a replacement fails."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    made: dict[int, nn.Module | None] = {}
+    try:
+        for parent in list(root.modules()):
             for name, child in list(parent.named_children()):
-                if id(child) in folded:
-                    setattr(parent, name, nn.Identity())
+                if id(child) not in made:
+                    made[id(child)] = replacement(child)
+                if made[id(child)] is not None:
+                    setattr(parent, name, made[id(child)])
                     swapped.append((parent, name, child))
-        yield
+        yield swapped
     finally:
         for parent, name, child in reversed(swapped):
             setattr(parent, name, child)
-        for conv, weight, bias in reversed(saved):
-            conv.weight, conv.bias = weight, bias
 
 
 # ----------------------------------------------------------------------- operations between modules
@@ -300,19 +316,11 @@ def canonized(model: nn.Module, around: Callable | None = None, parameters=None)
         with by_operation(model, parameters, around) as ready:
             yield ready
         return
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
     wrapped: list[nn.Module] = []
     stack = None
-    with batch_norms_folded(model):
+    canonical = (lambda child: CANONIZERS[type(child)](child) if type(child) in CANONIZERS else None)
+    with batch_norms_folded(model), children_replaced(model, canonical) as swapped:
         try:
-            replacements: dict[int, nn.Module] = {}
-            for parent in list(model.modules()):
-                for name, child in list(parent.named_children()):
-                    if type(child) in CANONIZERS:
-                        if id(child) not in replacements:
-                            replacements[id(child)] = CANONIZERS[type(child)](child)
-                        setattr(parent, name, replacements[id(child)])
-                        swapped.append((parent, name, child))
             route = any(type(child) not in BATCH_NORMS for _, _, child in swapped)
             if route:
                 model.canonical_ops = CanonicalOps()
@@ -332,5 +340,3 @@ def canonized(model: nn.Module, around: Callable | None = None, parameters=None)
                 stack.remove()
             if "canonical_ops" in model._modules:
                 del model.canonical_ops
-            for parent, name, child in reversed(swapped):
-                setattr(parent, name, child)
