@@ -114,11 +114,15 @@ def _conv_loop(x, conv, r_out, contribution):
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (2.0, 1.0)])
 @pytest.mark.parametrize("stride,groups", [(1, 1), (2, 1), (1, 2), (2, 2)])
 @pytest.mark.parametrize("kernel", [3, 1])
-def test_alpha_beta_rule_convolution(alpha, beta, stride, groups, kernel):
-    """Plain and grouped (groups = channels: depthwise) convolutions; 1×1 ones of stride 1 run as
-    matrix products, which the loop checks as well, as one word and as several under both vmaps."""
+@pytest.mark.parametrize("signed", [True, False])
+def test_alpha_beta_rule_convolution(alpha, beta, stride, groups, kernel, signed):
+    """Plain and grouped (groups = channels: depthwise) convolutions; 1×1 ones run as matrix products
+    (strided: zeros between the pixels read, cropped to the input's odd size), which the loop checks
+    as well, as one word and as several under both vmaps; inputs of both signs and, as after a ReLU,
+    none negative."""
     conv = nn.Conv2d(2, 2 * groups if groups > 1 else 3, kernel, stride=stride, padding=kernel // 2, groups=groups)
     x = torch.randn(2, 2, 5, 5)  # signed inputs: both (x w)^+ parts count
+    x = x if signed else x.clamp(min=0)
     out = conv(x)
     r_out = torch.randn_like(out)
     got = relevance_in(_AlphaBetaConv, out, (conv, alpha, beta), (x,), r_out)

@@ -228,10 +228,10 @@ def with_values_of(values: torch.Tensor, flowing: torch.Tensor) -> torch.Tensor:
 
 
 def _pointwise(module: nn.Conv2d, weight: torch.Tensor) -> bool:
-    """A 1×1 convolution of stride 1 without padding or groups (most of a ResNet bottleneck's, the
-    EfficientNets' projections): a matrix product over the channels at every pixel."""
-    return (weight.shape[-2:] == (1, 1) and tuple(module.stride) == (1, 1) and module.padding in ((0, 0), "valid")
-            and module.groups == 1)
+    """A 1×1 convolution without padding or groups (most of a ResNet bottleneck's, its strided
+    shortcuts, the EfficientNets' projections): a matrix product over the channels at every pixel
+    it reads."""
+    return weight.shape[-2:] == (1, 1) and module.padding in ((0, 0), "valid") and module.groups == 1
 
 
 def _per_pixel(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -245,11 +245,19 @@ def _conv_transpose(share: torch.Tensor, weight: torch.Tensor, module: nn.Conv2d
     """The adjoint of ``module``'s convolution applied to ``share`` (shapes of the input). Written as
     a transposed convolution, which vmap batches over the explained words in one call (the
     convolution's own backward would be looped word by word); a 1×1 one as the matrix product
-    ``Wᵀ share``: in the αβ rule for 15 words on a 2-core CPU, 1.1–2.2× faster than oneDNN's 1×1
-    transposed convolution at ResNet-101's 16×16 and 64×64 layers (fp32 and bf16), 0.7–0.9× as fast
-    at its 8×8 ones (docs/benchmarks.md, "1×1 convolutions as matrix products")."""
-    if _pointwise(module, weight):  # share [.., C_out, h, w] -> [.., C_in, h, w]
-        return _per_pixel(weight.flatten(1).T.contiguous(), share)  # bf16 matmul: 2.4× slower on the transposed view
+    ``Wᵀ share`` at the pixels it read, zeros between them where it strides: in the αβ rule for 15
+    words on a 2-core CPU, 1.1–2.2× faster than oneDNN's 1×1 transposed convolution at ResNet-101's
+    16×16 and 64×64 layers (fp32 and bf16), 0.7–0.9× as fast at its 8×8 ones, and 1.4–3.3× faster for
+    its strided shortcuts (docs/benchmarks.md, "1×1 convolutions as matrix products", "Strided 1×1")."""
+    if _pointwise(module, weight):  # share [.., C_out, h', w'] -> [.., C_in, h', w'] at the pixels read
+        spread = _per_pixel(weight.flatten(1).T.contiguous(), share)  # bf16 matmul: 2.4× slower on the transposed view
+        (sh, sw), (height, width) = module.stride, input_shape[-2:]
+        if (sh, sw) == (1, 1):
+            return spread
+        *batch, channels, rows, columns = spread.shape  # every sh-th row, sw-th column: zeros between, cropped
+        spread = F.pad(spread.reshape(*batch, channels, rows, 1, columns, 1), (0, sw - 1, 0, 0, 0, sh - 1))
+        spread = spread.reshape(*batch, channels, rows * sh, columns * sw)
+        return F.pad(spread, (0, width - columns * sw, 0, height - rows * sh))
     produced = [(o - 1) * s - 2 * p + d * (k - 1) + 1 for o, s, p, d, k in zip(
         share.shape[-2:], module.stride, module.padding, module.dilation, weight.shape[-2:])]
     extra = tuple(size - made for size, made in zip(input_shape[-2:], produced))  # rows/columns no output saw
@@ -258,9 +266,11 @@ def _conv_transpose(share: torch.Tensor, weight: torch.Tensor, module: nn.Conv2d
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, module: nn.Conv2d) -> torch.Tensor:
-    """``module``'s convolution of ``x`` with ``weight`` and no bias; a 1×1 one as the matrix product ``W x``."""
-    if _pointwise(module, weight):  # x [.., C_in, h, w] -> [.., C_out, h, w]
-        return _per_pixel(weight.flatten(1), x)
+    """``module``'s convolution of ``x`` with ``weight`` and no bias; a 1×1 one as the matrix product
+    ``W x`` at the pixels it reads."""
+    if _pointwise(module, weight):  # x [.., C_in, h, w] -> [.., C_out, h', w']
+        sh, sw = module.stride
+        return _per_pixel(weight.flatten(1), x if (sh, sw) == (1, 1) else x[..., ::sh, ::sw])
     return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation, module.groups)
 
 
@@ -271,9 +281,11 @@ class _AlphaBetaConv(_RelevanceFunction):
         module, alpha, beta = ctx.settings
         weight = module.weight.detach()
         w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
-        x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+        signed = bool((x < 0).any())  # after a ReLU every input is ≥ 0: half the work, x as it is
+        x_pos = x.clamp(min=0) if signed else x
         pairs = {"pos": [(x_pos, w_pos)], "neg": [(x_pos, w_neg)]}
-        if bool((x < 0).any()):  # after a ReLU every input is ≥ 0: half the work
+        if signed:
+            x_neg = x.clamp(max=0)
             pairs["pos"].append((x_neg, w_neg))
             pairs["neg"].append((x_neg, w_pos))
         result = None
