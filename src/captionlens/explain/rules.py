@@ -247,8 +247,9 @@ def _conv_transpose(share: torch.Tensor, weight: torch.Tensor, module: nn.Conv2d
     convolution's own backward would be looped word by word); a 1×1 one as the matrix product
     ``Wᵀ share`` at the pixels it read, zeros between them where it strides: in the αβ rule for 15
     words on a 2-core CPU, 1.1–2.2× faster than oneDNN's 1×1 transposed convolution at ResNet-101's
-    16×16 and 64×64 layers (fp32 and bf16), 0.7–0.9× as fast at its 8×8 ones, and 1.4–3.3× faster for
-    its strided shortcuts (docs/benchmarks.md, "1×1 convolutions as matrix products", "Strided 1×1")."""
+    16×16 and 64×64 layers (fp32 and bf16), 0.7–0.9× as fast at its 8×8 ones, and 1.4–3.2× faster for
+    its strided shortcuts (docs/benchmarks.md, "1×1 convolutions as matrix products"; "A CPU without
+    bfloat16 units; strided 1×1 convolutions")."""
     if _pointwise(module, weight):  # share [.., C_out, h', w'] -> [.., C_in, h', w'] at the pixels read
         spread = _per_pixel(weight.flatten(1).T.contiguous(), share)  # bf16 matmul: 2.4× slower on the transposed view
         (sh, sw), (height, width) = module.stride, input_shape[-2:]
