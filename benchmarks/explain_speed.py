@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
+import platform
 import statistics
 import time
 
@@ -62,6 +64,17 @@ def papers_size(arch: str = "gridtd", encoder: str = "vgg16", image_size: int = 
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
     image = torch.rand(3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     return cap, image, vocab
+
+
+def machine() -> str:
+    """Which CPU and PyTorch gave the figures printed after it (ratios compare across machines, times do not)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return (f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, PyTorch "
+            f"{torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), native bf16: {native_bf16()}")
 
 
 def timed(function, repeats: int) -> float:
@@ -143,6 +156,7 @@ def main() -> None:
                         help="skip bfloat16 against float32 (where the CPU has no bfloat16 units it only shows bf16 slower)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(machine())
     cap, image, vocab = papers_size(args.arch, args.encoder, args.image_size)
     caption = vocab[: args.words]
 

@@ -4,7 +4,8 @@ heads, GPT-2's 50,257-token vocabulary) as a VisionEncoderDecoder, random weight
 caption.
 
 * LRP: one forward and one batched backward for the 15 tokens;
-* the plain input-gradient pass, same tokens, same batching (what LRP's rules cost on top of it);
+* the plain input-gradient pass, same tokens, same batching (what LRP's rules cost on top of it), the two
+  interleaved;
 * lxt's documented recipe — a forward and a backward for each token in turn — run with the same rules
   (so the maps are equal and only the recipe differs);
 * peak memory of LRP with all tokens in one pass and with ``max_words_per_pass=4``, each in a fresh
@@ -19,14 +20,13 @@ Targets: LRP ≤ 1.3× the gradient pass; the per-token recipe ≥ 3× slower th
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
 
-from explain_speed import REDUCED, lowest_pearson, side_by_side
+from explain_speed import REDUCED, lowest_pearson, machine, side_by_side
 
 TOKENS = 15
 
@@ -59,15 +59,6 @@ def inputs(cap):
     image = np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8)
     caption = [f"t{i}" for i in torch.randint(10, 50000, (TOKENS,), generator=torch.Generator().manual_seed(1)).tolist()]
     return image, caption
-
-
-def timed(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
 
 
 def peak(words_per_pass: int | None, threads: int) -> tuple[float, float]:
@@ -105,10 +96,13 @@ def main() -> None:
 
     cap = build()
     image, caption = inputs(cap)
-    cl.explain(cap, image, caption, method="lrp", words=[0])  # warm-up
-    lrp = timed(lambda: cl.explain(cap, image, caption, method="lrp"), args.repeats)
-    gradient = timed(lambda: cl.explain(cap, image, caption, method="gradient_x_input"), args.repeats)
-    per_token = timed(lambda: [cl.explain(cap, image, caption, method="lrp", words=[k]) for k in range(TOKENS)], 1)
+    print(machine())
+    (lrp, gradient), _ = side_by_side([lambda: cl.explain(cap, image, caption, method="lrp"),  # interleaved
+                                       lambda: cl.explain(cap, image, caption, method="gradient_x_input")], args.repeats)
+    began = time.perf_counter()
+    for k in range(TOKENS):
+        cl.explain(cap, image, caption, method="lrp", words=[k])
+    per_token = time.perf_counter() - began
     batched = cl.explain(cap, image, caption, method="lrp")
     alone = [cl.explain(cap, image, caption, method="lrp", words=[k]) for k in (0, 7, 14)]
     difference = max(float((a.image[0] - batched.image[k]).abs().max() / batched.image[k].abs().max())
