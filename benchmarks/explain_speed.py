@@ -7,8 +7,8 @@ By default VGG16 at 224×224 (random weights), grid-TD decoder with hidden/embed
 * a plain input-gradient pass for the same 15 words (gradient × input, as captionlens runs it);
 * a per-word loop of the same LRP rules: a forward and a backward for each word.
 
-Prints the median of --repeats timings of each (LRP and the gradient pass interleaved) and the ratios. Targets (issue 3): LRP ≤ 1.5× the
-gradient pass and ≥ 10× faster than the per-word loop.
+Prints the median of --repeats timings of each (LRP and the gradient pass interleaved) and the
+ratios. Targets (issue 3): LRP ≤ 1.5× the gradient pass and ≥ 10× faster than the per-word loop.
 
 Then, per pixel method, the two backwards of ``engine.words_backward``: the words as a batch the
 kernels see (``torch.func.vmap`` over ``torch.autograd.grad``) against convolutions word by word

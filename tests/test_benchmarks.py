@@ -13,7 +13,7 @@ def test_explain_speed_runs_every_section_at_a_small_size():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "LRP / gradient pass" in out and "LRP / gradient pass, both as a batch" in out
+    assert "per-word loop / LRP batched" in out and "LRP / gradient pass, both as a batch" in out
     for method in ("lrp", "gradient_x_input", "guided_backprop", "guided_gradcam"):
         assert f"  {method} " in out, out
     assert "bfloat16 vs float32" not in out  # --no-bf16
