@@ -281,8 +281,10 @@ class _AlphaBetaConv(_RelevanceFunction):
         (x,) = ctx.saved_tensors
         module, alpha, beta = ctx.settings
         weight = module.weight.detach()
-        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
         signed = bool((x < 0).any())  # after a ReLU every input is ≥ 0: half the work, x as it is
+        # each weight sign made only where it is used (α1β0 after a ReLU: W⁺ alone, no copy of W⁻)
+        w_pos = weight.clamp(min=0)
+        w_neg = weight.clamp(max=0) if signed or beta != 0 else None
         x_pos = x.clamp(min=0) if signed else x
         pairs = {"pos": [(x_pos, w_pos)], "neg": [(x_pos, w_neg)]}
         if signed:
@@ -297,8 +299,9 @@ class _AlphaBetaConv(_RelevanceFunction):
             share = relevance / (z + (TINY if sign == "pos" else -TINY))
             if module.groups == 1:
                 # one transposed convolution for both input signs (weights side by side): one pass over share
-                spread = _conv_transpose(share, torch.cat([ws for _, ws in pairs[sign]], dim=1), module,
-                                         (*x.shape[:-3], x.shape[-3] * len(pairs[sign]), *x.shape[-2:]))
+                weights = [ws for _, ws in pairs[sign]]
+                spread = _conv_transpose(share, weights[0] if len(weights) == 1 else torch.cat(weights, dim=1),
+                                         module, (*x.shape[:-3], x.shape[-3] * len(weights), *x.shape[-2:]))
                 parts = spread.split(x.shape[-3], dim=-3)
             else:  # grouped (depthwise): side-by-side weights would mix the groups
                 parts = [_conv_transpose(share, ws, module, x.shape) for _, ws in pairs[sign]]
