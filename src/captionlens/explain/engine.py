@@ -36,13 +36,12 @@ def _keeping_role(hook: ForwardHook) -> ForwardHook:
 
 @contextlib.contextmanager
 def forward_hooks(modules: list[tuple[nn.Module, ForwardHook]]) -> Iterator[None]:
-    """Attach forward hooks for the duration of the block; they are removed even on errors."""
-    handles = [module.register_forward_hook(_keeping_role(hook)) for module, hook in modules]
-    try:
+    """Attach forward hooks for the duration of the block; they are removed even on errors (also
+    those attached before one that failed to attach)."""
+    with contextlib.ExitStack() as attached:
+        for module, hook in modules:
+            attached.callback(module.register_forward_hook(_keeping_role(hook)).remove)
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass
@@ -126,12 +125,10 @@ def _no_grad_in(module: nn.Module) -> Iterator[None]:
     def post(m, inputs, output):
         torch.set_grad_enabled(m.__dict__.pop("_grad_was", True))
 
-    handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post, always_call=True)]
-    try:
+    with contextlib.ExitStack() as attached:
+        attached.callback(module.register_forward_pre_hook(pre).remove)
+        attached.callback(module.register_forward_hook(post, always_call=True).remove)
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass
