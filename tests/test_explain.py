@@ -72,6 +72,18 @@ def test_the_explainer_runs_the_model_itself(arch):
     assert not cap.model.encoder.features[0]._forward_hooks  # hooks are gone afterwards
 
 
+def test_hooks_attached_before_one_that_fails_are_removed():
+    from captionlens.explain.engine import forward_hooks
+    first = nn.Linear(2, 2)
+
+    def hook(module, inputs, output):
+        return None
+    with pytest.raises(AttributeError):
+        with forward_hooks([(first, hook), (object(), hook)]):  # the second cannot take a hook
+            pass
+    assert not first._forward_hooks
+
+
 # ------------------------------------------------------------------------- gradients == autograd
 def _autograd_reference(cap, img, words):
     """Per-word autograd of the unmodified model: gradients at pixels, grid and embeddings."""
