@@ -16,13 +16,21 @@ def tiny_shapes(tmp_path_factory):
                                 progress=False)
 
 
+def demo_test_image(index: int) -> str:
+    """The file name `captionlens demo` (full size) gives its test split's ``index``-th image: images are
+    numbered train, then val, then test (``data/shapes.py``)."""
+    from captionlens.demo import FULL
+
+    return f"shapes_{FULL.data.train + FULL.data.val + index:06d}.png"
+
+
 @pytest.fixture(scope="session")
 def demo_workspace(tmp_path_factory):
     """A folder laid out like `captionlens demo --out runs/demo` leaves it — runs/demo/{data, encoder,
     adaptive, gridtd, results/gridtd/explanations.zarr} — but tiny (a 60-image world, captioners trained
     for seconds), so the documentation's examples run against it as a user runs them after the demo.
-    The full demo's first two test images are runs/demo/data/images/shapes_004500.png and _004501.png;
-    two of this world's test images are copied to those names."""
+    Two of this world's test images are copied to the names of the full demo's first two test images
+    (``demo_test_image(0)``, ``demo_test_image(1)``), which the documentation's examples read."""
     import shutil
 
     import captionlens as cl
@@ -35,7 +43,7 @@ def demo_workspace(tmp_path_factory):
     demo = root / "runs" / "demo"
     data = open_data(write_shapes_dataset(demo / "data", ShapesConfig(train=40, val=10, test=10, seed=3),
                                           progress=False))
-    for record, name in zip(data.split("test"), ("shapes_004500.png", "shapes_004501.png")):
+    for record, name in zip(data.split("test"), (demo_test_image(0), demo_test_image(1))):
         shutil.copy(record.path, demo / "data" / "images" / name)
     encoder = demo / "encoder" / "shapes_encoder.safetensors"
     pretrain_shapes_encoder(encoder, TrainConfig(epochs=1, batch_size=16), images=40, progress=False)

@@ -100,3 +100,20 @@ def test_the_readme_is_a_front_page():
     assert len(lines) <= 150
     text = "\n".join(lines)
     assert "NOTES.md" not in text and not re.search(r"issue \d", text)
+
+
+def test_every_demo_image_named_is_one_the_demo_writes():
+    """The examples, the prose and the CLI's --help name images of the full demo's test split by file
+    name (``runs/demo/data/images/shapes_NNNNNN.png``); the demo numbers them train, val, test. When the
+    demo's sizes change, its first test image gets another number (it did on 2026-12-06: 004500 became
+    003400), and a name left behind reads a missing file in a reader's terminal — while the examples
+    here still ran, on a workspace whose files were copied to the old names."""
+    from captionlens.demo import FULL
+
+    first, end = FULL.data.train + FULL.data.val, FULL.data.train + FULL.data.val + FULL.data.test
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "src").rglob("*.py"))]
+    named = [(path.relative_to(ROOT), int(number)) for path in texts
+             for number in re.findall(r"runs/demo/data/images/shapes_(\d{6})\.png", path.read_text())]
+    assert named, "no page names a demo image: the pattern is out of date"
+    outside = [f"{path}: shapes_{number:06d}.png" for path, number in named if not first <= number < end]
+    assert not outside, f"not in the demo's test split (shapes_{first:06d} .. shapes_{end - 1:06d}): {outside}"

@@ -49,7 +49,7 @@ def caption(
     """Print one caption per image. A folder stands for its images; an image that cannot be read is
     reported at the end (exit code 1) after the others are captioned.
 
-    Example: captionlens caption --model runs/demo/gridtd runs/demo/data/images/shapes_004600.png
+    Example: captionlens caption --model runs/demo/gridtd runs/demo/data/images/shapes_003400.png
              captionlens caption --model runs/demo/gridtd photos/ --json
     """
     from ..api import load
