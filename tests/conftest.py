@@ -17,11 +17,11 @@ def tiny_shapes(tmp_path_factory):
 
 
 def demo_test_image(index: int) -> str:
-    """The file name `captionlens demo` (full size) gives its test split's ``index``-th image: images are
-    numbered train, then val, then test (``data/shapes.py``)."""
+    """The file name `captionlens demo` (full size) gives its test split's ``index``-th image."""
+    from captionlens.data.shapes import image_file_name
     from captionlens.demo import FULL
 
-    return f"shapes_{FULL.data.train + FULL.data.val + index:06d}.png"
+    return image_file_name(FULL.data, "test", index)
 
 
 @pytest.fixture(scope="session")

@@ -109,11 +109,13 @@ def test_every_demo_image_named_is_one_the_demo_writes():
     003400), and a name left behind reads a missing file in a reader's terminal — while the examples
     here still ran, on a workspace whose files were copied to the old names."""
     from captionlens.demo import FULL
+    from conftest import demo_test_image
 
-    first, end = FULL.data.train + FULL.data.val, FULL.data.train + FULL.data.val + FULL.data.test
+    written = {demo_test_image(index) for index in range(FULL.data.test)}
     texts = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "src").rglob("*.py"))]
-    named = [(path.relative_to(ROOT), int(number)) for path in texts
-             for number in re.findall(r"runs/demo/data/images/shapes_(\d{6})\.png", path.read_text())]
+    named = [(path.relative_to(ROOT), name) for path in texts
+             for name in re.findall(r"runs/demo/data/images/(shapes_\d{6}\.png)", path.read_text())]
     assert named, "no page names a demo image: the pattern is out of date"
-    outside = [f"{path}: shapes_{number:06d}.png" for path, number in named if not first <= number < end]
-    assert not outside, f"not in the demo's test split (shapes_{first:06d} .. shapes_{end - 1:06d}): {outside}"
+    outside = [f"{path}: {name}" for path, name in named if name not in written]
+    assert not outside, (f"not in the demo's test split ({demo_test_image(0)} .. "
+                         f"{demo_test_image(FULL.data.test - 1)}): {outside}")

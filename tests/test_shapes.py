@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from captionlens.data.bundle import open_data
-from captionlens.data.shapes import COLOURS, SHAPES, ShapesConfig, generate_image, sample_scene
+from captionlens.data.shapes import COLOURS, SHAPES, ShapesConfig, generate_image, image_file_name, sample_scene
 
 
 def test_files_follow_the_real_formats(tiny_shapes):
@@ -27,6 +27,19 @@ def test_files_follow_the_real_formats(tiny_shapes):
     assert [len(bundle.split(s)) for s in ("train", "val", "test")] == [40, 10, 10]
     assert all(r.path.is_file() for r in bundle.captions.images)
 
+
+
+def test_image_file_names_number_the_splits_in_order(tiny_shapes):
+    """Documentation names the demo's images by file (``image_file_name``): each split's images are
+    those names, in order, and each name's number is the image's id in the COCO file."""
+    config = ShapesConfig(train=40, val=10, test=10, seed=3)  # the tiny_shapes world
+    bundle = open_data(tiny_shapes)
+    for split in ("train", "val", "test"):
+        assert [r.path.name for r in bundle.split(split)] == [image_file_name(config, split, i)
+                                                              for i in range(getattr(config, split))]
+    instances = json.loads((tiny_shapes / "instances_shapes.json").read_text())
+    assert all(image["file_name"] == f"shapes_{image['id']:06d}.png" for image in instances["images"])
+    assert image_file_name(config, "test", 0) == "shapes_000050.png"
 
 def test_deterministic_per_seed():
     config = ShapesConfig(seed=11)

@@ -271,7 +271,8 @@ def describe(rng: np.random.Generator, objects: list[SceneObject], side: int) ->
 
 
 # ---------------------------------------------------------------------------------------- write
-STREAMS = ("train", "val", "test", "pretrain")  # "pretrain": unbiased images for the encoder
+SPLITS = ("train", "val", "test")  # a dataset's splits, in the order its images are numbered
+STREAMS = (*SPLITS, "pretrain")  # "pretrain": unbiased images for the encoder
 
 
 def _image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -292,6 +293,13 @@ def generate_image(config: ShapesConfig, split: str, index: int) -> tuple[Image.
         if len(captions) == 5:
             break
     return image, objects, captions
+
+
+def image_file_name(config: ShapesConfig, split: str, index: int) -> str:
+    """The file name ``write_shapes_dataset`` gives image ``index`` of ``split``: images are numbered
+    through the splits in order (``shapes_000000.png`` is the first training image)."""
+    before = sum(getattr(config, earlier) for earlier in SPLITS[:SPLITS.index(split)])
+    return f"shapes_{before + index:06d}.png"
 
 
 def write_shapes_dataset(out: str | Path, config: ShapesConfig | None = None, progress: bool = True) -> Path:
@@ -332,10 +340,10 @@ def _write(out: Path, config: ShapesConfig, progress: bool) -> None:
     category_ids = {shape: i + 1 for i, shape in enumerate(SHAPES)}
     records, coco_images, annotations = [], [], []
     total = config.train + config.val + config.test
-    jobs = [(split, i) for split in ("train", "val", "test") for i in range(getattr(config, split))]
+    jobs = [(split, i) for split in SPLITS for i in range(getattr(config, split))]
     for image_id, (split, index) in enumerate(tqdm(jobs, total=total, desc="shapes", disable=not progress)):
         image, objects, captions = generate_image(config, split, index)
-        path = out / "images" / f"shapes_{image_id:06d}.png"
+        path = out / "images" / image_file_name(config, split, index)
         image.save(path, compress_level=1)
         raw = [c[0].upper() + c[1:] + "." for c in captions]
         records.append(ImageRecord(image_id, path, split, [tokenize(r) for r in raw], raw))
